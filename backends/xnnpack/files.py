@@ -1,0 +1,126 @@
+"""Read what a ``.pte`` program and a ``.ptd`` data file hold, by named key.
+
+A ``.ptd`` (ExecuTorch FlatTensor) maps keys to byte blobs. A ``.pte`` needs keys from a data
+file in two ways: non-delegated tensors marked EXTERNAL (keyed by FQN) and XNNPACK delegate
+constants referenced by ``named_key`` (the sha256 of their bytes) inside the delegate blob.
+Keys the program carries in its own named-data segment are not needed from outside.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import flatbuffers
+
+from edgelora.errors import ProgramError
+
+_XNN_BACKEND = "XnnpackBackend"
+
+
+@dataclass
+class ProgramInfo:
+    """The named data a ``.pte`` holds inline and the keys it needs from data files."""
+
+    path: Path
+    size: int
+    methods: list[str]
+    inline: dict[str, int] = field(default_factory=dict)  # key -> bytes, inside the .pte
+    needed: set[str] = field(default_factory=set)  # keys that must come from a data file
+
+
+def _read_bytes(path: str | Path, kind: str) -> bytes:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ProgramError(f"{path}: {kind} file not found") from None
+    except OSError as e:
+        raise ProgramError(f"{path}: cannot read {kind} file ({e.strerror})") from None
+    if not data:
+        raise ProgramError(f"{path}: {kind} file is empty")
+    return data
+
+
+def read_ptd(path: str | Path) -> dict[str, int]:
+    """Keys of a ``.ptd`` data file and the size in bytes of each blob."""
+    from executorch.exir._serialize._cord import Cord
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    data = _read_bytes(path, ".ptd")
+    try:
+        payload = FlatTensorSerializer().deserialize(Cord(data))
+        return {
+            key: len(payload.buffers[entry.buffer_index])
+            for key, entry in payload.named_data.items()
+        }
+    except Exception as e:  # the deserializer raises assorted errors on corrupt input
+        raise ProgramError(
+            f"{path}: not a valid .ptd data file ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _xnnpack_named_keys(blob: bytes) -> set[str]:
+    """``named_key``s of ``XNNGraph.constant_data`` in an XNNPACK delegate payload."""
+    # Payload: 4 zero bytes, "XH00", u16 header length, u32 flatbuffer offset, u32 size, ...
+    if blob[4:8] != b"XH00":
+        raise ValueError("XNNPACK payload without XH00 header")
+    fb_offset, fb_size = struct.unpack_from("<II", blob, 10)
+    buf = bytearray(blob[fb_offset : fb_offset + fb_size])
+    root = flatbuffers.table.Table(buf, flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, 0))
+    # XNNGraph field 8 (vtable slot 4 + 2*8) is constant_data:[ConstantDataOffset];
+    # ConstantDataOffset field 2 (slot 8) is named_key:string.
+    vec_field = root.Offset(4 + 2 * 8)
+    keys: set[str] = set()
+    if not vec_field:
+        return keys
+    start, n = root.Vector(vec_field), root.VectorLen(vec_field)
+    for i in range(n):
+        entry = flatbuffers.table.Table(buf, root.Indirect(start + 4 * i))
+        key_field = entry.Offset(8)
+        if key_field:
+            key = entry.String(key_field + entry.Pos).decode()
+            if key:
+                keys.add(key)
+    return keys
+
+
+def read_pte(path: str | Path) -> ProgramInfo:
+    """Methods, inline named data and the data-file keys a ``.pte`` needs."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.exir.schema import TensorDataLocation
+
+    path = Path(path)
+    data = _read_bytes(path, ".pte")
+    try:
+        pte = deserialize_pte_binary(data)
+        program = pte.program
+        info = ProgramInfo(path, len(data), [plan.name for plan in program.execution_plan])
+        if pte.named_data is not None:
+            for key, entry in pte.named_data.pte_data.items():
+                info.inline[key] = len(pte.named_data.buffers[entry.buffer_index])
+        referenced: set[str] = set()
+        for plan in program.execution_plan:
+            for value in plan.values:
+                tensor = value.val
+                extra = getattr(tensor, "extra_tensor_info", None)
+                if extra is not None and extra.location == TensorDataLocation.EXTERNAL:
+                    referenced.add(extra.fully_qualified_name)
+            for delegate in plan.delegates:
+                if delegate.id != _XNN_BACKEND:
+                    continue
+                blob = program.backend_delegate_data[delegate.processed.index].data
+                referenced |= _xnnpack_named_keys(bytes(blob))
+    except ProgramError:
+        raise
+    except Exception as e:  # corrupt flatbuffers raise assorted errors
+        raise ProgramError(f"{path}: not a valid .pte program ({type(e).__name__}: {e})") from None
+    info.needed = referenced - set(info.inline)
+    return info
+
+
+def missing_keys(pte: str | Path, ptd: str | Path | None) -> set[str]:
+    """Keys ``pte`` needs that the data file ``ptd`` (or no data file) does not provide."""
+    needed = read_pte(pte).needed
+    return needed - set(read_ptd(ptd)) if ptd is not None else needed

@@ -1,0 +1,148 @@
+"""Lower an exported program to XNNPACK and split its constants: foundation vs adapter.
+
+Every non-adapter constant -- delegated (XNNPACK's packed weights and their scales) or not
+(embedding, norms, RoPE tables) -- is tagged for the external data file ``foundation.ptd``;
+adapter constants (the ``lora_a``/``lora_b`` weights) carry no tag and stay inside the
+program's ``.pte``. Which constant is which is decided from the exported program's graph
+signature, which maps each constant placeholder to the FQN of the module tree we built, not
+from substrings of graph node names.
+
+XNNPACK stores delegated constants under the sha256 of their bytes, so the foundation of a
+base-only export and of any adapter export hold the same keys and bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.export import ExportedProgram
+
+FOUNDATION_TAG = "foundation"
+# XNNPACK reads this key of node.meta["custom"] to send a delegated constant to a data file.
+_DELEGATE_TAG_KEY = "delegate_constant_tag"
+
+
+def constant_fqns(ep: ExportedProgram) -> dict[str, str]:
+    """Placeholder name -> FQN for every constant input (parameters, non-mutated buffers,
+    lifted tensor constants) of ``ep``. Mutated buffers (the KV cache) are state, not constants.
+    """
+    sig = ep.graph_signature
+    mutated = set(sig.buffers_to_mutate.values())
+    out = dict(sig.inputs_to_parameters)
+    out.update({k: v for k, v in sig.inputs_to_buffers.items() if v not in mutated})
+    out.update(sig.inputs_to_lifted_tensor_constants)
+    return out
+
+
+@dataclass(frozen=True)
+class ConstantSplit:
+    """Which constant FQNs of one program go to the foundation and which stay in the program."""
+
+    foundation: frozenset[str]
+    adapter: frozenset[str]
+
+
+def tag_foundation_constants(
+    ep: ExportedProgram, is_adapter: Callable[[str], bool]
+) -> ConstantSplit:
+    """Tag ``ep``'s foundation constants for XNNPACK, in place, before partitioning.
+
+    A constant is a foundation constant unless ``is_adapter(fqn)``. The tag is set on the
+    constant placeholders and on every node computed only from foundation constants (e.g. the
+    ``dequantize_affine`` of a quantized weight), because XNNPACK reads the tag from the node
+    it serialises, which for a quantized weight is not the placeholder itself.
+    """
+    fqns = constant_fqns(ep)
+    foundation_node: dict[torch.fx.Node, bool] = {}
+    split_f, split_a = set(), set()
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in fqns:
+            fqn = fqns[node.name]
+            is_f = not is_adapter(fqn)
+            (split_f if is_f else split_a).add(fqn)
+            foundation_node[node] = is_f
+        elif node.op == "call_function":
+            inputs = node.all_input_nodes
+            if inputs and all(i in foundation_node for i in inputs):
+                foundation_node[node] = all(foundation_node[i] for i in inputs)
+        else:
+            continue
+        if foundation_node.get(node):
+            node.meta.setdefault("custom", {})[_DELEGATE_TAG_KEY] = FOUNDATION_TAG
+    return ConstantSplit(frozenset(split_f), frozenset(split_a))
+
+
+def _external_constant_tagger(
+    ep: ExportedProgram, is_adapter: Callable[[str], bool]
+) -> Callable[[torch.fx.Node], str | None]:
+    """The ``external_constants`` callable for ``to_executorch``: tags the constants that were
+    not delegated (embedding, norms, RoPE tables) by the FQN the signature gives them."""
+    fqns = constant_fqns(ep)
+
+    def tag(node: torch.fx.Node) -> str | None:
+        fqn = fqns.get(node.name)
+        if fqn is None or is_adapter(fqn):
+            return None
+        return FOUNDATION_TAG
+
+    return tag
+
+
+@dataclass
+class LoweredProgram:
+    """A lowered program ready to serialise: the ``.pte`` and its external data file(s)."""
+
+    manager: object  # executorch.exir.ExecutorchProgramManager
+    split: ConstantSplit
+
+    def write_pte(self, path: str | Path) -> None:
+        with open(path, "wb") as f:
+            self.manager.write_to_file(f)
+
+    def write_data_files(self, directory: str | Path) -> list[Path]:
+        """Write ``<tag>.ptd`` files into ``directory``; returns their paths."""
+        before = set(Path(directory).glob("*.ptd"))
+        self.manager.write_tensor_data_to_file(str(directory))
+        return sorted(set(Path(directory).glob("*.ptd")) - before)
+
+
+def lower_to_xnnpack(
+    ep: ExportedProgram,
+    *,
+    is_adapter: Callable[[str], bool],
+    constant_methods: dict[str, object] | None = None,
+) -> LoweredProgram:
+    """Lower ``ep`` with ``XnnpackPartitioner``; foundation constants go to ``foundation.ptd``.
+
+    The returned program writes ``<name>.pte`` and ``foundation.ptd``.
+    ``constant_methods`` become zero-argument methods of the program (runner metadata).
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import (
+        EdgeCompileConfig,
+        ExecutorchBackendConfig,
+        to_edge_transform_and_lower,
+    )
+    from executorch.exir.passes import MemoryPlanningPass
+
+    split = tag_foundation_constants(ep, is_adapter)
+    edge = to_edge_transform_and_lower(
+        ep,
+        partitioner=[XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        constant_methods=constant_methods,
+    )
+    tagger = _external_constant_tagger(edge.exported_program(), is_adapter)
+    et = edge.to_executorch(
+        ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            # Fuses torchao dequantize_affine + embedding into quantized embedding kernels.
+            do_quant_fusion_and_const_prop=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            external_constants=tagger,
+        )
+    )
+    return LoweredProgram(manager=et, split=split)

@@ -1,0 +1,193 @@
+"""Output match: every exported program, run on the ExecuTorch runtime, against its eager model.
+
+For an export directory (its ``manifest.json`` says how it was built) this rebuilds the eager
+model of each program -- same seed/checkpoint, same quantization, same adapter -- and compares:
+
+- logits, runtime vs eager, on the same sequence (the prompt followed by the eager model's
+  greedy continuation): max abs diff within the tolerance for the quantization mode;
+- greedy-token agreement on that sequence (teacher forced): the fraction of positions whose
+  argmax agrees. Free-running decode is also run and its common prefix with the eager tokens
+  reported, but not judged: one flip at a near-tie forks the rest of a random model's text;
+- each adapter program vs the base program: the logits must differ (the adapter is applied);
+- each adapter program also loads and runs with a *given* foundation (e.g. a base-only export's).
+
+Tolerances (max abs logit diff, relative to the eager logits' max abs value):
+- ``none`` (fp32): 1e-4. Same math in fp32; only XNNPACK's summation order differs.
+- ``8da4w``/``8da8w``: 5e-2. The weights are bit-identical, but XNNPACK quantizes activations
+  per row with its own rounding; one int8 step in a dot product of length ``dim`` moves a
+  logit by about max|x|/127 times the weight norm, a few percent of the logit range.
+Teacher-forced agreement must be >= 0.8 for quantized programs and 1.0 for fp32. A random
+model's top two logits are often closer than the activation-quantization error (a flip needs
+a margin below twice the max abs diff), so agreement there measures ties as much as error;
+the logits tolerance is the primary check (stories15M + rank-16 adapters: 0.87-1.0 measured).
+
+``python -m edgelora.ci.output_match OUT_DIR [--foundation PTD]`` prints one line per program
+and exits non-zero on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from edgelora.export.output import FOUNDATION_FILE, read_manifest
+from edgelora.export.pipeline import build_foundation
+from edgelora.models.adapters import attach_adapter, detach_adapters, load_peft_adapter
+from edgelora.models.args import ModelArgs
+from edgelora.runtime.session import LlamaProgram, eager_generate
+
+REL_TOL = {"none": 1e-4, "8da4w": 5e-2, "8da8w": 5e-2}
+MIN_AGREEMENT = {"none": 1.0, "8da4w": 0.8, "8da8w": 0.8}
+DEFAULT_PROMPT = [1, 5, 9, 14, 3, 27, 8, 2]
+
+
+@dataclass
+class ProgramMatch:
+    name: str
+    max_abs_diff: float
+    rel_diff: float  # max_abs_diff / max |eager logits|
+    tolerance: float
+    token_agreement: float
+    min_agreement: float
+    diff_from_base: float | None  # max abs diff of this program's logits vs the base program's
+    loads_with_foundation: bool
+    free_running_prefix: int = 0  # generated tokens equal to eager's before the first difference
+    generated: int = 0
+
+    def failures(self) -> list[str]:
+        """The checks this program fails, each as a short reason (empty when it passes)."""
+        reasons = []
+        if self.rel_diff > self.tolerance:
+            reasons.append(f"rel diff {self.rel_diff:.2g} > {self.tolerance:g}")
+        if self.token_agreement < self.min_agreement:
+            reasons.append(f"greedy agreement {self.token_agreement:.2f} < {self.min_agreement:g}")
+        # An adapter's effect must stand clear of the export error, or the check cannot tell an
+        # applied adapter from a dropped one.
+        if self.diff_from_base is not None and self.diff_from_base <= 10 * self.max_abs_diff:
+            reasons.append(
+                f"adapter effect {self.diff_from_base:.3g} not > 10x export error "
+                f"{self.max_abs_diff:.3g}"
+            )
+        if not self.loads_with_foundation:
+            reasons.append("does not load with the given foundation")
+        return reasons
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures()
+
+    def line(self) -> str:
+        base = "" if self.diff_from_base is None else f", vs base {self.diff_from_base:.3g}"
+        return (
+            f"{'PASS' if self.ok else 'FAIL'} {self.name}: max abs diff {self.max_abs_diff:.3g} "
+            f"(rel {self.rel_diff:.2g} <= {self.tolerance:g}), greedy agreement "
+            f"{self.token_agreement:.2f} (>= {self.min_agreement:g}){base}, free-running "
+            f"{self.free_running_prefix}/{self.generated} tokens equal, loads with "
+            f"foundation: {self.loads_with_foundation}"
+            + "".join(f"\n  why: {r}" for r in self.failures())
+        )
+
+
+def match_export(
+    out_dir: str | Path,
+    *,
+    foundation: str | Path | None = None,
+    prompt: list[int] = DEFAULT_PROMPT,
+    max_new_tokens: int = 16,
+) -> list[ProgramMatch]:
+    """Compare every program of ``out_dir`` with its eager model; see the module docstring."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{out_dir}: no manifest.json")
+    args = ModelArgs.from_dict(manifest["model"])
+    q = manifest["quantization"]
+    model, _, _ = build_foundation(
+        args,
+        checkpoint=manifest["checkpoint"],
+        seed=manifest["seed"],
+        qmode=q["qmode"],
+        group_size=q["group_size"],
+        embedding_bits=q["embedding_bits"],
+        embedding_group_size=q["embedding_group_size"],
+    )
+    own_foundation = out_dir / FOUNDATION_FILE
+    results, base_logits = [], None
+    for name, prog in manifest["programs"].items():
+        if prog["adapter"] is not None:
+            attach_adapter(model, load_peft_adapter(prog["adapter"]["source"], name))
+        try:
+            eager = eager_generate(model, prompt, max_new_tokens)
+            seq = prompt + eager.tokens[:-1]  # positions whose next-token argmax we compare
+            model.reset_cache()
+            with torch.no_grad():
+                want = model(torch.tensor([seq]), torch.tensor([0]))[0]
+        finally:
+            detach_adapters(model)
+        program = LlamaProgram(out_dir / prog["file"], own_foundation)
+        got = program.forward(seq, 0)
+        free = program.generate(prompt, max_new_tokens).tokens
+        diff = (got - want).abs().max().item()
+        scale = want.abs().max().item()
+        agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+        prefix = next(
+            (i for i, (a, b) in enumerate(zip(free, eager.tokens, strict=False)) if a != b),
+            len(free),
+        )
+        if name == "base":
+            base_logits = got
+        vs_base = None
+        if prog["adapter"] is not None and base_logits is not None:
+            vs_base = (got - base_logits).abs().max().item()
+        loads = True
+        if foundation is not None:
+            other = LlamaProgram(out_dir / prog["file"], foundation).forward(seq, 0)
+            loads = bool(torch.equal(other, got))
+        results.append(
+            ProgramMatch(
+                name,
+                diff,
+                diff / max(scale, 1e-12),
+                REL_TOL[q["qmode"]],
+                agree,
+                MIN_AGREEMENT[q["qmode"]],
+                vs_base,
+                loads,
+                prefix,
+                len(free),
+            )
+        )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m edgelora.ci.output_match",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("out_dir", type=Path, help="an export_llama output directory")
+    p.add_argument(
+        "--foundation",
+        type=Path,
+        default=None,
+        help="also load every program with this foundation.ptd (e.g. a base-only "
+        "export's) and require identical logits",
+    )
+    p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    ns = p.parse_args(argv)
+    results = match_export(ns.out_dir, foundation=ns.foundation)
+    for r in results:
+        print(r.line())
+    if ns.json:
+        ns.json.write_text(json.dumps([asdict(r) | {"ok": r.ok} for r in results], indent=2))
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

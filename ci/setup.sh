@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One command from a fresh clone: create .venv, install edgelora with the pinned stack, then
+#   bash ci/setup.sh demo   -> export + run the embedded tiny model and demo adapter, print figures
+#   bash ci/setup.sh test   -> ruff (lint + format check), pytest, and ci/test_lora.sh
+# torch is installed first with its exact pin: an unpinned torch pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${EDGELORA_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c "import edgelora, torch, executorch, torchao, pytest, ruff, peft" 2>/dev/null; then
+  echo "== installing (torch==2.13.0 CPU, executorch==1.5.1, torchao==0.18.0, ...)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  "$VENV/bin/python" -m pip install -q -e '.[test]'
+fi
+export PATH="$PWD/$VENV/bin:$PATH"
+
+case "${1:-demo}" in
+  demo)
+    shift || true
+    exec edgelora-demo "$@"
+    ;;
+  test)
+    echo "== ruff"
+    ruff check .
+    ruff format --check .
+    echo "== pytest"
+    python -m pytest tests -p no:cacheprovider
+    echo "== ci/test_lora.sh"
+    PYTHON="$PWD/$VENV/bin/python" bash ci/test_lora.sh
+    ;;
+  *)
+    echo "usage: bash ci/setup.sh [demo|test]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,219 @@
+"""The export pipeline behind ``export_llama``.
+
+1. Validate inputs: params, checkpoint and every adapter are read and checked before any long step.
+2. Build the model from ``params`` (deterministic random weights from ``seed``) and load the
+   checkpoint, if any.
+3. Quantize the foundation once: token embedding (optional) and linears (8da4w / 8da8w, LoRA
+   matrices excluded by FQN).
+4. For the base and then each adapter: attach the adapter as ``LoRALinear`` wrappers around the
+   shared quantized linears, ``torch.export`` with a dynamic sequence length, lower to XNNPACK
+   with foundation constants tagged for ``foundation.ptd``, then detach the adapter again.
+5. Check every adapter program's foundation data is byte-identical to the base's, so one
+   ``foundation.ptd`` serves them all.
+6. Write ``base.pte``, ``<adapter>.pte``, ``foundation.ptd`` and ``manifest.json`` into a staging
+   directory and move it into place (no partial output on failure).
+"""
+
+from __future__ import annotations
+
+import filecmp
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgelora.errors import ConfigError
+from edgelora.export.config import ExportConfig
+from edgelora.export.output import (
+    FOUNDATION_FILE,
+    check_output_dir,
+    commit_output,
+    file_entry,
+    write_manifest,
+)
+from edgelora.export.timing import StageTimer
+from edgelora.models.adapters import Adapter, attach_adapter, detach_adapters, is_adapter_fqn
+from edgelora.models.args import ModelArgs
+from edgelora.models.checkpoint import load_checkpoint
+from edgelora.models.llama import Transformer, build_model
+from edgelora.quant.embedding import EmbeddingReport, quantize_embedding
+from edgelora.quant.linear import QuantReport, quantize_linears
+
+
+def build_foundation(
+    args: ModelArgs,
+    *,
+    checkpoint: str | Path | None,
+    seed: int,
+    qmode: str,
+    group_size: int,
+    embedding_bits: int = 0,
+    embedding_group_size: int = 0,
+) -> tuple[Transformer, QuantReport, EmbeddingReport]:
+    """Steps 2-3: the (quantized) base model every program of an export shares.
+
+    Deterministic: the same arguments give bit-identical weights, so tests and CI can rebuild
+    the eager reference of an exported program.
+    """
+    model = build_model(args, seed=seed)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    emb_report = quantize_embedding(model, embedding_bits, embedding_group_size)
+    report = quantize_linears(model, qmode, group_size)
+    return model, report, emb_report
+
+
+def example_inputs(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    # Two tokens, not one: a length-1 example would let export specialise the sequence dim.
+    return torch.tensor([[1, 2]], dtype=torch.long), torch.tensor([0], dtype=torch.long)
+
+
+def export_program(model: nn.Module, args: ModelArgs) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``forward(tokens [1, seq], input_pos [1])`` with dynamic ``seq``."""
+    # max_seq_len - 1, as ExecuTorch's example does: with the full length the symbolic shape
+    # solver emits a guard (seq != max_seq_len) that contradicts the range.
+    seq = torch.export.Dim("seq", min=1, max=args.max_seq_len - 1)
+    with torch.no_grad():
+        ep = torch.export.export(
+            model, example_inputs(args), dynamic_shapes=({1: seq}, None), strict=False
+        )
+        return ep.run_decompositions({})
+
+
+def runner_metadata(args: ModelArgs, *, bos_id: int = 1, eos_id: int = 2) -> dict[str, object]:
+    """Constant methods ExecuTorch's LLM runner reads from a program."""
+    return {
+        "get_max_seq_len": args.max_seq_len,
+        "get_max_context_len": args.max_seq_len,
+        "get_vocab_size": args.vocab_size,
+        "get_n_layers": args.n_layers,
+        "get_bos_id": bos_id,
+        "get_eos_ids": [eos_id],
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+    }
+
+
+@dataclass
+class ExportResult:
+    output_dir: Path
+    manifest: dict
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run_export(
+    config: ExportConfig,
+    adapters: list[Adapter],
+    *,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """Run the pipeline for an already-validated ``config`` and loaded ``adapters``."""
+    from edgelora.backends.xnnpack.lower import lower_to_xnnpack
+
+    timer = StageTimer(log)
+    args = config.model_args
+    out_dir = config.output_dir
+    check_output_dir(out_dir, overwrite=config.overwrite)
+
+    with timer("build + quantize foundation"):
+        model, qreport, ereport = build_foundation(
+            args,
+            checkpoint=config.checkpoint,
+            seed=config.seed,
+            qmode=config.qmode,
+            group_size=config.group_size,
+            embedding_bits=config.embedding_bits,
+            embedding_group_size=config.embedding_group_size,
+        )
+    for line in [ereport.summary_line(), *qreport.summary_lines()]:
+        log(f"  {line}")
+    # Fit every adapter to the model now, so a bad one fails before the first long export.
+    for adapter in adapters:
+        try:
+            attach_adapter(model, adapter)
+        finally:
+            detach_adapters(model)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        stage = Path(tmp) / "stage"
+        scratch = Path(tmp) / "scratch"
+        stage.mkdir()
+        scratch.mkdir()
+        programs: dict[str, dict] = {}
+        for adapter in [None, *adapters]:
+            name = "base" if adapter is None else adapter.name
+            if adapter is not None:
+                attach_adapter(model, adapter)
+            try:
+                with timer(f"{name}: torch.export"):
+                    ep = export_program(model, args)
+                with timer(f"{name}: lower to XNNPACK + serialise"):
+                    lowered = lower_to_xnnpack(
+                        ep, is_adapter=is_adapter_fqn, constant_methods=runner_metadata(args)
+                    )
+                    lowered.write_pte(stage / f"{name}.pte")
+                    data_dir = stage if adapter is None else scratch / name
+                    data_dir.mkdir(exist_ok=True)
+                    written = lowered.write_data_files(data_dir)
+            finally:
+                detach_adapters(model)
+            if [p.name for p in written] != [FOUNDATION_FILE]:
+                raise ConfigError(
+                    f"{name}: expected the lowering to write only {FOUNDATION_FILE}, got "
+                    f"{[p.name for p in written]}"
+                )
+            if adapter is not None and not filecmp.cmp(
+                written[0], stage / FOUNDATION_FILE, shallow=False
+            ):
+                raise RuntimeError(
+                    f"internal error: the foundation written for adapter {name!r} differs from "
+                    "the base program's; programs would not share one foundation.ptd"
+                )
+            programs[name] = {
+                "file": f"{name}.pte",
+                "foundation": FOUNDATION_FILE,
+                "adapter": None if adapter is None else _adapter_entry(adapter),
+                "adapter_constants": sorted(lowered.split.adapter),
+            }
+            log(f"  {name}.pte: {(stage / f'{name}.pte').stat().st_size / 1e6:.3f} MB")
+
+        with timer("write manifest + move into place"):
+            files = {p.name: file_entry(p) for p in sorted(stage.iterdir())}
+            foundation_sha = files[FOUNDATION_FILE]["sha256"]
+            for prog in programs.values():
+                prog["foundation_sha256"] = foundation_sha
+            manifest = {
+                "format": "edgelora-export/1",
+                "model": args.to_dict(),
+                "quantization": {
+                    "qmode": config.qmode,
+                    "group_size": config.group_size,
+                    "embedding_bits": config.embedding_bits,
+                    "embedding_group_size": config.embedding_group_size,
+                    "quantized_linears": len(qreport.quantized),
+                    "float_linears": {d.fqn: d.reason for d in qreport.kept_float},
+                    "max_weight_abs_err": qreport.max_abs_err,
+                },
+                "seed": config.seed,
+                "checkpoint": None if config.checkpoint is None else str(config.checkpoint),
+                "programs": programs,
+                "files": files,
+            }
+            write_manifest(stage, manifest)
+            commit_output(stage, out_dir, foundation_sha, overwrite=config.overwrite)
+    log(f"wrote {out_dir}: " + ", ".join(f"{n} {e['size'] / 1e6:.3f} MB" for n, e in files.items()))
+    return ExportResult(out_dir, manifest, timer.durations)
+
+
+def _adapter_entry(adapter: Adapter) -> dict:
+    ranks = sorted({w.rank for w in adapter.modules.values()})
+    return {
+        "source": adapter.source,
+        "ranks": ranks,
+        "modules": sorted(adapter.modules),
+        "bytes_fp32": adapter.num_bytes,
+    }

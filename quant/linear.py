@@ -1,0 +1,139 @@
+"""Weight quantization of linears with torchao: ``8da4w`` / ``8da8w``.
+
+Int8 dynamic activations with int4 (or int8) grouped, symmetric weights, through torchao's
+``Int8DynamicActivationIntxWeightConfig``: the form XNNPACK lowers to its dynamically
+quantized fully-connected kernels. LoRA adapter matrices (``lora_a``/``lora_b``) stay float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from edgelora.errors import ConfigError
+
+QMODES = ("none", "8da4w", "8da8w")
+LORA_COMPONENTS = frozenset({"lora_a", "lora_b"})
+
+
+@dataclass(frozen=True)
+class LinearDecision:
+    """Whether one linear is quantized, and if not, why."""
+
+    fqn: str
+    quantize: bool
+    reason: str
+    shape: tuple[int, int]
+
+
+@dataclass
+class QuantReport:
+    """What a quantization pass changed and the weight error it introduced."""
+
+    qmode: str
+    group_size: int
+    decisions: list[LinearDecision] = field(default_factory=list)
+    max_abs_err: float = 0.0  # max |W - dequant(quant(W))| over the quantized linears
+    max_rel_err: float = 0.0  # the same, relative to max |W| of that linear
+
+    @property
+    def quantized(self) -> list[LinearDecision]:
+        return [d for d in self.decisions if d.quantize]
+
+    @property
+    def kept_float(self) -> list[LinearDecision]:
+        return [d for d in self.decisions if not d.quantize]
+
+    def summary_lines(self) -> list[str]:
+        lines = [
+            f"{self.qmode} g{self.group_size}: {len(self.quantized)} linears quantized, "
+            f"{len(self.kept_float)} kept float; weight max abs err {self.max_abs_err:.3g} "
+            f"(max rel {self.max_rel_err:.3g})"
+        ]
+        by_reason: dict[str, list[str]] = {}
+        for d in self.kept_float:
+            by_reason.setdefault(d.reason, []).append(d.fqn)
+        for reason, fqns in sorted(by_reason.items()):
+            shown = ", ".join(fqns[:6]) + (f", ... (+{len(fqns) - 6})" if len(fqns) > 6 else "")
+            lines.append(f"  float ({reason}): {shown}")
+        return lines
+
+
+def decide_linear(fqn: str, module: nn.Module, group_size: int) -> LinearDecision | None:
+    """The filter's decision for one module, or ``None`` if it is not an ``nn.Linear``.
+
+    LoRA matrices are recognised by FQN *components* (``...wq.lora_a``), never by substring,
+    so a base module that happens to contain "lora" in its name is still quantized.
+    """
+    if not isinstance(module, nn.Linear):
+        return None
+    shape = (module.out_features, module.in_features)
+    if LORA_COMPONENTS.intersection(fqn.split(".")):
+        return LinearDecision(fqn, False, "LoRA adapter matrix", shape)
+    if type(module.weight) not in (torch.Tensor, nn.Parameter):  # a torchao tensor subclass
+        return LinearDecision(fqn, False, "already quantized", shape)
+    if group_size and module.in_features % group_size:
+        return LinearDecision(
+            fqn,
+            False,
+            f"in_features {module.in_features} not divisible by group size {group_size}",
+            shape,
+        )
+    return LinearDecision(fqn, True, "quantized", shape)
+
+
+def quantize_linears(model: nn.Module, qmode: str, group_size: int) -> QuantReport:
+    """Quantize ``model``'s linears in place with torchao and report what changed.
+
+    Args:
+        qmode: ``"8da4w"`` (int4 weights), ``"8da8w"`` (int8 weights) or ``"none"``.
+        group_size: weight group size along ``in_features``; 0 means one scale per output channel.
+
+    Returns a :class:`QuantReport` with every linear's decision and the max weight error.
+    Raises :class:`ConfigError` for an unknown mode or a negative group size.
+    """
+    if qmode not in QMODES:
+        raise ConfigError(f"qmode must be one of {QMODES}, got {qmode!r}")
+    if not isinstance(group_size, int) or group_size < 0:
+        raise ConfigError(f"group size must be an integer >= 0, got {group_size!r}")
+    report = QuantReport(qmode, group_size)
+    decisions = {}
+    for fqn, module in model.named_modules():
+        decision = decide_linear(fqn, module, group_size)
+        if decision is not None:
+            decisions[fqn] = decision
+    report.decisions = list(decisions.values())
+    if qmode == "none":
+        report.decisions = [
+            LinearDecision(d.fqn, False, "qmode none", d.shape) for d in report.decisions
+        ]
+        return report
+
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    originals = {
+        fqn: model.get_submodule(fqn).weight.detach().clone()
+        for fqn, d in decisions.items()
+        if d.quantize
+    }
+    config = Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4 if qmode == "8da4w" else torch.int8,
+        weight_granularity=PerAxis(0) if group_size == 0 else PerGroup(group_size),
+    )
+    with torch.no_grad():
+        quantize_(
+            model,
+            config,
+            filter_fn=lambda m, fqn: (
+                decisions.get(fqn, None) is not None and decisions[fqn].quantize
+            ),
+        )
+    for fqn, w in originals.items():
+        deq = model.get_submodule(fqn).weight.dequantize()
+        err = (deq - w).abs().max().item()
+        report.max_abs_err = max(report.max_abs_err, err)
+        report.max_rel_err = max(report.max_rel_err, err / max(w.abs().max().item(), 1e-12))
+    return report

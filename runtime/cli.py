@@ -1,0 +1,110 @@
+"""``edgelora-run``: run an exported program on the ExecuTorch runtime and time it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edgelora._quiet import quiet_third_party
+from edgelora.errors import EdgeLoraError
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not ids:
+        raise argparse.ArgumentTypeError("the prompt needs at least one token id")
+    return ids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgelora-run",
+        description=(
+            "Load a .pte program (with its foundation .ptd) on the ExecuTorch runtime, prefill "
+            "the prompt in one call, decode greedily with the KV cache, and print the tokens, "
+            "prefill tokens/s and decode ms/token."
+        ),
+    )
+    p.add_argument("pte", type=Path, help="the program, e.g. out/base.pte or out/<adapter>.pte")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="the foundation data file the program was exported with (foundation.ptd)",
+    )
+    p.add_argument(
+        "--prompt-ids",
+        type=_token_ids,
+        required=True,
+        metavar="1,2,3",
+        help="prompt token ids, comma separated",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=16,
+        help="tokens to generate greedily (capped by the program's max_seq_len; default 16)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument(
+        "--logits-out",
+        type=Path,
+        default=None,
+        metavar="FILE.npy",
+        help="save the prompt's logits as a [seq, vocab] float32 .npy array",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    quiet_third_party()
+    if ns.max_new_tokens < 0:
+        print("edgelora-run: error: --max-new-tokens must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        from edgelora.runtime.session import LlamaProgram
+
+        program = LlamaProgram(ns.pte, ns.data)
+        gen = program.generate(ns.prompt_ids, ns.max_new_tokens)
+    except EdgeLoraError as e:
+        print(f"edgelora-run: error: {e}", file=sys.stderr)
+        return 2
+    if ns.logits_out is not None:
+        import numpy as np
+
+        np.save(ns.logits_out, gen.prompt_logits.float().numpy())
+    result = {
+        "program": str(ns.pte),
+        "data": None if ns.data is None else str(ns.data),
+        "prompt": gen.prompt,
+        "tokens": gen.tokens,
+        "prefill_tokens_per_s": round(gen.prefill_tokens_per_s, 2),
+        "prefill_ms": round(gen.prefill_s * 1e3, 3),
+        "decode_ms_per_token": round(gen.decode_ms_per_token, 4) if gen.decode_s else None,
+    }
+    if ns.json:
+        print(json.dumps(result))
+    else:
+        print(f"tokens: {' '.join(map(str, gen.tokens))}")
+        print(
+            f"prefill: {len(gen.prompt)} tokens in {result['prefill_ms']:.2f} ms "
+            f"({result['prefill_tokens_per_s']:.1f} tokens/s)"
+        )
+        if gen.decode_s:
+            print(
+                f"decode: {result['decode_ms_per_token']:.3f} ms/token (median of "
+                f"{len(gen.decode_s)} steps)"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Load an exported program on the ExecuTorch runtime and generate greedily with its KV cache."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from edgelora.errors import ProgramError
+
+
+def _register_kernels() -> None:
+    # Quantized embedding kernels (embedding_4bit / embedding_byte) and, when a program uses
+    # them, ExecuTorch's custom LLM ops must be registered in this process before loading.
+    import executorch.kernels.quantized  # noqa: F401
+
+    try:
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    except ImportError:  # pragma: no cover - the pinned wheel ships them
+        pass
+
+
+@dataclass
+class Generation:
+    """Result of :meth:`LlamaProgram.generate`."""
+
+    prompt: list[int]
+    tokens: list[int]  # generated ids (greedy), not including the prompt
+    prompt_logits: torch.Tensor  # [len(prompt), vocab] float32
+    prefill_s: float
+    decode_s: list[float] = field(default_factory=list)  # one entry per decode step
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return len(self.prompt) / self.prefill_s if self.prefill_s > 0 else float("inf")
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        if not self.decode_s:
+            return float("nan")
+        steps = sorted(self.decode_s)
+        return 1e3 * steps[len(steps) // 2]  # median: robust to a noisy step
+
+
+class LlamaProgram:
+    """A ``forward(tokens, input_pos)`` program loaded with (at most) one data file.
+
+    Raises :class:`ProgramError` naming the files if they are missing, corrupt, or if the data
+    file lacks keys the program needs.
+    """
+
+    def __init__(self, pte: str | Path, data: str | Path | None = None) -> None:
+        from executorch.runtime import Runtime
+
+        _register_kernels()
+        self.pte, self.data = Path(pte), (Path(data) if data is not None else None)
+        for path, kind in ((self.pte, "program"), (self.data, "data")):
+            if path is not None and not path.is_file():
+                raise ProgramError(f"{path}: {kind} file not found")
+        try:
+            self._program = Runtime.get().load_program(self.pte, data_path=self.data)
+            self._forward = self._program.load_method("forward")
+        except Exception as e:  # the runtime raises RuntimeError/ValueError with an error code
+            raise ProgramError(self._explain_load_failure(e)) from None
+        self.metadata = self._read_metadata()
+
+    def _explain_load_failure(self, err: Exception) -> str:
+        from edgelora.backends.xnnpack.files import missing_keys
+
+        what = f"{self.pte}" + (
+            f" with data file {self.data}" if self.data else " without a data file"
+        )
+        try:
+            missing = missing_keys(self.pte, self.data)
+        except ProgramError as e:
+            return f"cannot load {what}: {e}"
+        if missing:
+            example = ", ".join(sorted(missing)[:3])
+            return (
+                f"cannot load {what}: the data file lacks {len(missing)} key(s) the program "
+                f"needs (e.g. {example}); pass the foundation.ptd it was exported with"
+            )
+        return f"cannot load {what}: {type(err).__name__}: {err}"
+
+    def _read_metadata(self) -> dict[str, object]:
+        meta = {}
+        for name in self._program.method_names:
+            if name == "forward":
+                continue
+            out = self._program.load_method(name).execute([])
+            meta[name] = out[0] if len(out) == 1 else list(out)
+        return meta
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.metadata.get("get_max_seq_len", 128))
+
+    def forward(self, tokens: list[int] | torch.Tensor, start: int) -> torch.Tensor:
+        """Logits ``[seq, vocab]`` for ``tokens`` placed at positions ``start...``."""
+        t = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
+        if start + t.shape[1] > self.max_seq_len:
+            raise ProgramError(
+                f"{self.pte}: positions {start}..{start + t.shape[1] - 1} exceed the program's "
+                f"max_seq_len {self.max_seq_len}"
+            )
+        out = self._forward.execute([t, torch.tensor([start], dtype=torch.long)])[0]
+        return out.reshape(-1, out.shape[-1])
+
+    def generate(self, prompt: list[int], max_new_tokens: int) -> Generation:
+        """Prefill ``prompt`` in one call, then decode ``max_new_tokens`` greedily."""
+        if not prompt:
+            raise ProgramError("the prompt must hold at least one token")
+        vocab = self.metadata.get("get_vocab_size")
+        bad = [t for t in prompt if t < 0 or (vocab is not None and t >= int(vocab))]
+        if bad:
+            raise ProgramError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})"
+            )
+        max_new_tokens = min(max_new_tokens, self.max_seq_len - len(prompt))
+        t0 = time.perf_counter()
+        logits = self.forward(prompt, 0)
+        prefill_s = time.perf_counter() - t0
+        gen = Generation(list(prompt), [], logits.clone(), prefill_s)
+        next_tok = int(logits[-1].argmax())
+        for i in range(max_new_tokens):
+            gen.tokens.append(next_tok)
+            if i == max_new_tokens - 1:
+                break
+            t0 = time.perf_counter()
+            step = self.forward([next_tok], len(prompt) + i)
+            gen.decode_s.append(time.perf_counter() - t0)
+            next_tok = int(step[-1].argmax())
+        return gen
+
+
+def eager_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> Generation:
+    """The same greedy loop on an eager ``Transformer`` (the reference for output matching)."""
+    model.reset_cache()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        logits = model(torch.tensor([prompt]), torch.tensor([0]))[0]
+        gen = Generation(list(prompt), [], logits.clone(), time.perf_counter() - t0)
+        next_tok = int(logits[-1].argmax())
+        for i in range(max_new_tokens):
+            gen.tokens.append(next_tok)
+            if i == max_new_tokens - 1:
+                break
+            step = model(torch.tensor([[next_tok]]), torch.tensor([len(prompt) + i]))[0]
+            next_tok = int(step[-1].argmax())
+    return gen

@@ -1,0 +1,89 @@
+"""Constant tagging and the .pte/.ptd files it produces."""
+
+import filecmp
+
+import pytest
+import torch
+
+from edgelora.backends.xnnpack.files import missing_keys, read_ptd, read_pte
+from edgelora.backends.xnnpack.lower import FOUNDATION_TAG, constant_fqns, tag_foundation_constants
+from edgelora.errors import ProgramError
+from edgelora.export.pipeline import build_foundation, export_program
+from edgelora.models.adapters import attach_adapter, is_adapter_fqn, load_peft_adapter
+
+
+def test_tagging_splits_by_module_tree(tiny_args, adapter_dirs):
+    model, _, _ = build_foundation(tiny_args, checkpoint=None, seed=0, qmode="8da4w", group_size=32)
+    adapter = load_peft_adapter(adapter_dirs["code"], "code")
+    attach_adapter(model, adapter)
+    ep = export_program(model, tiny_args)
+    split = tag_foundation_constants(ep, is_adapter_fqn)
+    want_adapter = {f"{m}.{half}.weight" for m in adapter.modules for half in ("lora_a", "lora_b")}
+    assert split.adapter == want_adapter
+    assert "tok_embeddings.weight" in split.foundation and "norm.weight" in split.foundation
+    assert any(f.startswith("layers.0.attention.wq.linear.") for f in split.foundation)
+    assert not any("kv_cache" in f for f in constant_fqns(ep).values())  # state, not constants
+    tags = {}
+    for node in ep.graph.nodes:
+        tag = node.meta.get("custom", {}).get("delegate_constant_tag")
+        tags[node.name] = tag
+    fqns = constant_fqns(ep)
+    for name, fqn in fqns.items():
+        assert tags[name] == (None if is_adapter_fqn(fqn) else FOUNDATION_TAG), fqn
+    # The dequantize of a quantized foundation weight carries the tag too (XNNPACK reads it there).
+    # (Activation dequantizes depend on the input and stay untagged.)
+    dq = [
+        n
+        for n in ep.graph.nodes
+        if "dequantize_affine" in str(n.target) and n.args[0].op == "placeholder"
+    ]
+    assert len(dq) == 8 and all(tags[n.name] == FOUNDATION_TAG for n in dq)
+
+
+def test_foundation_holds_everything_but_adapters(export_8da4w, adapter_dirs):
+    ptd = read_ptd(export_8da4w / "foundation.ptd")
+    base = read_pte(export_8da4w / "base.pte")
+    assert base.inline == {}  # no constant stays in the base program
+    assert base.needed == set(ptd)  # ... and the foundation holds exactly what it needs
+    assert {"norm.weight", "freqs_cos"} <= set(ptd)
+    assert any(k.startswith("tok_embeddings.") for k in ptd)  # the int4 embedding and its scales
+    for name in ("chat", "code"):
+        info = read_pte(export_8da4w / f"{name}.pte")
+        assert (
+            info.needed <= set(ptd)
+            and missing_keys(info.path, export_8da4w / "foundation.ptd") == set()
+        )
+        adapter = load_peft_adapter(adapter_dirs[name], name)
+        # The program carries its adapter's fp32 matrices, and nothing else.
+        assert sum(info.inline.values()) == adapter.num_bytes
+        assert set(info.inline).isdisjoint(ptd)
+
+
+def test_foundation_is_byte_identical_with_and_without_adapters(
+    export_8da4w, export_8da4w_base_only
+):
+    assert filecmp.cmp(
+        export_8da4w / "foundation.ptd", export_8da4w_base_only / "foundation.ptd", shallow=False
+    )
+
+
+def test_wrong_foundation_is_reported(export_8da4w, export_fp32):
+    missing = missing_keys(export_8da4w / "chat.pte", export_fp32 / "foundation.ptd")
+    assert len(missing) > 10
+    assert (
+        missing_keys(export_8da4w / "chat.pte", None) == read_pte(export_8da4w / "chat.pte").needed
+    )
+
+
+def test_reader_rejects_corrupt_files(tmp_path, export_8da4w):
+    for name, data in [("empty.pte", b""), ("junk.pte", b"\x00" * 64)]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ProgramError, match=name):
+            read_pte(tmp_path / name)
+    blob = (export_8da4w / "foundation.ptd").read_bytes()
+    (tmp_path / "trunc.ptd").write_bytes(blob[:100])
+    with pytest.raises(ProgramError, match="trunc.ptd"):
+        read_ptd(tmp_path / "trunc.ptd")
+    with pytest.raises(ProgramError, match="not found"):
+        read_ptd(tmp_path / "none.ptd")
+    assert torch.__version__  # keep torch imported first (ExecuTorch links against it)

@@ -1,0 +1,157 @@
+"""export_llama: outputs, manifest, and bad input (fails fast, one line, nothing written)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgelora.export.cli import build_parser, main
+from edgelora.export.output import sha256_file
+
+
+def test_manifest_describes_the_files(export_8da4w, tiny_args):
+    manifest = json.loads((export_8da4w / "manifest.json").read_text())
+    on_disk = sorted(p.name for p in export_8da4w.iterdir())
+    assert on_disk == ["base.pte", "chat.pte", "code.pte", "foundation.ptd", "manifest.json"]
+    for name, entry in manifest["files"].items():
+        assert entry["size"] == (export_8da4w / name).stat().st_size
+        assert entry["sha256"] == sha256_file(export_8da4w / name)
+    assert set(manifest["programs"]) == {"base", "chat", "code"}
+    for prog in manifest["programs"].values():
+        assert prog["foundation"] == "foundation.ptd"
+        assert prog["foundation_sha256"] == manifest["files"]["foundation.ptd"]["sha256"]
+    assert manifest["programs"]["code"]["adapter"]["ranks"] == [8]
+    assert manifest["model"]["dim"] == tiny_args.dim
+    q = manifest["quantization"]
+    assert (q["qmode"], q["group_size"], q["embedding_bits"]) == ("8da4w", 32, 4)
+    assert q["quantized_linears"] == 7 * tiny_args.n_layers + 1  # + output
+
+
+def test_adapter_program_size_is_close_to_adapter_bytes(export_8da4w, adapter_dirs):
+    from edgelora.models.adapters import load_peft_adapter
+
+    base = (export_8da4w / "base.pte").stat().st_size
+    for name in ("chat", "code"):
+        extra = (export_8da4w / f"{name}.pte").stat().st_size - base
+        weights = load_peft_adapter(adapter_dirs[name], name).num_bytes
+        # The program grows by its adapter's weights plus graph overhead for the extra nodes.
+        assert weights <= extra <= weights + 64 * 1024, (name, extra, weights)
+
+
+def test_help_explains_every_flag():
+    text = build_parser().format_help()
+    for flag in (
+        "--params",
+        "--checkpoint",
+        "--lora",
+        "--qmode",
+        "--group-size",
+        "--max-seq-len",
+        "--output-dir",
+        "--overwrite",
+        "--seed",
+        "--embedding-bits",
+        "--embedding-group-size",
+    ):
+        assert flag in text
+    out = subprocess.run(
+        [sys.executable, "-m", "edgelora.export.cli", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "foundation.ptd" in out.stdout
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def _no_leftovers(root):
+    return [p.name for p in root.iterdir()]
+
+
+def test_bad_inputs(tmp_path, params_file, adapter_dirs, capsys):
+    out = tmp_path / "out"
+    base = ["--params", str(params_file), "--output-dir", str(out)]
+    cases = [
+        (
+            ["--params", str(tmp_path / "none.json"), "--output-dir", str(out)],
+            "params file not found",
+        ),
+        (base + ["--lora", str(tmp_path / "missing")], "adapter directory not found"),
+        (base + ["--checkpoint", str(tmp_path / "none.pth")], "checkpoint file not found"),
+        (base + ["--group-size", "48"], "use 0 (per channel) or a multiple of 32"),
+        (base + ["--group-size", "128"], "group_size 128 divides no linear"),
+        (
+            base + ["--lora", f"x={adapter_dirs['chat']}", "--lora", f"x={adapter_dirs['code']}"],
+            "adapter names must be unique",
+        ),
+        (base + ["--lora", f"../evil={adapter_dirs['chat']}"], "not allowed"),
+    ]
+    for argv, message in cases:
+        code, err = _run(argv, capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+        assert err.count("\n") == 1
+    assert _no_leftovers(tmp_path) == []  # nothing written, no temp dirs left behind
+
+
+def test_adapter_for_another_model_fails_before_export(tmp_path, adapter_dirs, capsys):
+    params = tmp_path / "p.json"
+    params.write_text(json.dumps({"dim": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 96}))
+    code, err = _run(
+        [
+            "--params",
+            str(params),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--lora",
+            f"chat={adapter_dirs['chat']}",
+        ],
+        capsys,
+    )
+    assert code == 2 and "layers.0.attention" in err and "lora_A must be" in err
+    assert sorted(_no_leftovers(tmp_path)) == ["p.json"]
+
+
+def test_output_dir_with_other_files_is_refused(tmp_path, params_file, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, err = _run(["--params", str(params_file), "--output-dir", str(out)], capsys)
+    assert code == 2 and "not an edgelora export" in err
+    assert _no_leftovers(out) == ["notes.txt"]
+
+
+def test_different_foundation_is_refused_then_overwritten(
+    tmp_path, export_fp32, params_file, capsys
+):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(export_fp32, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    argv = [
+        "--params",
+        str(params_file),
+        "--output-dir",
+        str(out),
+        "--qmode",
+        "none",
+        "--seed",
+        "7",
+    ]
+    code, err = _run(argv, capsys)
+    assert code == 2 and "different foundation" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    assert _no_leftovers(tmp_path) == ["out"]
+    code, _ = _run(argv + ["--overwrite"], capsys)
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["base.pte", "foundation.ptd", "manifest.json"]
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 7
+
+
+@pytest.mark.parametrize("text, name", [("a=/x/y", "a"), ("/x/my_adapter/", "my_adapter")])
+def test_lora_flag_parsing(text, name):
+    from edgelora.export.config import AdapterSpec
+
+    assert AdapterSpec.parse(text).name == name

@@ -1,0 +1,86 @@
+"""Exported programs on the ExecuTorch runtime vs their eager models, and edgelora-run."""
+
+import json
+
+import numpy as np
+import pytest
+
+from edgelora.ci.output_match import match_export
+from edgelora.errors import ProgramError
+from edgelora.runtime.cli import main as run_main
+from edgelora.runtime.session import LlamaProgram
+
+
+@pytest.mark.parametrize("fixture", ["export_8da4w", "export_fp32"])
+def test_programs_match_eager(request, fixture, export_8da4w_base_only):
+    out = request.getfixturevalue(fixture)
+    foundation = export_8da4w_base_only / "foundation.ptd" if fixture == "export_8da4w" else None
+    results = match_export(out, foundation=foundation)
+    assert [r.name for r in results][0] == "base" and len(results) >= 2
+    for r in results:
+        assert r.ok, r.line()
+        if r.diff_from_base is not None:
+            assert r.diff_from_base > 1e-2  # the adapter changes the logits
+    if fixture == "export_fp32":
+        assert max(r.max_abs_diff for r in results) < 1e-4
+
+
+def test_generate_and_metadata(export_8da4w):
+    prog = LlamaProgram(export_8da4w / "chat.pte", export_8da4w / "foundation.ptd")
+    assert prog.metadata["get_max_seq_len"] == 48 and prog.metadata["get_vocab_size"] == 96
+    gen = prog.generate([1, 2, 3], 5)
+    assert len(gen.tokens) == 5 and gen.prompt_logits.shape == (3, 96)
+    assert len(gen.decode_s) == 4 and gen.prefill_tokens_per_s > 0
+    with pytest.raises(ProgramError, match="outside the vocabulary"):
+        prog.generate([1, 500], 2)
+    with pytest.raises(ProgramError, match="max_seq_len 48"):
+        prog.forward(list(range(40)), 20)
+
+
+def test_cli_json_and_logits(export_8da4w, tmp_path, capsys):
+    npy = tmp_path / "logits.npy"
+    code = run_main(
+        [
+            str(export_8da4w / "base.pte"),
+            "--data",
+            str(export_8da4w / "foundation.ptd"),
+            "--prompt-ids",
+            "1,2,3,4",
+            "--max-new-tokens",
+            "6",
+            "--json",
+            "--logits-out",
+            str(npy),
+        ]
+    )
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(result["tokens"]) == 6 and result["prefill_tokens_per_s"] > 0
+    assert result["decode_ms_per_token"] > 0
+    logits = np.load(npy)
+    assert logits.shape == (4, 96) and logits.dtype == np.float32
+    assert result["tokens"][0] == int(logits[-1].argmax())
+
+
+def test_cli_errors_are_one_line(export_8da4w, export_fp32, capsys):
+    assert (
+        run_main(
+            [
+                str(export_8da4w / "chat.pte"),
+                "--data",
+                str(export_fp32 / "foundation.ptd"),
+                "--prompt-ids",
+                "1,2",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert (
+        "lacks" in err and "foundation.ptd it was exported with" in err and "Traceback" not in err
+    )
+    assert run_main([str(export_8da4w / "nope.pte"), "--prompt-ids", "1"]) == 2
+    assert "program file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        run_main([str(export_8da4w / "base.pte"), "--prompt-ids", "a,b"])
+    assert info.value.code == 2
