@@ -50,7 +50,8 @@ def main() -> None:
     from edgelora.ci.output_match import match_export
     from edgelora.export.config import ExportConfig
     from edgelora.export.pipeline import run_export
-    from edgelora.models.adapters import load_peft_adapter, random_adapter, save_peft_adapter
+    from edgelora.models.adapter_files import load_adapter, save_peft_adapter
+    from edgelora.models.adapters import random_adapter
     from edgelora.models.args import ModelArgs
     from edgelora.models.llama import build_model
     from edgelora.runtime.session import LlamaProgram
@@ -62,8 +63,8 @@ def main() -> None:
     adapters = []
     for i, name in enumerate(("chat", "code")):
         a = random_adapter(model, name, rank=16, alpha=32, seed=10 + i)
-        save_peft_adapter(a, work / "adapters" / name)
-        adapters.append(load_peft_adapter(work / "adapters" / name, name))
+        save_peft_adapter(a, work / "adapters" / name, args)
+        adapters.append(load_adapter(work / "adapters" / name, args, name))
     config = ExportConfig(
         model_args=args,
         output_dir=work / "out",

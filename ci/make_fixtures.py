@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from edgelora.models.adapters import random_adapter, save_peft_adapter
+from edgelora.models.adapter_files import save_peft_adapter
+from edgelora.models.adapters import random_adapter
 from edgelora.models.args import ModelArgs
 from edgelora.models.llama import build_model
 
@@ -25,13 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     root = Path((argv or sys.argv[1:])[0])
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.json").write_text(json.dumps(PARAMS))
-    model = build_model(ModelArgs.from_dict(PARAMS))
-    save_peft_adapter(random_adapter(model, "a", rank=8, alpha=16, seed=1), root / "adapter_a")
+    args = ModelArgs.from_dict(PARAMS)
+    model = build_model(args)
+    save_peft_adapter(
+        random_adapter(model, "a", rank=8, alpha=16, seed=1), root / "adapter_a", args
+    )
     save_peft_adapter(
         random_adapter(
             model, "b", rank=4, alpha=32, targets=("q_proj", "v_proj", "down_proj"), seed=2
         ),
         root / "adapter_b",
+        args,
     )
     return 0
 

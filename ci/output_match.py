@@ -35,9 +35,11 @@ from pathlib import Path
 
 import torch
 
+from edgelora.export.config import DTYPES
 from edgelora.export.output import FOUNDATION_FILE, read_manifest
 from edgelora.export.pipeline import build_foundation
-from edgelora.models.adapters import attach_adapter, detach_adapters, load_peft_adapter
+from edgelora.models.adapter_files import load_adapter
+from edgelora.models.adapters import attach_adapter, detach_adapters
 from edgelora.models.args import ModelArgs
 from edgelora.runtime.session import LlamaProgram, eager_generate
 
@@ -107,6 +109,18 @@ def match_export(
         raise FileNotFoundError(f"{out_dir}: no manifest.json")
     args = ModelArgs.from_dict(manifest["model"])
     q = manifest["quantization"]
+
+    def adapter_of(entry: dict, name: str):
+        return load_adapter(entry["source"], args, name, scale=entry.get("scale", 1.0))
+
+    merged = next(
+        (
+            adapter_of(p["merged_adapter"], n)
+            for n, p in manifest["programs"].items()
+            if p.get("merged_adapter")
+        ),
+        None,
+    )
     model, _, _ = build_foundation(
         args,
         checkpoint=manifest["checkpoint"],
@@ -115,12 +129,14 @@ def match_export(
         group_size=q["group_size"],
         embedding_bits=q["embedding_bits"],
         embedding_group_size=q["embedding_group_size"],
+        merge=merged,
+        dtype=DTYPES[manifest.get("dtype", "fp32")],
     )
     own_foundation = out_dir / FOUNDATION_FILE
     results, base_logits = [], None
     for name, prog in manifest["programs"].items():
         if prog["adapter"] is not None:
-            attach_adapter(model, load_peft_adapter(prog["adapter"]["source"], name))
+            attach_adapter(model, adapter_of(prog["adapter"], name))
         try:
             eager = eager_generate(model, prompt, max_new_tokens)
             seq = prompt + eager.tokens[:-1]  # positions whose next-token argmax we compare

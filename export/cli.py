@@ -7,21 +7,36 @@ import sys
 from pathlib import Path
 
 from edgelora._quiet import quiet_third_party
-from edgelora.errors import EdgeLoraError
+from edgelora.errors import ConfigError, EdgeLoraError
 from edgelora.export.config import AdapterSpec, ExportConfig
 from edgelora.models.args import ModelArgs
+from edgelora.models.checkpoint import Checkpoint, open_checkpoint
+
+HF_DEFAULT_MAX_SEQ_LEN = 2048
 
 EPILOG = """\
 output (in --output-dir):
-  base.pte         the base model's program
+  base.pte         the base model's program (with --merge NAME: NAME.pte, the merged model)
   <NAME>.pte       one program per --lora adapter (adapter weights inside)
   foundation.ptd   every non-adapter constant; shared by all the programs above
   manifest.json    model config, quantization, each file's size and sha256, and which
                    foundation each program needs
 
-example:
-  export_llama --params params.json --lora chat=adapters/chat --lora code=adapters/code \\
-      --qmode 8da4w --group-size 32 --output-dir out/
+checkpoints (--checkpoint):
+  a Hugging Face Llama directory (config.json + model.safetensors, sharded safetensors with
+  model.safetensors.index.json, or pytorch_model.bin), a Meta directory (params.json +
+  consolidated.00.pth), or one .safetensors/.pth file in Meta/ExecuTorch or torchtune key
+  names (then --params is required). .pth/.bin files are read with weights_only=True.
+
+adapters (--lora):
+  a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors or .bin) or a
+  torchtune one (adapter_config.json + adapter_model.pt). Config fields the tool cannot honour
+  (use_dora, modules_to_save, lm_head/embedding targets, ...) are errors, never ignored.
+
+examples:
+  export_llama --checkpoint hf-model/ --lora chat=adapters/chat \\
+      --lora code=adapters/code:scale=0.5 --output-dir out/
+  export_llama --params params.json --lora chat=adapters/chat --merge chat --output-dir merged/
   edgelora-run out/chat.pte --data out/foundation.ptd --prompt-ids 1,2,3
 """
 
@@ -40,18 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--params",
         type=Path,
-        required=True,
+        default=None,
         help="Meta-style params.json (dim, n_layers, n_heads, n_kv_heads, "
         "vocab_size, multiple_of/ffn_dim_multiplier or hidden_dim, norm_eps, "
-        "rope_theta, max_seq_len)",
+        "rope_theta, max_seq_len). Required unless --checkpoint is a Hugging Face or "
+        "Meta directory, whose config.json/params.json is used",
     )
     model.add_argument(
         "--checkpoint",
         type=Path,
         default=None,
-        help="state dict in this tool's layout (layers.N.attention.wq.weight, ...) "
-        "as .safetensors or .pth (read with weights_only=True). Without it "
-        "the weights are deterministic random values from --seed",
+        help="model weights: a Hugging Face or Meta directory, or a .safetensors/.pth "
+        "file (see 'checkpoints' below). Without it the weights are deterministic "
+        "random values from --seed",
+    )
+    model.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="compute dtype of the exported model; bf16/fp16 checkpoints are "
+        "upcast to fp32 unless this says otherwise (default fp32)",
     )
     model.add_argument(
         "--seed",
@@ -64,17 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="KV-cache length: longest prompt + generation (default: params.json's "
-        "max_seq_len, else 128)",
+        f"max_seq_len, else 128; for Hugging Face models max_position_embeddings capped "
+        f"at {HF_DEFAULT_MAX_SEQ_LEN})",
     )
     lora = p.add_argument_group("adapters")
     lora.add_argument(
         "--lora",
         action="append",
         default=[],
-        metavar="[NAME=]DIR",
-        help="a PEFT LoRA adapter directory (adapter_config.json + "
-        "adapter_model.safetensors); writes NAME.pte (NAME defaults to the "
-        "directory name). Repeat for several adapters",
+        metavar="[NAME=]DIR[:scale=S]",
+        help="a PEFT or torchtune LoRA adapter directory; writes NAME.pte (NAME "
+        "defaults to the directory name). ':scale=S' multiplies the adapter's "
+        "contribution (like llama.cpp's --lora-scaled). Repeat for several adapters",
+    )
+    lora.add_argument(
+        "--merge",
+        metavar="NAME",
+        default=None,
+        help="fold the --lora adapter NAME into the base weights before "
+        "quantization: a single-adapter deployment with no LoRA cost at run time. "
+        "Writes NAME.pte (no base.pte) and foundation.ptd holding the merged weights",
     )
     quant = p.add_argument_group("quantization")
     quant.add_argument(
@@ -123,8 +155,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(ns: argparse.Namespace) -> ExportConfig:
-    args = ModelArgs.from_json(ns.params, max_seq_len=ns.max_seq_len)
+def resolve_model_args(
+    params_path: Path | None, checkpoint: Checkpoint | None, max_seq_len: int | None
+) -> ModelArgs:
+    """``--params`` if given, else the config found beside the checkpoint."""
+    if params_path is not None:
+        return ModelArgs.from_json(params_path, max_seq_len=max_seq_len)
+    if checkpoint is None or checkpoint.params is None:
+        raise ConfigError(
+            "--params is required unless --checkpoint is a Hugging Face directory "
+            "(config.json) or a Meta directory (params.json)"
+        )
+    params = dict(checkpoint.params)
+    if max_seq_len is not None:
+        params["max_seq_len"] = max_seq_len
+    elif checkpoint.layout == "hf" and params.get("max_seq_len", 0) > HF_DEFAULT_MAX_SEQ_LEN:
+        params["max_seq_len"] = HF_DEFAULT_MAX_SEQ_LEN
+    source = str(checkpoint.path / "config.json" if checkpoint.path.is_dir() else checkpoint.path)
+    return ModelArgs.from_dict(params, source=source)
+
+
+def config_from_args(ns: argparse.Namespace, args: ModelArgs) -> ExportConfig:
     return ExportConfig(
         model_args=args,
         output_dir=ns.output_dir,
@@ -136,6 +187,8 @@ def config_from_args(ns: argparse.Namespace) -> ExportConfig:
         embedding_group_size=ns.embedding_group_size,
         seed=ns.seed,
         overwrite=ns.overwrite,
+        merge=ns.merge,
+        dtype=ns.dtype,
     )
 
 
@@ -144,14 +197,22 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     try:
         from edgelora.export.pipeline import run_export
-        from edgelora.models.adapters import load_peft_adapter
+        from edgelora.models.adapter_files import load_adapter
 
-        config = config_from_args(ns)
-        if config.checkpoint is not None and not config.checkpoint.is_file():
-            raise EdgeLoraError(f"{config.checkpoint}: checkpoint file not found")
+        checkpoint = None
+        if ns.checkpoint is not None:
+            if not ns.checkpoint.exists():
+                raise EdgeLoraError(f"{ns.checkpoint}: checkpoint not found")
+            checkpoint = open_checkpoint(ns.checkpoint)
+            print(f"checkpoint {ns.checkpoint}: {checkpoint.layout} layout, {checkpoint.dtype}")
+            for note in checkpoint.notes:
+                print(f"  {note}")
+        config = config_from_args(ns, resolve_model_args(ns.params, checkpoint, ns.max_seq_len))
         # Read every adapter before the long steps, so a bad one fails in seconds.
-        adapters = [load_peft_adapter(a.path, a.name) for a in config.adapters]
-        run_export(config, adapters)
+        adapters = [
+            load_adapter(a.path, config.model_args, a.name, scale=a.scale) for a in config.adapters
+        ]
+        run_export(config, adapters, checkpoint=checkpoint)
     except EdgeLoraError as e:
         print(f"export_llama: error: {e}", file=sys.stderr)
         return 2

@@ -2,30 +2,50 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from edgelora.errors import ConfigError
 from edgelora.models.args import ModelArgs
 from edgelora.quant.embedding import EMBEDDING_BITS
 from edgelora.quant.linear import QMODES
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """``--lora [NAME=]DIR``: where an adapter lives and what its program is called."""
+    """``--lora [NAME=]DIR[:scale=S]``: where an adapter lives, what its program is called, and
+    the factor on its contribution (llama.cpp's ``--lora-scaled``)."""
 
     name: str
     path: Path
+    scale: float = 1.0
 
     @classmethod
     def parse(cls, text: str) -> AdapterSpec:
-        name, sep, path = text.partition("=")
+        body, sep, scale_text = text.rpartition(":scale=")
         if not sep:
-            path, name = text, Path(text.rstrip("/")).name
+            body, scale_text = text, ""
+        scale = 1.0
+        if scale_text:
+            try:
+                scale = float(scale_text)
+            except ValueError:
+                raise ConfigError(
+                    f"--lora {text!r}: scale {scale_text!r} is not a number"
+                ) from None
+            if not math.isfinite(scale):
+                raise ConfigError(f"--lora {text!r}: scale must be finite")
+        name, sep, path = body.partition("=")
+        if not sep:
+            path, name = body, Path(body.rstrip("/")).name
         if not path:
-            raise ConfigError(f"--lora {text!r}: expected [NAME=]DIR")
-        return cls(name, Path(path))
+            raise ConfigError(f"--lora {text!r}: expected [NAME=]DIR[:scale=S]")
+        return cls(name, Path(path), scale)
 
 
 @dataclass(frozen=True)
@@ -40,6 +60,8 @@ class ExportConfig:
     embedding_group_size: int = 0
     seed: int = 0
     overwrite: bool = False
+    merge: str | None = None  # name of the adapter folded into the base weights
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.qmode not in QMODES:
@@ -80,3 +102,19 @@ class ExportConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"adapter names must be unique, repeated: {dupes}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.merge is not None:
+            if self.merge not in names:
+                raise ConfigError(
+                    f"--merge {self.merge!r}: no --lora adapter of that name (have: {names})"
+                )
+            if len(names) > 1:
+                raise ConfigError(
+                    f"--merge {self.merge!r} with other adapters {sorted(set(names) - {self.merge})}:"
+                    " they were trained against the unmerged base; export them separately"
+                )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

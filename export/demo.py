@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from edgelora.ci.output_match import match_export
     from edgelora.export.config import ExportConfig
     from edgelora.export.pipeline import run_export
-    from edgelora.models.adapters import load_peft_adapter, random_adapter, save_peft_adapter
+    from edgelora.models.adapter_files import load_adapter, save_peft_adapter
+    from edgelora.models.adapters import random_adapter
     from edgelora.models.args import ModelArgs
     from edgelora.models.llama import build_model
     from edgelora.runtime.session import LlamaProgram
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({args.kv_heads} kv), vocab {args.vocab_size}; demo adapter: rank 16 on all 7 projections"
     )
     demo = random_adapter(build_model(args), "demo", rank=16, alpha=32, seed=1)
-    adapter = load_peft_adapter(save_peft_adapter(demo, work / "demo_adapter"), "demo")
+    adapter = load_adapter(save_peft_adapter(demo, work / "demo_adapter", args), args, "demo")
     config = ExportConfig(
         model_args=args,
         output_dir=out,

@@ -1,8 +1,9 @@
 """The export pipeline behind ``export_llama``.
 
 1. Validate inputs: params, checkpoint and every adapter are read and checked before any long step.
-2. Build the model from ``params`` (deterministic random weights from ``seed``) and load the
-   checkpoint, if any.
+2. Build the model from ``params`` (deterministic random weights from ``seed``), load the
+   checkpoint, if any (HF, Meta or torchtune layout), fold the ``--merge`` adapter into the base
+   weights, and cast to ``--dtype``.
 3. Quantize the foundation once: token embedding (optional) and linears (8da4w / 8da8w, LoRA
    matrices excluded by FQN).
 4. For the base and then each adapter: attach the adapter as ``LoRALinear`` wrappers around the
@@ -35,9 +36,15 @@ from edgelora.export.output import (
     write_manifest,
 )
 from edgelora.export.timing import StageTimer
-from edgelora.models.adapters import Adapter, attach_adapter, detach_adapters, is_adapter_fqn
+from edgelora.models.adapters import (
+    Adapter,
+    attach_adapter,
+    detach_adapters,
+    is_adapter_fqn,
+    merge_adapter,
+)
 from edgelora.models.args import ModelArgs
-from edgelora.models.checkpoint import load_checkpoint
+from edgelora.models.checkpoint import Checkpoint, load_checkpoint
 from edgelora.models.llama import Transformer, build_model
 from edgelora.quant.embedding import EmbeddingReport, quantize_embedding
 from edgelora.quant.linear import QuantReport, quantize_linears
@@ -46,21 +53,28 @@ from edgelora.quant.linear import QuantReport, quantize_linears
 def build_foundation(
     args: ModelArgs,
     *,
-    checkpoint: str | Path | None,
+    checkpoint: str | Path | Checkpoint | None,
     seed: int,
     qmode: str,
     group_size: int,
     embedding_bits: int = 0,
     embedding_group_size: int = 0,
+    merge: Adapter | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Transformer, QuantReport, EmbeddingReport]:
     """Steps 2-3: the (quantized) base model every program of an export shares.
 
     Deterministic: the same arguments give bit-identical weights, so tests and CI can rebuild
-    the eager reference of an exported program.
+    the eager reference of an exported program. ``merge`` is folded in (in fp32) before the
+    cast to ``dtype`` and quantization.
     """
     model = build_model(args, seed=seed)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
+    if merge is not None:
+        merge_adapter(model, merge)
+    if dtype != torch.float32:
+        model.to(dtype)
     emb_report = quantize_embedding(model, embedding_bits, embedding_group_size)
     report = quantize_linears(model, qmode, group_size)
     return model, report, emb_report
@@ -108,26 +122,39 @@ def run_export(
     config: ExportConfig,
     adapters: list[Adapter],
     *,
+    checkpoint: Checkpoint | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
-    """Run the pipeline for an already-validated ``config`` and loaded ``adapters``."""
+    """Run the pipeline for an already-validated ``config`` and loaded ``adapters``.
+
+    ``checkpoint`` is ``config.checkpoint`` already opened (to avoid reading it twice).
+    """
     from edgelora.backends.xnnpack.lower import lower_to_xnnpack
 
     timer = StageTimer(log)
     args = config.model_args
     out_dir = config.output_dir
     check_output_dir(out_dir, overwrite=config.overwrite)
+    merged = next((a for a in adapters if a.name == config.merge), None)
+    adapters = [a for a in adapters if a is not merged]
+    for adapter in [merged, *adapters]:
+        for note in [] if adapter is None else adapter.notes:
+            log(f"  adapter {adapter.name}: {note}")
 
     with timer("build + quantize foundation"):
         model, qreport, ereport = build_foundation(
             args,
-            checkpoint=config.checkpoint,
+            checkpoint=checkpoint if checkpoint is not None else config.checkpoint,
             seed=config.seed,
             qmode=config.qmode,
             group_size=config.group_size,
             embedding_bits=config.embedding_bits,
             embedding_group_size=config.embedding_group_size,
+            merge=merged,
+            dtype=config.torch_dtype,
         )
+    if merged is not None:
+        log(f"  merged adapter {merged.name} into the base weights (scale {merged.scale:g})")
     for line in [ereport.summary_line(), *qreport.summary_lines()]:
         log(f"  {line}")
     # Fit every adapter to the model now, so a bad one fails before the first long export.
@@ -146,6 +173,8 @@ def run_export(
         programs: dict[str, dict] = {}
         for adapter in [None, *adapters]:
             name = "base" if adapter is None else adapter.name
+            if adapter is None and merged is not None:
+                name = merged.name  # the merged model's program carries the adapter's name
             if adapter is not None:
                 attach_adapter(model, adapter)
             try:
@@ -177,6 +206,9 @@ def run_export(
                 "file": f"{name}.pte",
                 "foundation": FOUNDATION_FILE,
                 "adapter": None if adapter is None else _adapter_entry(adapter),
+                "merged_adapter": (
+                    _adapter_entry(merged) if adapter is None and merged is not None else None
+                ),
                 "adapter_constants": sorted(lowered.split.adapter),
             }
             log(f"  {name}.pte: {(stage / f'{name}.pte').stat().st_size / 1e6:.3f} MB")
@@ -199,7 +231,9 @@ def run_export(
                     "max_weight_abs_err": qreport.max_abs_err,
                 },
                 "seed": config.seed,
+                "dtype": config.dtype,
                 "checkpoint": None if config.checkpoint is None else str(config.checkpoint),
+                "checkpoint_layout": None if checkpoint is None else checkpoint.layout,
                 "programs": programs,
                 "files": files,
             }
@@ -213,6 +247,7 @@ def _adapter_entry(adapter: Adapter) -> dict:
     ranks = sorted({w.rank for w in adapter.modules.values()})
     return {
         "source": adapter.source,
+        "scale": adapter.scale,
         "ranks": ranks,
         "modules": sorted(adapter.modules),
         "bytes_fp32": adapter.num_bytes,

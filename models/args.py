@@ -31,6 +31,11 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     use_scaled_rope: bool = False
+    # Llama 3.1-style rope scaling (used when use_scaled_rope); defaults are Llama 3.1's.
+    rope_scale_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
     max_seq_len: int = 128
 
     def __post_init__(self) -> None:
@@ -64,6 +69,15 @@ class ModelArgs:
             raise ConfigError(f"ModelArgs.norm_eps must be > 0, got {self.norm_eps!r}")
         if not (self.rope_theta > 0):
             raise ConfigError(f"ModelArgs.rope_theta must be > 0, got {self.rope_theta!r}")
+        if self.use_scaled_rope and not (
+            self.rope_scale_factor > 0
+            and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+            and self.rope_original_max_seq_len > 0
+        ):
+            raise ConfigError(
+                "rope scaling needs rope_scale_factor > 0, 0 < rope_low_freq_factor < "
+                "rope_high_freq_factor and rope_original_max_seq_len > 0"
+            )
 
     @property
     def kv_heads(self) -> int:

@@ -1,18 +1,38 @@
-"""Load and save our own state dicts (``.safetensors``, or ``.pth`` read with ``weights_only``).
+"""Read model checkpoints in the layouts users have, and load them into a ``Transformer``.
 
-Keys are the model's own FQNs (``layers.0.attention.wq.weight``, ...), i.e. ExecuTorch's
-Llama layout. A ``.pth`` is never unpickled beyond tensors.
+:func:`open_checkpoint` accepts
+
+* a Hugging Face Llama directory: ``config.json`` + ``model.safetensors``, sharded
+  ``model-0000N-of-0000M.safetensors`` with ``model.safetensors.index.json``, or
+  ``pytorch_model.bin`` (q/k rows are un-permuted to Meta's rotary layout, see
+  :mod:`edgelora.models.hf`; a missing ``lm_head.weight`` means tied embeddings);
+* a Meta directory: ``params.json`` + ``consolidated.00.pth``;
+* a single file in Meta/ExecuTorch naming (``layers.0.attention.wq.weight``, this tool's own),
+  torchtune naming (``layers.0.attn.q_proj.weight``, ``sa_norm.scale``) or HF naming (with a
+  ``config.json`` beside it).
+
+``.pth``/``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)``: never unpickled
+beyond tensors. Every result is in the model's own key names.
 """
 
 from __future__ import annotations
 
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from edgelora._jsonfile import read_json
 from edgelora.errors import CheckpointError
+from edgelora.models import hf
+
+HF_CONFIG = "config.json"
+META_PARAMS = "params.json"
+_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -48,12 +68,143 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     )
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load ``path`` into ``model`` strictly: every key must exist with the same shape.
+@dataclass
+class Checkpoint:
+    """A checkpoint read into this model's key names.
 
+    ``params`` holds the ``ModelArgs`` fields found beside the weights (HF ``config.json`` or
+    Meta ``params.json``), or None for a bare file. ``layout`` is ``"hf"``, ``"meta"`` (also this
+    tool's own) or ``"torchtune"``; ``notes`` lists the conversions applied, for the log.
+    """
+
+    path: Path
+    layout: str
+    state_dict: dict[str, torch.Tensor]
+    params: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The checkpoint's (most common) floating dtype."""
+        counts: dict[torch.dtype, int] = {}
+        for t in self.state_dict.values():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+        return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _read_hf_weights(root: Path) -> dict[str, torch.Tensor]:
+    for index_name in _HF_INDEXES:
+        index_path = root / index_name
+        if index_path.is_file():
+            index = read_json(index_path, CheckpointError, "checkpoint index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path}: no 'weight_map' object")
+            sd: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                if not isinstance(shard, str) or Path(shard).name != shard:
+                    raise CheckpointError(f"{index_path}: bad shard file name {shard!r}")
+                part = read_state_dict(root / shard)
+                for key in part:
+                    if weight_map.get(key) != shard:
+                        raise CheckpointError(
+                            f"{root / shard}: key {key!r} is not listed for this shard in "
+                            f"{index_name}"
+                        )
+                sd.update(part)
+            absent = sorted(set(weight_map) - set(sd))
+            if absent:
+                raise CheckpointError(
+                    f"{index_path}: {len(absent)} key(s) listed but not in any shard, e.g. "
+                    f"{absent[:3]}"
+                )
+            return sd
+    for name in _HF_WEIGHTS:
+        if (root / name).is_file():
+            return read_state_dict(root / name)
+    raise CheckpointError(
+        f"{root}: Hugging Face directory without weights (expected one of "
+        f"{', '.join(_HF_WEIGHTS + _HF_INDEXES)})"
+    )
+
+
+def _hf_checkpoint(root: Path, sd: dict[str, torch.Tensor], path: Path) -> Checkpoint:
+    cfg_path = root / HF_CONFIG
+    cfg = read_json(cfg_path, CheckpointError, "Hugging Face config")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object")
+    params = hf.args_from_hf_config(cfg, str(cfg_path))
+    heads = params["n_heads"]
+    kv_heads = params["n_kv_heads"] or heads
+    tied = "lm_head.weight" not in sd
+    ours = hf.hf_state_dict_to_ours(sd, n_heads=heads, n_kv_heads=kv_heads, source=str(path))
+    notes = ["Hugging Face layout: q/k rows un-permuted to Meta's rotary layout"]
+    if tied:
+        notes.append("no lm_head.weight: output tied to the token embedding")
+    return Checkpoint(path, "hf", ours, params, notes)
+
+
+def _meta_params(path: Path, sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    params = read_json(path, CheckpointError, "Meta params file")
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    vocab = params.get("vocab_size")
+    emb = sd.get("tok_embeddings.weight")
+    if isinstance(vocab, int) and vocab <= 0 and emb is not None:
+        params = {**params, "vocab_size": emb.shape[0]}  # Llama 2's params.json says -1
+    return params
+
+
+def _file_checkpoint(path: Path, sd: dict[str, torch.Tensor]) -> Checkpoint:
+    if hf.is_hf_state_dict(sd):
+        if not (path.parent / HF_CONFIG).is_file():
+            raise CheckpointError(
+                f"{path}: Hugging Face key names but no {HF_CONFIG} beside it (pass the model "
+                "directory)"
+            )
+        return _hf_checkpoint(path.parent, sd, path)
+    if hf.is_torchtune_state_dict(sd):
+        ours = hf.torchtune_state_dict_to_ours(sd, source=str(path))
+        return Checkpoint(path, "torchtune", ours, None, ["torchtune key names renamed"])
+    return Checkpoint(path, "meta", sd)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint file or directory (see the module docstring) into our key names.
+
+    Raises :class:`CheckpointError` naming the file for anything unreadable or unrecognised,
+    and :class:`ConfigError` for an unsupported architecture in ``config.json``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / HF_CONFIG).is_file():
+            return _hf_checkpoint(path, _read_hf_weights(path), path)
+        shards = sorted(path.glob("consolidated.*.pth"))
+        if (path / META_PARAMS).is_file() and shards:
+            if len(shards) > 1:
+                raise CheckpointError(
+                    f"{path}: {len(shards)} model-parallel shards (consolidated.00.pth ...); "
+                    "merge them into one consolidated.00.pth first"
+                )
+            ckpt = _file_checkpoint(shards[0], read_state_dict(shards[0]))
+            ckpt.params = _meta_params(path / META_PARAMS, ckpt.state_dict)
+            return ckpt
+        raise CheckpointError(
+            f"{path}: not a checkpoint directory (expected {HF_CONFIG} + model.safetensors, "
+            f"or {META_PARAMS} + consolidated.00.pth)"
+        )
+    return _file_checkpoint(path, read_state_dict(path))
+
+
+def load_checkpoint(model: nn.Module, path: str | Path | Checkpoint) -> nn.Module:
+    """Load a checkpoint into ``model`` strictly: every key must exist with the same shape.
+
+    ``path`` is anything :func:`open_checkpoint` reads, or its result. Tensors are cast to the
+    model's dtype (a bf16/fp16 checkpoint computes in fp32 unless the model is built otherwise).
     Raises :class:`CheckpointError` naming the missing/unexpected keys or the mismatched shapes.
     """
-    sd = read_state_dict(path)
+    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+    path, sd = ckpt.path, ckpt.state_dict
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))

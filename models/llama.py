@@ -29,9 +29,10 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def _llama3_scale_freqs(freqs: torch.Tensor) -> torch.Tensor:
-    # Llama 3.1's long-context rope scaling (factor 8, 8192-token original context).
-    factor, low_freq_factor, high_freq_factor, old_context_len = 8.0, 1.0, 4.0, 8192
+def _llama3_scale_freqs(freqs: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    # Llama 3.1's long-context rope scaling (transformers' "llama3" rope type).
+    factor, old_context_len = args.rope_scale_factor, args.rope_original_max_seq_len
+    low_freq_factor, high_freq_factor = args.rope_low_freq_factor, args.rope_high_freq_factor
     low_freq_wavelen = old_context_len / low_freq_factor
     high_freq_wavelen = old_context_len / high_freq_factor
     wavelen = 2 * math.pi / freqs
@@ -49,7 +50,7 @@ def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
         args.rope_theta ** (torch.arange(0, half, dtype=torch.float64) * 2 / args.head_dim)
     )
     if args.use_scaled_rope:
-        freqs = _llama3_scale_freqs(freqs)
+        freqs = _llama3_scale_freqs(freqs, args)
     angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), freqs)
     return torch.cos(angles).float(), torch.sin(angles).float()
 

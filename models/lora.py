@@ -21,6 +21,7 @@ class LoRALinear(nn.Module):
         rank: LoRA rank ``r`` (> 0).
         alpha: LoRA alpha.
         use_rslora: scale by ``alpha / sqrt(rank)`` instead (rank-stabilised LoRA).
+        multiplier: a user factor on the whole contribution (``--lora NAME=DIR:scale=S``).
 
     ``weight``/``bias`` return the wrapped linear's, so code that treats this module as a linear
     keeps working. Loading a state dict in the pre-wrapping layout (``<prefix>.weight``) remaps
@@ -28,7 +29,13 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(
-        self, linear: nn.Linear, *, rank: int, alpha: float, use_rslora: bool = False
+        self,
+        linear: nn.Linear,
+        *,
+        rank: int,
+        alpha: float,
+        use_rslora: bool = False,
+        multiplier: float = 1.0,
     ) -> None:
         super().__init__()
         if rank <= 0:
@@ -36,7 +43,7 @@ class LoRALinear(nn.Module):
         self.linear = linear
         self.rank = rank
         self.alpha = float(alpha)
-        self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.scale = multiplier * self.alpha / (math.sqrt(rank) if use_rslora else rank)
         weight = linear.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         self.lora_a = nn.Linear(linear.in_features, rank, bias=False, dtype=dtype)

@@ -39,7 +39,8 @@ def params_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def adapter_dirs(tmp_path_factory, tiny_args) -> dict[str, Path]:
     """Two PEFT adapters: 'chat' on all seven projections (r=4), 'code' on q/v (r=8, rslora)."""
-    from edgelora.models.adapters import random_adapter, save_peft_adapter
+    from edgelora.models.adapter_files import save_peft_adapter
+    from edgelora.models.adapters import random_adapter
     from edgelora.models.llama import build_model
 
     root = tmp_path_factory.mktemp("adapters")
@@ -49,8 +50,8 @@ def adapter_dirs(tmp_path_factory, tiny_args) -> dict[str, Path]:
     for w in code.modules.values():
         w.use_rslora = True
     return {
-        "chat": save_peft_adapter(chat, root / "chat"),
-        "code": save_peft_adapter(code, root / "code"),
+        "chat": save_peft_adapter(chat, root / "chat", tiny_args),
+        "code": save_peft_adapter(code, root / "code", tiny_args),
     }
 
 

@@ -9,12 +9,13 @@ from edgelora.backends.xnnpack.files import missing_keys, read_ptd, read_pte
 from edgelora.backends.xnnpack.lower import FOUNDATION_TAG, constant_fqns, tag_foundation_constants
 from edgelora.errors import ProgramError
 from edgelora.export.pipeline import build_foundation, export_program
-from edgelora.models.adapters import attach_adapter, is_adapter_fqn, load_peft_adapter
+from edgelora.models.adapter_files import load_adapter
+from edgelora.models.adapters import attach_adapter, is_adapter_fqn
 
 
 def test_tagging_splits_by_module_tree(tiny_args, adapter_dirs):
     model, _, _ = build_foundation(tiny_args, checkpoint=None, seed=0, qmode="8da4w", group_size=32)
-    adapter = load_peft_adapter(adapter_dirs["code"], "code")
+    adapter = load_adapter(adapter_dirs["code"], tiny_args, "code")
     attach_adapter(model, adapter)
     ep = export_program(model, tiny_args)
     split = tag_foundation_constants(ep, is_adapter_fqn)
@@ -40,7 +41,7 @@ def test_tagging_splits_by_module_tree(tiny_args, adapter_dirs):
     assert len(dq) == 8 and all(tags[n.name] == FOUNDATION_TAG for n in dq)
 
 
-def test_foundation_holds_everything_but_adapters(export_8da4w, adapter_dirs):
+def test_foundation_holds_everything_but_adapters(export_8da4w, adapter_dirs, tiny_args):
     ptd = read_ptd(export_8da4w / "foundation.ptd")
     base = read_pte(export_8da4w / "base.pte")
     assert base.inline == {}  # no constant stays in the base program
@@ -53,7 +54,7 @@ def test_foundation_holds_everything_but_adapters(export_8da4w, adapter_dirs):
             info.needed <= set(ptd)
             and missing_keys(info.path, export_8da4w / "foundation.ptd") == set()
         )
-        adapter = load_peft_adapter(adapter_dirs[name], name)
+        adapter = load_adapter(adapter_dirs[name], tiny_args, name)
         # The program carries its adapter's fp32 matrices, and nothing else.
         assert sum(info.inline.values()) == adapter.num_bytes
         assert set(info.inline).isdisjoint(ptd)

@@ -28,13 +28,13 @@ def test_manifest_describes_the_files(export_8da4w, tiny_args):
     assert q["quantized_linears"] == 7 * tiny_args.n_layers + 1  # + output
 
 
-def test_adapter_program_size_is_close_to_adapter_bytes(export_8da4w, adapter_dirs):
-    from edgelora.models.adapters import load_peft_adapter
+def test_adapter_program_size_is_close_to_adapter_bytes(export_8da4w, adapter_dirs, tiny_args):
+    from edgelora.models.adapter_files import load_adapter
 
     base = (export_8da4w / "base.pte").stat().st_size
     for name in ("chat", "code"):
         extra = (export_8da4w / f"{name}.pte").stat().st_size - base
-        weights = load_peft_adapter(adapter_dirs[name], name).num_bytes
+        weights = load_adapter(adapter_dirs[name], tiny_args, name).num_bytes
         # The program grows by its adapter's weights plus graph overhead for the extra nodes.
         assert weights <= extra <= weights + 64 * 1024, (name, extra, weights)
 
