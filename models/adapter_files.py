@@ -391,7 +391,8 @@ def load_adapter(
             )
         if tuple(a.shape) != (rank, in_f) or tuple(b.shape) != (out_f, rank):
             raise AdapterError(
-                f"{weights_path}: module {module} is [{out_f} x {in_f}] in this model, so lora_A "
+                f"{weights_path}: module {module} (layers.{layer}.{hf.HF_PROJECTIONS[proj][1]}) "
+                f"is [{out_f} x {in_f}] in this model, so lora_A "
                 f"must be {[rank, in_f]} and lora_B {[out_f, rank]}; got {list(a.shape)} and "
                 f"{list(b.shape)} (an adapter for another model?)"
             )

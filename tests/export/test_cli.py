@@ -79,7 +79,7 @@ def test_bad_inputs(tmp_path, params_file, adapter_dirs, capsys):
             "params file not found",
         ),
         (base + ["--lora", str(tmp_path / "missing")], "adapter directory not found"),
-        (base + ["--checkpoint", str(tmp_path / "none.pth")], "checkpoint file not found"),
+        (base + ["--checkpoint", str(tmp_path / "none.pth")], "checkpoint not found"),
         (base + ["--group-size", "48"], "use 0 (per channel) or a multiple of 32"),
         (base + ["--group-size", "128"], "group_size 128 divides no linear"),
         (
@@ -150,8 +150,17 @@ def test_different_foundation_is_refused_then_overwritten(
     assert json.loads((out / "manifest.json").read_text())["seed"] == 7
 
 
-@pytest.mark.parametrize("text, name", [("a=/x/y", "a"), ("/x/my_adapter/", "my_adapter")])
-def test_lora_flag_parsing(text, name):
+@pytest.mark.parametrize(
+    "text, name, path, scale",
+    [
+        ("a=/x/y", "a", "/x/y", 1.0),
+        ("/x/my_adapter/", "my_adapter", "/x/my_adapter/", 1.0),
+        ("a=/x/y:scale=0.5", "a", "/x/y", 0.5),
+        ("/x/c:d:scale=-2", "c:d", "/x/c:d", -2.0),
+    ],
+)
+def test_lora_flag_parsing(text, name, path, scale):
     from edgelora.export.config import AdapterSpec
 
-    assert AdapterSpec.parse(text).name == name
+    spec = AdapterSpec.parse(text)
+    assert (spec.name, str(spec.path), spec.scale) == (name, path.rstrip("/") or path, scale)

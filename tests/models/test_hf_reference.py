@@ -22,45 +22,7 @@ from edgelora.models.args import ModelArgs
 from edgelora.models.checkpoint import load_checkpoint, open_checkpoint
 from edgelora.models.llama import build_model
 
-ATOL = 1e-5
-PROMPT = torch.tensor([[1, 5, 9, 14, 3, 27, 8, 2, 77, 100]])
-ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-HF_CONFIG = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rope_theta=5000.0,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-)
-
-
-def make_hf(seed=0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**HF_CONFIG, **overrides})).eval()
-    with torch.no_grad():  # transformers' init is tiny (std 0.02): make the logits non-trivial
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            elif p.dim() == 2:
-                p.normal_(std=0.1)
-    return model
-
-
-def hf_logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(PROMPT).logits[0].float()
-
-
-def our_logits(model) -> torch.Tensor:
-    model.reset_cache()
-    with torch.no_grad():
-        return model(PROMPT, torch.tensor([0]))[0]
+from ..hf_fixtures import ALL7, ATOL, hf_logits, make_hf, our_logits, peft_adapter
 
 
 @pytest.fixture(scope="module")
@@ -216,20 +178,6 @@ def test_truncated_and_missing_checkpoints(hf_dir, tmp_path):
 
 
 # --- adapters -----------------------------------------------------------------------------
-
-
-def peft_adapter(hf_model, path, seed=0, **config):
-    """A PEFT adapter with non-zero lora_B (PEFT's default zero B would make tests vacuous)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(
-        copy.deepcopy(hf_model), LoraConfig(init_lora_weights=False, **config)
-    ).eval()
-    bs = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
-    assert bs and all(b.abs().max() > 0 for b in bs)
-    peft_model.save_pretrained(path)
-    return peft_model
 
 
 ADAPTERS = {

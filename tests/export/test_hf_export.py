@@ -1,0 +1,133 @@
+"""export_llama on a Hugging Face model directory with PEFT adapters: the programs, run on the
+ExecuTorch runtime, reproduce transformers + PEFT.
+
+Tolerances: fp32 programs within 1e-4 absolute of transformers' fp32 logits (XNNPACK's fp32
+GEMMs sum in another order than PyTorch; measured ~1e-6 here, logits are O(1)). 8da4w programs
+are compared by greedy-token agreement with the fp32 reference, and tightly against the eager
+quantized model by ``ci/output_match``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from edgelora.ci.output_match import match_export
+from edgelora.export.cli import main
+from edgelora.export.output import FOUNDATION_FILE
+from edgelora.runtime.session import LlamaProgram
+
+from ..hf_fixtures import ALL7, PROMPT, hf_logits, make_hf, peft_adapter
+
+RUNTIME_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hfexp")
+    hf = make_hf(seed=3, num_hidden_layers=1, max_position_embeddings=32)
+    hf.save_pretrained(root / "llama")
+    refs = {"base": hf_logits(hf)}
+    qv = peft_adapter(hf, root / "qv", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    refs["qv"] = hf_logits(qv)
+    rs = peft_adapter(
+        hf, root / "rs", seed=1, r=4, lora_alpha=8, target_modules=ALL7, use_rslora=True
+    )
+    for module in rs.modules():  # the reference for ':scale=0.5'
+        if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+            module.scaling["default"] *= 0.5
+    refs["rs"] = hf_logits(rs)
+    refs["qv_merged"] = hf_logits(qv.merge_and_unload())
+    return root, refs
+
+
+def _logits(out, name):
+    return LlamaProgram(out / f"{name}.pte", out / FOUNDATION_FILE).forward(PROMPT[0].tolist(), 0)
+
+
+def test_fp32_export_matches_transformers_and_peft(hf_setup, tmp_path, capsys):
+    root, refs = hf_setup
+    out = tmp_path / "fp32"
+    argv = ["--checkpoint", str(root / "llama"), "--qmode", "none", "--output-dir", str(out)]
+    argv += ["--lora", f"qv={root / 'qv'}", "--lora", f"rs={root / 'rs'}:scale=0.5"]
+    assert main(argv) == 0
+    log = capsys.readouterr().out
+    assert "hf layout" in log and "un-permuted" in log
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["checkpoint_layout"] == "hf" and manifest["model"]["max_seq_len"] == 32
+    assert manifest["programs"]["rs"]["adapter"]["scale"] == 0.5
+    for name in ("base", "qv", "rs"):
+        diff = (_logits(out, name) - refs[name]).abs().max().item()
+        assert diff < RUNTIME_ATOL, (name, diff)
+    assert (refs["qv"] - refs["base"]).abs().max() > 100 * RUNTIME_ATOL
+    assert (refs["rs"] - refs["base"]).abs().max() > 100 * RUNTIME_ATOL
+    assert all(r.ok for r in match_export(out)), [r.line() for r in match_export(out)]
+
+
+def test_8da4w_export_agrees_on_greedy_tokens(hf_setup, tmp_path):
+    """On a random model the top-2 logit gaps (0.02-0.9 here) are as small as 4-bit weight
+    noise, so greedy agreement with the fp32 reference is reported, not required to be high;
+    what is required: the program matches the eager quantized model built from the same HF
+    checkpoint (``match_export``: stated tolerance, identical greedy tokens), and agreement with
+    the fp32 reference is far above chance. (Adapters under 8da4w: tests/runtime.)"""
+    root, refs = hf_setup
+    out = tmp_path / "q"
+    argv = ["--checkpoint", str(root / "llama"), "--output-dir", str(out)]
+    assert main(argv) == 0
+    results = match_export(out)  # against the eager quantized model
+    assert all(r.ok for r in results), [r.line() for r in results]
+    for name, r in zip(("base",), results, strict=True):
+        got = _logits(out, name)
+        agreement = (got.argmax(-1) == refs[name].argmax(-1)).float().mean().item()
+        in_top3 = (got.topk(3, -1).indices == refs[name].argmax(-1)[:, None]).any(-1)
+        print(
+            f"{name}: 8da4w greedy agreement with transformers fp32 {agreement:.2f}, "
+            f"reference token in top-3 {in_top3.float().mean().item():.2f}"
+        )
+        assert r.token_agreement == 1.0  # same tokens as the eager quantized model
+        assert agreement >= 0.3, (name, agreement)  # far above chance (1/128)
+
+
+def test_merged_export_matches_peft_merge_and_unload(hf_setup, tmp_path):
+    root, refs = hf_setup
+    out = tmp_path / "merged"
+    argv = ["--checkpoint", str(root / "llama"), "--qmode", "none", "--output-dir", str(out)]
+    assert main(argv + ["--lora", f"qv={root / 'qv'}", "--merge", "qv"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [FOUNDATION_FILE, "manifest.json", "qv.pte"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["programs"]["qv"]["adapter"] is None  # no LoRA left at run time
+    assert manifest["programs"]["qv"]["merged_adapter"]["source"] == str(root / "qv")
+    assert manifest["programs"]["qv"]["adapter_constants"] == []
+    diff = (_logits(out, "qv") - refs["qv_merged"]).abs().max().item()
+    assert diff < RUNTIME_ATOL, diff
+    assert all(r.ok for r in match_export(out))
+
+
+def test_checkpoint_errors_exit_cleanly(hf_setup, tmp_path, capsys):
+    root, _ = hf_setup
+    out = tmp_path / "o"
+    bad_cfg = tmp_path / "mistral"
+    bad_cfg.mkdir()
+    cfg = json.loads((root / "llama" / "config.json").read_text())
+    (bad_cfg / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
+    (bad_cfg / "model.safetensors").write_bytes((root / "llama" / "model.safetensors").read_bytes())
+    bare = tmp_path / "bare.pth"
+    torch.save({"tok_embeddings.weight": torch.zeros(4, 4)}, bare)
+    ckpt = ["--checkpoint", str(root / "llama"), "--output-dir", str(out)]
+    cases = [
+        (["--checkpoint", str(bad_cfg), "--output-dir", str(out)], "GPT2LMHeadModel"),
+        (["--checkpoint", str(bare), "--output-dir", str(out)], "--params is required"),
+        (ckpt + ["--merge", "nope"], "no --lora adapter of that name"),
+        (
+            ckpt + ["--lora", f"a={root / 'qv'}", "--lora", f"b={root / 'rs'}", "--merge", "a"],
+            "trained against the unmerged base",
+        ),
+        (ckpt + ["--lora", f"a={root / 'qv'}:scale=big"], "scale 'big' is not a number"),
+    ]
+    for argv, message in cases:
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+    assert not out.exists()
