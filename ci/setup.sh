@@ -30,9 +30,10 @@ case "${1:-demo}" in
     ruff check .
     ruff format --check .
     echo "== pytest"
-    python -m pytest tests -p no:cacheprovider
-    echo "== ci/test_lora.sh"
-    PYTHON="$PWD/$VENV/bin/python" bash ci/test_lora.sh
+    python -m pytest tests -p no:cacheprovider --durations=15
+    # pytest already ran ci/test_lora.sh for fp32 (tests/ci/test_test_lora.py); add 8da4w here.
+    echo "== ci/test_lora.sh (8da4w)"
+    QMODES=8da4w PYTHON="$PWD/$VENV/bin/python" bash ci/test_lora.sh
     ;;
   *)
     echo "usage: bash ci/setup.sh [demo|test]" >&2

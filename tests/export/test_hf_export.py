@@ -131,3 +131,22 @@ def test_checkpoint_errors_exit_cleanly(hf_setup, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, (argv, err)
     assert not out.exists()
+
+
+def test_fp16_export_and_bf16_refusal(hf_setup, tmp_path):
+    """fp16 compute: within 1e-2 of the logits' scale of transformers fp32 (fp16 eps is 9.8e-4
+    per rounding; a 1-layer model accumulates a few). bf16 compute is refused up front."""
+    from edgelora.errors import ConfigError
+    from edgelora.export.config import ExportConfig
+    from edgelora.models.args import ModelArgs
+
+    root, refs = hf_setup
+    out = tmp_path / "fp16"
+    argv = ["--checkpoint", str(root / "llama"), "--qmode", "none", "--dtype", "fp16"]
+    assert main(argv + ["--output-dir", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["dtype"] == "fp16"
+    got = _logits(out, "base")
+    assert (got - refs["base"]).abs().max() < 1e-2 * refs["base"].abs().max()
+    assert all(r.ok for r in match_export(out))
+    with pytest.raises(ConfigError, match="bf16 is not supported"):
+        ExportConfig(model_args=ModelArgs(), output_dir=tmp_path / "x", dtype="bf16")
