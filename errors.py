@@ -17,7 +17,7 @@ class CheckpointError(EdgeLoraError):
     """A checkpoint file is missing, unreadable, or does not fit the model."""
 
 
-class AdapterError(EdgeLoraError):
+class AdapterError(EdgeLoraError, ValueError):
     """A LoRA adapter is missing, malformed, or does not fit the model."""
 
 

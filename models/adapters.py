@@ -14,11 +14,19 @@ import torch
 from torch import nn
 
 from edgelora.errors import AdapterError
+from edgelora.models.fused import (
+    FusableProjections,
+    LoRAPiece,
+    PackedLoRALinear,
+    check_pieces,
+    split_piece,
+)
 from edgelora.models.hf import HF_PROJECTIONS
 from edgelora.models.lora import LoRALinear
 
 # Hugging Face projection name -> path of the module inside a TransformerBlock.
 HF_TO_MODULE = {proj: ours for proj, (_, ours) in HF_PROJECTIONS.items()}
+ADAPTER_COMPONENTS = frozenset({"lora_a", "lora_b", "lora_scale"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -84,42 +92,101 @@ def random_adapter(
     return adapter
 
 
-def attach_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
-    """Wrap each adapted projection of ``model`` in a :class:`LoRALinear` holding the adapter.
+def _attach_linear(model: nn.Module, adapter: Adapter, fqn: str, w: LoRAWeights) -> None:
+    parent_name, _, leaf = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    base = parent._modules.get(leaf)
+    if isinstance(base, LoRALinear):
+        raise AdapterError(f"adapter {adapter.name!r}: {fqn} already has an adapter attached")
+    if not isinstance(base, nn.Linear):
+        raise AdapterError(f"adapter {adapter.name!r}: {fqn} is not a linear projection")
+    want_a = (w.rank, base.in_features)
+    want_b = (base.out_features, w.rank)
+    if tuple(w.lora_a.shape) != want_a or tuple(w.lora_b.shape) != want_b:
+        raise AdapterError(
+            f"adapter {adapter.name!r} ({adapter.source}): {fqn} is "
+            f"[{base.out_features} x {base.in_features}] so lora_A must be {list(want_a)} "
+            f"and lora_B {list(want_b)}; got {list(w.lora_a.shape)} and {list(w.lora_b.shape)}"
+        )
+    wrapped = LoRALinear(
+        base, rank=w.rank, alpha=w.alpha, use_rslora=w.use_rslora, multiplier=adapter.scale
+    )
+    with torch.no_grad():
+        wrapped.lora_a.weight.copy_(w.lora_a)
+        wrapped.lora_b.weight.copy_(w.lora_b)
+    setattr(parent, leaf, wrapped)
 
-    The base linear is wrapped, not copied (a quantized base stays shared). Raises
-    :class:`AdapterError` if a module does not exist, is not a plain projection, or the
-    adapter's shapes do not fit it.
+
+def _attach_pieces(
+    block: FusableProjections, adapter: Adapter, pieces: dict[str, LoRAWeights]
+) -> None:
+    """Adapter pieces on a block's fusable projections: packed onto the fused layer if the
+    block is fused, else split by the declared slices onto the split layers."""
+    label = f"adapter {adapter.name!r} ({adapter.source}): {block.fqn}"
+    lora_pieces = [
+        LoRAPiece(
+            block.PIECE_SLICES[name], w.lora_a, w.lora_b, w.alpha, w.use_rslora, adapter.scale
+        )
+        for name, w in pieces.items()
+    ]
+    sizes = block.slice_sizes()
+    try:
+        check_pieces(label, sizes, block.in_features, lora_pieces)
+    except ValueError as e:
+        raise AdapterError(str(e)) from None
+    if block.is_fused:
+        fused = block._modules[block.FUSED]
+        if isinstance(fused, PackedLoRALinear):
+            raise AdapterError(f"{label}.{block.FUSED} already has an adapter attached")
+        block._modules[block.FUSED] = PackedLoRALinear(
+            fused, lora_pieces, module=f"{label}.{block.FUSED}"
+        )
+        return
+    per_slice = {}
+    for piece in lora_pieces:
+        per_slice.update(split_piece(piece, sizes))
+    for name, piece in per_slice.items():
+        base = block._modules[name]
+        if isinstance(base, LoRALinear):
+            raise AdapterError(f"{label}.{name} already has an adapter attached")
+        block._modules[name] = piece.to_lora_linear(base)
+
+
+def attach_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
+    """Attach ``adapter`` to ``model`` as LoRA wrappers around its (shared) base linears.
+
+    Plain projections are wrapped in :class:`LoRALinear`. Pieces on fusable projections (``wq``,
+    ``wk``, ``wv``; ``w1``, ``w3``; or fused-layout pieces such as ``wqkv``) follow the block's
+    declared name->slices mapping: packed onto the fused layer when the block is fused, split by
+    rows onto the split layers otherwise. The base is wrapped, not copied (a quantized base stays
+    shared). Raises :class:`AdapterError` if a module does not exist or shapes do not fit; on
+    error nothing stays attached.
     """
+    groups: dict[str, dict[str, LoRAWeights]] = {}
+    plain: dict[str, LoRAWeights] = {}
     for fqn, w in adapter.modules.items():
         parent_name, _, leaf = fqn.rpartition(".")
         try:
             parent = model.get_submodule(parent_name)
-            base = getattr(parent, leaf)
         except AttributeError:
+            parent = None
+        if isinstance(parent, FusableProjections) and leaf in parent.PIECE_SLICES:
+            groups.setdefault(parent_name, {})[leaf] = w
+        elif parent is None or not isinstance(parent._modules.get(leaf), nn.Module):
             raise AdapterError(
                 f"adapter {adapter.name!r} ({adapter.source}): module {fqn} does not exist in "
                 f"this model ({len(model.layers)} layers)"
-            ) from None
-        if isinstance(base, LoRALinear):
-            raise AdapterError(f"adapter {adapter.name!r}: {fqn} already has an adapter attached")
-        if not isinstance(base, nn.Linear):
-            raise AdapterError(f"adapter {adapter.name!r}: {fqn} is not a linear projection")
-        want_a = (w.rank, base.in_features)
-        want_b = (base.out_features, w.rank)
-        if tuple(w.lora_a.shape) != want_a or tuple(w.lora_b.shape) != want_b:
-            raise AdapterError(
-                f"adapter {adapter.name!r} ({adapter.source}): {fqn} is "
-                f"[{base.out_features} x {base.in_features}] so lora_A must be {list(want_a)} "
-                f"and lora_B {list(want_b)}; got {list(w.lora_a.shape)} and {list(w.lora_b.shape)}"
             )
-        wrapped = LoRALinear(
-            base, rank=w.rank, alpha=w.alpha, use_rslora=w.use_rslora, multiplier=adapter.scale
-        )
-        with torch.no_grad():
-            wrapped.lora_a.weight.copy_(w.lora_a)
-            wrapped.lora_b.weight.copy_(w.lora_b)
-        setattr(parent, leaf, wrapped)
+        else:
+            plain[fqn] = w
+    try:
+        for parent_name, pieces in groups.items():
+            _attach_pieces(model.get_submodule(parent_name), adapter, pieces)
+        for fqn, w in plain.items():
+            _attach_linear(model, adapter, fqn, w)
+    except BaseException:
+        detach_adapters(model)
+        raise
     return model
 
 
@@ -132,25 +199,32 @@ def merge_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
     attach_adapter(model, adapter)  # validates every module and shape first
     try:
         with torch.no_grad():
-            for fqn in adapter.modules:
-                wrapped = model.get_submodule(fqn)
-                delta = wrapped.lora_b.weight.double() @ wrapped.lora_a.weight.double()
-                weight = wrapped.linear.weight
-                weight.copy_((weight.double() + wrapped.scale * delta).to(weight.dtype))
+            for module in model.modules():
+                if isinstance(module, LoRALinear):
+                    a = module.scale * module.lora_a.weight.double()
+                elif isinstance(module, PackedLoRALinear):
+                    a = module.lora_scale.double()[:, None] * module.lora_a.weight.double()
+                else:
+                    continue
+                delta = module.lora_b.weight.double() @ a
+                weight = module.linear.weight
+                weight.copy_((weight.double() + delta).to(weight.dtype))
     finally:
         detach_adapters(model)
     return model
 
 
 def detach_adapters(model: nn.Module) -> nn.Module:
-    """Replace every :class:`LoRALinear` by the base linear it wraps (undoes ``attach_adapter``)."""
-    for fqn, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
+    """Replace every :class:`LoRALinear`/:class:`PackedLoRALinear` by the base linear it wraps
+    (undoes ``attach_adapter``)."""
+    for fqn, module in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(module, (LoRALinear, PackedLoRALinear)):
             parent_name, _, leaf = fqn.rpartition(".")
             setattr(model.get_submodule(parent_name), leaf, module.linear)
     return model
 
 
 def is_adapter_fqn(fqn: str) -> bool:
-    """True for parameters of adapter matrices (an FQN component is ``lora_a``/``lora_b``)."""
-    return not {"lora_a", "lora_b"}.isdisjoint(fqn.split("."))
+    """True for adapter constants: an FQN component is ``lora_a``, ``lora_b`` or ``lora_scale``
+    (the per-rank scales of a packed adapter)."""
+    return not ADAPTER_COMPONENTS.isdisjoint(fqn.split("."))

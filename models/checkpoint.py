@@ -196,6 +196,20 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return _file_checkpoint(path, read_state_dict(path))
 
 
+def adopt_fusion_layout(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Give each fusable block the layout of ``sd`` (fused ``wqkv``/``w13`` keys or split ones)
+    and record it as the block's ``checkpoint_fused``."""
+    from edgelora.models.fused import FusableProjections
+
+    for fqn, block in model.named_modules():
+        if isinstance(block, FusableProjections):
+            block.checkpoint_fused = f"{fqn}.{block.FUSED}.weight" in sd
+            if block.checkpoint_fused:
+                block.fuse_projections(inplace=True)
+            else:
+                block.unfuse_projections()
+
+
 def load_checkpoint(model: nn.Module, path: str | Path | Checkpoint) -> nn.Module:
     """Load a checkpoint into ``model`` strictly: every key must exist with the same shape.
 
@@ -205,6 +219,7 @@ def load_checkpoint(model: nn.Module, path: str | Path | Checkpoint) -> nn.Modul
     """
     ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     path, sd = ckpt.path, ckpt.state_dict
+    adopt_fusion_layout(model, sd)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))

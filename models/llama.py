@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgelora.models.args import ModelArgs
+from edgelora.models.fused import FusableProjections
 
 
 class RMSNorm(nn.Module):
@@ -83,7 +84,20 @@ class KVCache(nn.Module):
         return self.k_cache, self.v_cache
 
 
-class Attention(nn.Module):
+class Attention(FusableProjections):
+    """Grouped-query attention. ``wq``/``wk``/``wv`` can run fused as ``wqkv`` (slices with
+    their GQA sizes); adapter pieces named ``wqkv`` or ``wkv`` cover several slices."""
+
+    SPLIT = ("wq", "wk", "wv")
+    FUSED = "wqkv"
+    PIECE_SLICES = {
+        "wq": ("wq",),
+        "wk": ("wk",),
+        "wv": ("wv",),
+        "wkv": ("wk", "wv"),
+        "wqkv": ("wq", "wk", "wv"),
+    }
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads = args.n_heads
@@ -96,8 +110,9 @@ class Attention(nn.Module):
         self.kv_cache = KVCache(args)
 
     def get_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The query, key and value projections of ``x`` (``[b, seq, out]`` each)."""
-        return self.wq(x), self.wk(x), self.wv(x)
+        """The query, key and value projections of ``x`` (``[b, seq, out]`` each), from the
+        split layers or the fused one."""
+        return self.project(x)
 
     def forward(
         self,
@@ -122,8 +137,13 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
-class FeedForward(nn.Module):
-    """SwiGLU: ``w2(silu(w1(x)) * w3(x))`` (w1 = gate, w3 = up, w2 = down)."""
+class FeedForward(FusableProjections):
+    """SwiGLU: ``w2(silu(w1(x)) * w3(x))`` (w1 = gate, w3 = up, w2 = down). ``w1``/``w3`` can
+    run fused as ``w13``."""
+
+    SPLIT = ("w1", "w3")
+    FUSED = "w13"
+    PIECE_SLICES = {"w1": ("w1",), "w3": ("w3",), "w13": ("w1", "w3")}
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -132,8 +152,13 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, hidden, bias=False)
 
+    def get_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate (``w1``) and up (``w3``) projections of ``x``, split or fused."""
+        return self.project(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.get_gate_up(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -157,6 +182,9 @@ class Transformer(nn.Module):
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        for i, layer in enumerate(self.layers):  # names for error messages
+            layer.attention.fqn = f"layers.{i}.attention"
+            layer.feed_forward.fqn = f"layers.{i}.feed_forward"
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         cos, sin = rope_tables(args)
@@ -177,6 +205,41 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, start, cos, sin, mask)
         return self.output(self.norm(h)).float()
+
+    def _blocks(self, kind: type) -> list[FusableProjections]:
+        return [m for m in self.modules() if isinstance(m, kind)]
+
+    def fuse_qkv_projections(self, inplace: bool = False) -> None:
+        """Fuse every layer's ``wq``/``wk``/``wv`` into ``wqkv`` (see
+        :meth:`FusableProjections.fuse_projections`)."""
+        for block in self._blocks(Attention):
+            block.fuse_projections(inplace)
+
+    def unfuse_qkv_projections(self) -> None:
+        for block in self._blocks(Attention):
+            block.unfuse_projections()
+
+    def fuse_gate_up_projections(self, inplace: bool = False) -> None:
+        """Fuse every layer's ``w1``/``w3`` (gate/up) into ``w13``."""
+        for block in self._blocks(FeedForward):
+            block.fuse_projections(inplace)
+
+    def unfuse_gate_up_projections(self) -> None:
+        for block in self._blocks(FeedForward):
+            block.unfuse_projections()
+
+    def restore_checkpoint_fusion_state(self) -> None:
+        """Put every block back in the layout its checkpoint had (``checkpoint_fused``): a
+        natively fused checkpoint's blocks fused, a split one's split.
+
+        Call it before attaching an adapter trained on the checkpoint's layout after fusing or
+        unfusing for speed, and before saving a state dict meant to match the checkpoint.
+        """
+        for block in self._blocks(FusableProjections):
+            if block.checkpoint_fused:
+                block.fuse_projections(inplace=True)
+            else:
+                block.unfuse_projections()
 
     def reset_cache(self) -> None:
         """Zero every layer's KV cache (start a new sequence in eager mode)."""

@@ -43,6 +43,8 @@ class LoRALinear(nn.Module):
         self.linear = linear
         self.rank = rank
         self.alpha = float(alpha)
+        self.use_rslora = bool(use_rslora)
+        self.multiplier = float(multiplier)
         self.scale = multiplier * self.alpha / (math.sqrt(rank) if use_rslora else rank)
         weight = linear.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
