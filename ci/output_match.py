@@ -136,6 +136,7 @@ def match_export(
         embedding_group_size=q["embedding_group_size"],
         merge=merged,
         dtype=DTYPES[dtype],
+        fuse=manifest.get("fuse", "none"),
     )
     own_foundation = out_dir / FOUNDATION_FILE
     results, base_logits = [], None

@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         "quantization: a single-adapter deployment with no LoRA cost at run time. "
         "Writes NAME.pte (no base.pte) and foundation.ptd holding the merged weights",
     )
+    model.add_argument(
+        "--fuse",
+        choices=["none", "qkv", "gate_up", "all"],
+        default="none",
+        help="run projections that share an input as one matmul: q/k/v (qkv), "
+        "gate/up (gate_up) or both (all). Adapters on the pieces are packed onto "
+        "the fused layer; all programs still share one foundation.ptd (default none)",
+    )
     quant = p.add_argument_group("quantization")
     quant.add_argument(
         "--qmode",
@@ -190,6 +198,7 @@ def config_from_args(ns: argparse.Namespace, args: ModelArgs) -> ExportConfig:
         overwrite=ns.overwrite,
         merge=ns.merge,
         dtype=ns.dtype,
+        fuse=ns.fuse,
     )
 
 

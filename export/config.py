@@ -13,6 +13,7 @@ from edgelora.models.args import ModelArgs
 from edgelora.quant.embedding import EMBEDDING_BITS
 from edgelora.quant.linear import QMODES
 
+FUSE_MODES = ("none", "qkv", "gate_up", "all")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -62,6 +63,7 @@ class ExportConfig:
     overwrite: bool = False
     merge: str | None = None  # name of the adapter folded into the base weights
     dtype: str = "fp32"
+    fuse: str = "none"  # which projections run as one fused matmul
 
     def __post_init__(self) -> None:
         if self.qmode not in QMODES:
@@ -104,6 +106,8 @@ class ExportConfig:
             raise ConfigError(f"adapter names must be unique, repeated: {dupes}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.fuse not in FUSE_MODES:
+            raise ConfigError(f"fuse must be one of {FUSE_MODES}, got {self.fuse!r}")
         if self.dtype == "bf16":
             # Measured with executorch 1.5.1: XNNPACK delegates no bf16 linear (8da4w fails to
             # lower; fp32 weights stay in the .pte on portable kernels, outside the foundation).

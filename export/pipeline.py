@@ -61,6 +61,7 @@ def build_foundation(
     embedding_group_size: int = 0,
     merge: Adapter | None = None,
     dtype: torch.dtype = torch.float32,
+    fuse: str = "none",
 ) -> tuple[Transformer, QuantReport, EmbeddingReport]:
     """Steps 2-3: the (quantized) base model every program of an export shares.
 
@@ -73,11 +74,25 @@ def build_foundation(
         load_checkpoint(model, checkpoint)
     if merge is not None:
         merge_adapter(model, merge)
+    apply_fusion(model, fuse)
     if dtype != torch.float32:
         model.to(dtype)
     emb_report = quantize_embedding(model, embedding_bits, embedding_group_size)
     report = quantize_linears(model, qmode, group_size)
     return model, report, emb_report
+
+
+def apply_fusion(model: Transformer, fuse: str) -> None:
+    """``--fuse``: fuse Q/K/V and/or gate/up in place (the split weights are freed); the
+    projections not named are split, whatever layout the checkpoint had."""
+    if fuse in ("qkv", "all"):
+        model.fuse_qkv_projections(inplace=True)
+    else:
+        model.unfuse_qkv_projections()
+    if fuse in ("gate_up", "all"):
+        model.fuse_gate_up_projections(inplace=True)
+    else:
+        model.unfuse_gate_up_projections()
 
 
 def example_inputs(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,6 +167,7 @@ def run_export(
             embedding_group_size=config.embedding_group_size,
             merge=merged,
             dtype=config.torch_dtype,
+            fuse=config.fuse,
         )
     if merged is not None:
         log(f"  merged adapter {merged.name} into the base weights (scale {merged.scale:g})")
@@ -232,6 +248,7 @@ def run_export(
                 },
                 "seed": config.seed,
                 "dtype": config.dtype,
+                "fuse": config.fuse,
                 "checkpoint": None if config.checkpoint is None else str(config.checkpoint),
                 "checkpoint_layout": None if checkpoint is None else checkpoint.layout,
                 "programs": programs,
