@@ -25,6 +25,14 @@ CONFIGS = {
         "multiple_of": 32,
         "max_seq_len": 256,
     },
+    "stories110m": {
+        "dim": 768,
+        "n_layers": 12,
+        "n_heads": 12,
+        "vocab_size": 32000,
+        "multiple_of": 32,
+        "max_seq_len": 256,
+    },
     "tiny": {
         "dim": 64,
         "n_layers": 1,

@@ -111,11 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--fuse",
-        choices=["none", "qkv", "gate_up", "all"],
+        choices=["none", "qkv", "gate_up", "mla", "all"],
         default="none",
         help="run projections that share an input as one matmul: q/k/v (qkv), "
-        "gate/up (gate_up) or both (all). Adapters on the pieces are packed onto "
-        "the fused layer; all programs still share one foundation.ptd (default none)",
+        "gate/up (gate_up), an MLA model's wq_a/wkv_a as wq_kv_a (mla), or every one "
+        "the model has (all). Adapters on the pieces are packed onto the fused layer; "
+        "all programs still share one foundation.ptd. A checkpoint in the other MLA "
+        "layout is converted (default none: split, or the model config's "
+        "fused_mla_lora_proj)",
     )
     quant = p.add_argument_group("quantization")
     quant.add_argument(

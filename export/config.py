@@ -13,7 +13,7 @@ from edgelora.models.args import ModelArgs
 from edgelora.quant.embedding import EMBEDDING_BITS
 from edgelora.quant.linear import QMODES
 
-FUSE_MODES = ("none", "qkv", "gate_up", "all")
+FUSE_MODES = ("none", "qkv", "gate_up", "mla", "all")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -108,6 +108,17 @@ class ExportConfig:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.fuse not in FUSE_MODES:
             raise ConfigError(f"fuse must be one of {FUSE_MODES}, got {self.fuse!r}")
+        args = self.model_args
+        if self.fuse == "qkv" and args.is_mla:
+            raise ConfigError(
+                "--fuse qkv: an MLA model (attention_type='mla') has no wq/wk/wv; use --fuse mla "
+                "(wq_a + wkv_a) or --fuse all"
+            )
+        if self.fuse == "mla" and not (args.is_mla and args.q_lora_rank):
+            raise ConfigError(
+                "--fuse mla needs an MLA model with q_lora_rank > 0 (got attention_type="
+                f"{args.attention_type!r}, q_lora_rank={args.q_lora_rank})"
+            )
         if self.dtype == "bf16":
             # Measured with executorch 1.5.1: XNNPACK delegates no bf16 linear (8da4w fails to
             # lower; fp32 weights stay in the .pte on portable kernels, outside the foundation).

@@ -62,6 +62,7 @@ def build_foundation(
     merge: Adapter | None = None,
     dtype: torch.dtype = torch.float32,
     fuse: str = "none",
+    log: Callable[[str], None] | None = None,
 ) -> tuple[Transformer, QuantReport, EmbeddingReport]:
     """Steps 2-3: the (quantized) base model every program of an export shares.
 
@@ -71,7 +72,7 @@ def build_foundation(
     """
     model = build_model(args, seed=seed)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, log=log)
     if merge is not None:
         merge_adapter(model, merge)
     apply_fusion(model, fuse)
@@ -83,12 +84,18 @@ def build_foundation(
 
 
 def apply_fusion(model: Transformer, fuse: str) -> None:
-    """``--fuse``: fuse Q/K/V and/or gate/up in place (the split weights are freed); the
-    projections not named are split, whatever layout the checkpoint had."""
-    if fuse in ("qkv", "all"):
-        model.fuse_qkv_projections(inplace=True)
-    else:
-        model.unfuse_qkv_projections()
+    """``--fuse``: fuse Q/K/V (``qkv``), gate/up (``gate_up``), MLA's wq_a/wkv_a (``mla``) or
+    all that the model has (``all``) in place (the split weights are freed). Q/K/V and gate/up
+    not named are split, whatever layout the checkpoint had; MLA not named keeps the layout its
+    config asks for (``fused_mla_lora_proj``)."""
+    args = model.args
+    if not args.is_mla:
+        if fuse in ("qkv", "all"):
+            model.fuse_qkv_projections(inplace=True)
+        else:
+            model.unfuse_qkv_projections()
+    elif args.q_lora_rank and fuse in ("mla", "all"):
+        model.fuse_mla_projections(inplace=True)
     if fuse in ("gate_up", "all"):
         model.fuse_gate_up_projections(inplace=True)
     else:
@@ -168,6 +175,7 @@ def run_export(
             merge=merged,
             dtype=config.torch_dtype,
             fuse=config.fuse,
+            log=log,
         )
     if merged is not None:
         log(f"  merged adapter {merged.name} into the base weights (scale {merged.scale:g})")

@@ -59,11 +59,18 @@ _HINTS = {
     "lora_bias": "LoRA biases are not supported; retrain with lora_bias=False",
     "trainable_token_indices": "trained token embeddings are not supported",
     "layer_replication": "layer replication changes the model's depth; not supported",
-    "target_parameters": "LoRA on parameters (not modules) is not supported",
 }
 
-# HF Llama module names an adapter may address, per layer.
+# HF Llama module names an adapter may address, per layer (torchtune adapters are Llama only).
 _LAYER_MODULES = {proj: f"{parent}.{proj}" for proj, (parent, _) in hf.HF_PROJECTIONS.items()}
+# PEFT's "all-linear": every projection of a layer (either architecture), not the output layer.
+_ALL_LINEAR = r"model\.layers\.\d+\.(?:self_attn|mlp)\.(?:" + "|".join(hf.ALL_PROJECTIONS) + ")"
+
+
+def _projections(args: ModelArgs) -> dict[str, tuple[str, str]]:
+    return hf.hf_projections(args.attention_type, args.q_lora_rank)
+
+
 _UNSUPPORTED_MODULES = {
     "lm_head": "LoRA on the output layer (lm_head) is not supported; retrain without it",
     "model.embed_tokens": "embedding LoRA (embed_tokens) is not supported; retrain without it",
@@ -169,8 +176,17 @@ def parse_adapter_config(cfg: Any, cfg_path: Path) -> AdapterConfig:
     peft_type = cfg.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type {peft_type!r} is not supported (LORA only)")
+    notes = []
     for key, value in cfg.items():
         if key in _SUPPORTED_FIELDS or key in _INERT_FIELDS or not value:
+            continue
+        if key == "target_parameters":
+            # PEFT >= 0.17 adds MoE expert parameters here for DeepSeek-style models. Parameter
+            # LoRA is not supported: any tensor for them fails the key checks in load_adapter.
+            notes.append(
+                f"target_parameters {value!r} ignored (parameter/MoE-expert LoRA is not "
+                "supported; only module tensors are read)"
+            )
             continue
         hint = _HINTS.get(key, "this tool does not know what it changes, so it refuses to guess")
         raise AdapterError(f"{cfg_path}: field {key!r}={value!r} is not supported: {hint}")
@@ -195,12 +211,12 @@ def parse_adapter_config(cfg: Any, cfg_path: Path) -> AdapterConfig:
         raise AdapterError(f"{cfg_path}: field 'lora_alpha' must be a number, got {alpha!r}")
     targets = cfg.get("target_modules")
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        targets = list(hf.HF_PROJECTIONS)  # PEFT: every linear except the output layer
+        targets = _ALL_LINEAR  # PEFT: every linear except the output layer
     targets = _names(targets, "target_modules", cfg_path)
     if not targets:
         raise AdapterError(
             f"{cfg_path}: field 'target_modules' must name the adapted modules "
-            f"({', '.join(hf.HF_PROJECTIONS)}), got {cfg.get('target_modules')!r}"
+            f"(e.g. {', '.join(hf.HF_PROJECTIONS)}), got {cfg.get('target_modules')!r}"
         )
     layers = cfg.get("layers_to_transform")
     if layers is not None:
@@ -215,7 +231,6 @@ def parse_adapter_config(cfg: Any, cfg_path: Path) -> AdapterConfig:
         layers = tuple(layers) or None
     pattern = cfg.get("layers_pattern") or ()
     pattern = (pattern,) if isinstance(pattern, str) else tuple(pattern)
-    notes = []
     if cfg.get("fan_in_fan_out"):
         notes.append("fan_in_fan_out=true ignored for nn.Linear targets (as PEFT does)")
     return AdapterConfig(
@@ -235,16 +250,34 @@ def parse_adapter_config(cfg: Any, cfg_path: Path) -> AdapterConfig:
     )
 
 
-def hf_module_names(n_layers: int) -> list[str]:
-    """Every module name of an HF Llama an adapter config can match (unsupported ones too)."""
-    names = [f"model.layers.{i}.{m}" for i in range(n_layers) for m in _LAYER_MODULES.values()]
+def hf_module_names(args: ModelArgs) -> list[str]:
+    """Every HF module name of a model of ``args`` an adapter config can match (unsupported
+    ones too)."""
+    layer = [f"{parent}.{proj}" for proj, (parent, _) in _projections(args).items()]
+    names = [f"model.layers.{i}.{m}" for i in range(args.n_layers) for m in layer]
     return names + list(_UNSUPPORTED_MODULES)
 
 
 def projection_shape(args: ModelArgs, proj: str) -> tuple[int, int]:
     """``(out_features, in_features)`` of HF projection ``proj`` in a model of ``args``."""
-    q, kv = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
     hidden = args.ffn_hidden_dim
+    ffn = {
+        "gate_proj": (hidden, args.dim),
+        "up_proj": (hidden, args.dim),
+        "down_proj": (args.dim, hidden),
+    }
+    if args.is_mla:
+        heads = args.n_heads
+        return {
+            "q_proj": (heads * args.qk_head_dim, args.dim),
+            "q_a_proj": (args.q_lora_rank, args.dim),
+            "q_b_proj": (heads * args.qk_head_dim, args.q_lora_rank),
+            "kv_a_proj_with_mqa": (args.kv_lora_rank + args.qk_rope_head_dim, args.dim),
+            "kv_b_proj": (heads * (args.qk_nope_head_dim + args.v_head_dim), args.kv_lora_rank),
+            "o_proj": (args.dim, heads * args.v_head_dim),
+            **ffn,
+        }[proj]
+    q, kv = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
     return {
         "q_proj": (q, args.dim),
         "k_proj": (kv, args.dim),
@@ -314,7 +347,9 @@ def load_adapter(
     except CheckpointError as e:
         raise AdapterError(str(e)) from None
 
-    all_modules = hf_module_names(args.n_layers)
+    projections = _projections(args)
+    arch = f"{args.n_layers}-layer {'DeepSeek (MLA)' if args.is_mla else 'Llama'}"
+    all_modules = hf_module_names(args)
     if isinstance(cfg.target_modules, tuple):
         unmatched = [
             t
@@ -324,7 +359,7 @@ def load_adapter(
         if unmatched:
             raise AdapterError(
                 f"{cfg_path}: target_modules {unmatched} match no module of a "
-                f"{args.n_layers}-layer Llama (its projections: {', '.join(hf.HF_PROJECTIONS)})"
+                f"{arch} (its projections: {', '.join(projections)})"
             )
     targeted = [m for m in all_modules if cfg.targets(m)]
     for module in targeted:
@@ -335,8 +370,7 @@ def load_adapter(
             )
     if not targeted:
         raise AdapterError(
-            f"{cfg_path}: target_modules={cfg.target_modules!r} matches no projection of a "
-            f"{args.n_layers}-layer Llama"
+            f"{cfg_path}: target_modules={cfg.target_modules!r} matches no projection of a {arch}"
         )
     halves: dict[str, dict[str, torch.Tensor]] = {}
     layouts: dict[str, str] = {}
@@ -347,7 +381,7 @@ def load_adapter(
         if _HF_MODULE.match(module) is None or module not in all_modules:
             raise AdapterError(
                 f"{weights_path}: key {key!r} adapts {module}, which is not a projection of this "
-                f"model ({args.n_layers} layers; q/k/v/o_proj, gate/up/down_proj)"
+                f"model ({arch}: {', '.join(projections)})"
             )
         if not cfg.targets(module):
             raise AdapterError(
@@ -391,15 +425,15 @@ def load_adapter(
             )
         if tuple(a.shape) != (rank, in_f) or tuple(b.shape) != (out_f, rank):
             raise AdapterError(
-                f"{weights_path}: module {module} (layers.{layer}.{hf.HF_PROJECTIONS[proj][1]}) "
+                f"{weights_path}: module {module} (layers.{layer}.{projections[proj][1]}) "
                 f"is [{out_f} x {in_f}] in this model, so lora_A "
                 f"must be {[rank, in_f]} and lora_B {[out_f, rank]}; got {list(a.shape)} and "
                 f"{list(b.shape)} (an adapter for another model?)"
             )
-        heads = hf.rope_heads(proj, args.n_heads, args.kv_heads)
+        heads = hf.rope_heads(proj, args.n_heads, args.kv_heads, mla=args.is_mla)
         if heads is not None and layouts[module] == "peft":
             b = hf.hf_to_meta_rows(b, heads)
-        fqn = f"layers.{layer}.{hf.HF_PROJECTIONS[proj][1]}"
+        fqn = f"layers.{layer}.{projections[proj][1]}"
         adapter.modules[fqn] = LoRAWeights(a, b, alpha, cfg.use_rslora)
     return adapter
 
@@ -408,8 +442,8 @@ def _hf_key(fqn: str) -> tuple[str, str]:
     """Our ``layers.N.attention.wq`` -> (HF module name, HF projection)."""
     _, layer, *rest = fqn.split(".")
     path = ".".join(rest)
-    proj = next(p for p, (_, ours) in hf.HF_PROJECTIONS.items() if ours == path)
-    return f"model.layers.{layer}.{_LAYER_MODULES[proj]}", proj
+    proj, parent = next((p, par) for p, (par, ours) in hf.ALL_PROJECTIONS.items() if ours == path)
+    return f"model.layers.{layer}.{parent}.{proj}", proj
 
 
 def _config_for(adapter: Adapter) -> dict[str, Any]:
@@ -445,7 +479,7 @@ def save_peft_adapter(adapter: Adapter, path: str | Path, args: ModelArgs) -> Pa
     for fqn, w in adapter.modules.items():
         module, proj = _hf_key(fqn)
         b = w.lora_b
-        heads = hf.rope_heads(proj, args.n_heads, args.kv_heads)
+        heads = hf.rope_heads(proj, args.n_heads, args.kv_heads, mla=args.is_mla)
         if heads is not None:
             b = hf.meta_to_hf_rows(b, heads)
         tensors[f"base_model.model.{module}.lora_A.weight"] = w.lora_a.contiguous()

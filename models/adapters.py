@@ -75,16 +75,22 @@ def random_adapter(
     *,
     rank: int = 8,
     alpha: float = 16.0,
-    targets: tuple[str, ...] = tuple(HF_TO_MODULE),
+    targets: tuple[str, ...] | None = None,
     seed: int = 0,
     std: float = 0.1,
 ) -> Adapter:
-    """A deterministic adapter with non-zero A and B on ``targets`` of every layer (demo/tests)."""
+    """A deterministic adapter with non-zero A and B on ``targets`` of every layer (demo/tests).
+
+    ``targets`` are Hugging Face Llama projection names (``q_proj`` ...) or paths inside a
+    layer (``attention.wq_a``); by default every projection of the model
+    (``model.projections()``).
+    """
     gen = torch.Generator().manual_seed(seed)
     adapter = Adapter(name=validate_adapter_name(name), source=f"random(seed={seed})")
+    paths = [HF_TO_MODULE.get(t, t) for t in (targets or model.projections())]
     for i in range(len(model.layers)):
-        for proj in targets:
-            fqn = f"layers.{i}.{HF_TO_MODULE[proj]}"
+        for path in paths:
+            fqn = f"layers.{i}.{path}"
             lin = model.get_submodule(fqn)
             a = torch.randn(rank, lin.in_features, generator=gen) * std
             b = torch.randn(lin.out_features, rank, generator=gen) * std

@@ -10,6 +10,8 @@ from typing import Any
 from edgelora._jsonfile import read_json
 from edgelora.errors import ConfigError
 
+ATTENTION_TYPES = ("gqa", "mla")
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -37,6 +39,16 @@ class ModelArgs:
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
     max_seq_len: int = 128
+    # Attention: "gqa" (Llama) or "mla" (DeepSeek-V2/V3 multi-head latent attention). The MLA
+    # fields below are 0 for "gqa". q_lora_rank=0 means a plain wq (no query latent).
+    attention_type: str = "gqa"
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # MLA only: run wq_a and wkv_a as one matmul wq_kv_a (needs q_lora_rank > 0).
+    fused_mla_lora_proj: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
@@ -46,19 +58,7 @@ class ModelArgs:
         kv = self.n_kv_heads
         if kv is not None and (not isinstance(kv, int) or kv <= 0):
             raise ConfigError(f"ModelArgs.n_kv_heads must be a positive integer, got {kv!r}")
-        if self.dim % self.n_heads:
-            raise ConfigError(
-                f"ModelArgs.n_heads={self.n_heads} does not divide ModelArgs.dim={self.dim}"
-            )
-        if self.n_heads % self.kv_heads:
-            raise ConfigError(
-                f"ModelArgs.n_kv_heads={self.kv_heads} does not divide "
-                f"ModelArgs.n_heads={self.n_heads} (grouped-query attention needs equal groups)"
-            )
-        if self.head_dim % 2:
-            raise ConfigError(
-                f"head dim dim/n_heads={self.head_dim} must be even for rotary embeddings"
-            )
+        self._check_attention()
         if self.hidden_dim is not None and (
             not isinstance(self.hidden_dim, int) or self.hidden_dim <= 0
         ):
@@ -78,6 +78,90 @@ class ModelArgs:
                 "rope scaling needs rope_scale_factor > 0, 0 < rope_low_freq_factor < "
                 "rope_high_freq_factor and rope_original_max_seq_len > 0"
             )
+
+    def _check_attention(self) -> None:
+        mla_fields = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim")
+        mla_fields += ("v_head_dim",)
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ConfigError(
+                f"ModelArgs.attention_type must be one of {ATTENTION_TYPES}, "
+                f"got {self.attention_type!r}"
+            )
+        for name in mla_fields:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"ModelArgs.{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.fused_mla_lora_proj, bool):
+            raise ConfigError(
+                f"ModelArgs.fused_mla_lora_proj must be true or false, "
+                f"got {self.fused_mla_lora_proj!r}"
+            )
+        if self.fused_mla_lora_proj and self.attention_type != "mla":
+            raise ConfigError(
+                "ModelArgs.fused_mla_lora_proj=True requires attention_type='mla' "
+                f"(got attention_type={self.attention_type!r})"
+            )
+        if self.fused_mla_lora_proj and self.q_lora_rank == 0:
+            raise ConfigError(
+                "ModelArgs.fused_mla_lora_proj=True requires q_lora_rank > 0 (with "
+                "q_lora_rank=0 the query has no wq_a to fuse with wkv_a)"
+            )
+        if self.attention_type == "gqa":
+            used = [f"{n}={getattr(self, n)}" for n in mla_fields if getattr(self, n)]
+            if used:
+                raise ConfigError(
+                    f"ModelArgs.{', '.join(used)}: MLA field(s) set with attention_type='gqa' "
+                    "(set attention_type='mla' or leave them 0)"
+                )
+            if self.dim % self.n_heads:
+                raise ConfigError(
+                    f"ModelArgs.n_heads={self.n_heads} does not divide ModelArgs.dim={self.dim}"
+                )
+            if self.n_heads % self.kv_heads:
+                raise ConfigError(
+                    f"ModelArgs.n_kv_heads={self.kv_heads} does not divide ModelArgs.n_heads="
+                    f"{self.n_heads} (grouped-query attention needs equal groups)"
+                )
+            if self.head_dim % 2:
+                raise ConfigError(
+                    f"head dim dim/n_heads={self.head_dim} must be even for rotary embeddings"
+                )
+            return
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"ModelArgs.{name} must be > 0 for attention_type='mla', "
+                    f"got {getattr(self, name)}"
+                )
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(
+                f"ModelArgs.qk_rope_head_dim={self.qk_rope_head_dim} must be even for rotary "
+                "embeddings"
+            )
+        if self.n_kv_heads not in (None, self.n_heads):
+            raise ConfigError(
+                f"ModelArgs.n_kv_heads={self.n_kv_heads} with attention_type='mla': MLA shares "
+                "one latent across all heads; leave n_kv_heads unset (or equal to n_heads)"
+            )
+        if self.use_scaled_rope:
+            raise ConfigError(
+                "ModelArgs.use_scaled_rope=True is not supported with attention_type='mla' "
+                "(DeepSeek's yarn rope scaling is not implemented)"
+            )
+
+    @property
+    def is_mla(self) -> bool:
+        return self.attention_type == "mla"
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key size: ``head_dim`` (GQA) or ``qk_nope + qk_rope`` (MLA)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotary dimensions per head: all of ``head_dim`` (GQA), ``qk_rope_head_dim`` (MLA)."""
+        return self.qk_rope_head_dim if self.is_mla else self.head_dim
 
     @property
     def kv_heads(self) -> int:

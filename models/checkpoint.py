@@ -18,6 +18,7 @@ beyond tensors. Every result is in the model's own key names.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torch import nn
 from edgelora._jsonfile import read_json
 from edgelora.errors import CheckpointError
 from edgelora.models import hf
+from edgelora.models.mla import conform_mla_layout
 
 HF_CONFIG = "config.json"
 META_PARAMS = "params.json"
@@ -135,10 +137,20 @@ def _hf_checkpoint(root: Path, sd: dict[str, torch.Tensor], path: Path) -> Check
         raise CheckpointError(f"{cfg_path}: expected a JSON object")
     params = hf.args_from_hf_config(cfg, str(cfg_path))
     heads = params["n_heads"]
-    kv_heads = params["n_kv_heads"] or heads
+    kv_heads = params.get("n_kv_heads") or heads
     tied = "lm_head.weight" not in sd
-    ours = hf.hf_state_dict_to_ours(sd, n_heads=heads, n_kv_heads=kv_heads, source=str(path))
-    notes = ["Hugging Face layout: q/k rows un-permuted to Meta's rotary layout"]
+    ours = hf.hf_state_dict_to_ours(
+        sd,
+        n_heads=heads,
+        n_kv_heads=kv_heads,
+        source=str(path),
+        attention_type=params.get("attention_type", "gqa"),
+        q_lora_rank=params.get("q_lora_rank", 0),
+    )
+    if params.get("attention_type") == "mla":
+        notes = ["Hugging Face DeepSeek-V3 layout (dense MLA layers), split wq_a/wkv_a"]
+    else:
+        notes = ["Hugging Face layout: q/k rows un-permuted to Meta's rotary layout"]
     if tied:
         notes.append("no lm_head.weight: output tied to the token embedding")
     return Checkpoint(path, "hf", ours, params, notes)
@@ -210,8 +222,16 @@ def adopt_fusion_layout(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
                 block.unfuse_projections()
 
 
-def load_checkpoint(model: nn.Module, path: str | Path | Checkpoint) -> nn.Module:
+def load_checkpoint(
+    model: nn.Module,
+    path: str | Path | Checkpoint,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> nn.Module:
     """Load a checkpoint into ``model`` strictly: every key must exist with the same shape.
+
+    An MLA checkpoint in the other ``wq_a``/``wkv_a`` vs ``wq_kv_a`` layout than the model's
+    ``fused_mla_lora_proj`` is converted (and ``log`` is told so).
 
     ``path`` is anything :func:`open_checkpoint` reads, or its result. Tensors are cast to the
     model's dtype (a bf16/fp16 checkpoint computes in fp32 unless the model is built otherwise).
@@ -241,6 +261,10 @@ def load_checkpoint(model: nn.Module, path: str | Path | Checkpoint) -> nn.Modul
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: key {key!r} holds NaN or infinite values")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()})
+    for note in conform_mla_layout(model):
+        ckpt.notes.append(note)
+        if log is not None:
+            log(f"  checkpoint: {note}")
     return model
 
 

@@ -8,80 +8,14 @@ Module names follow ExecuTorch's Llama (``tok_embeddings``, ``layers.N.attention
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from edgelora.models.args import ModelArgs
 from edgelora.models.fused import FusableProjections
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
-
-
-def _llama3_scale_freqs(freqs: torch.Tensor, args: ModelArgs) -> torch.Tensor:
-    # Llama 3.1's long-context rope scaling (transformers' "llama3" rope type).
-    factor, old_context_len = args.rope_scale_factor, args.rope_original_max_seq_len
-    low_freq_factor, high_freq_factor = args.rope_low_freq_factor, args.rope_high_freq_factor
-    low_freq_wavelen = old_context_len / low_freq_factor
-    high_freq_wavelen = old_context_len / high_freq_factor
-    wavelen = 2 * math.pi / freqs
-    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    scaled = torch.where(wavelen > low_freq_wavelen, freqs / factor, freqs)
-    mid = (1 - smooth) * scaled / factor + smooth * scaled
-    is_mid = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return torch.where(is_mid, mid, scaled)
-
-
-def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos``/``sin`` tables of shape ``[max_seq_len, head_dim // 2]`` (Meta's convention)."""
-    half = args.head_dim // 2
-    freqs = 1.0 / (
-        args.rope_theta ** (torch.arange(0, half, dtype=torch.float64) * 2 / args.head_dim)
-    )
-    if args.use_scaled_rope:
-        freqs = _llama3_scale_freqs(freqs, args)
-    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), freqs)
-    return torch.cos(angles).float(), torch.sin(angles).float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs ``(x[2i], x[2i+1])``; ``x`` is ``[b, seq, heads, head_dim]``."""
-    xr = x.float().reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = xr[..., 0], xr[..., 1]
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
-
-
-class KVCache(nn.Module):
-    """Static ``[1, n_kv_heads, max_seq_len, head_dim]`` caches written in place at ``input_pos``."""
-
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        shape = (1, args.kv_heads, args.max_seq_len, args.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
-
-    def update(
-        self, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        seq = k.size(2)
-        self.k_cache.narrow(2, start, seq).copy_(k)
-        self.v_cache.narrow(2, start, seq).copy_(v)
-        return self.k_cache, self.v_cache
+from edgelora.models.layers import KVCache, RMSNorm, apply_rope, rope_tables
+from edgelora.models.mla import MLAttention
 
 
 class Attention(FusableProjections):
@@ -107,7 +41,7 @@ class Attention(FusableProjections):
         self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.kv_cache = KVCache(args)
+        self.kv_cache = KVCache(args.kv_heads, args.max_seq_len, args.head_dim, args.head_dim)
 
     def get_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The query, key and value projections of ``x`` (``[b, seq, out]`` each), from the
@@ -164,7 +98,7 @@ class FeedForward(FusableProjections):
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.attention = Attention(args)
+        self.attention = MLAttention(args) if args.is_mla else Attention(args)
         self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
@@ -209,11 +143,40 @@ class Transformer(nn.Module):
     def _blocks(self, kind: type) -> list[FusableProjections]:
         return [m for m in self.modules() if isinstance(m, kind)]
 
+    def projections(self) -> tuple[str, ...]:
+        """Every adaptable projection of a layer, as paths inside a ``TransformerBlock``."""
+        args = self.args
+        if args.is_mla:
+            q = ("attention.wq_a", "attention.wq_b") if args.q_lora_rank else ("attention.wq",)
+            attn = (*q, "attention.wkv_a", "attention.wkv_b", "attention.wo")
+        else:
+            attn = ("attention.wq", "attention.wk", "attention.wv", "attention.wo")
+        return (*attn, "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")  # HF order
+
     def fuse_qkv_projections(self, inplace: bool = False) -> None:
         """Fuse every layer's ``wq``/``wk``/``wv`` into ``wqkv`` (see
         :meth:`FusableProjections.fuse_projections`)."""
+        if self.args.is_mla:
+            raise ValueError(
+                "fuse_qkv_projections: an MLA model has no wq/wk/wv to fuse (use "
+                "fuse_mla_projections)"
+            )
         for block in self._blocks(Attention):
             block.fuse_projections(inplace)
+
+    def fuse_mla_projections(self, inplace: bool = False) -> None:
+        """Fuse every layer's MLA ``wq_a``/``wkv_a`` into ``wq_kv_a`` (``fused_mla_lora_proj``)."""
+        if not self.args.is_mla:
+            raise ValueError(
+                "fuse_mla_projections: the model uses attention_type='gqa', which has no "
+                "wq_a/wkv_a (use fuse_qkv_projections)"
+            )
+        for block in self._blocks(MLAttention):
+            block.fuse_projections(inplace)
+
+    def unfuse_mla_projections(self) -> None:
+        for block in self._blocks(MLAttention):
+            block.unfuse_projections()
 
     def unfuse_qkv_projections(self) -> None:
         for block in self._blocks(Attention):

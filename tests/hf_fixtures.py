@@ -63,3 +63,37 @@ def peft_adapter(hf_model, path, seed=0, **config):
     assert bs and all(b.abs().max() > 0 for b in bs)
     peft_model.save_pretrained(path)
     return peft_model
+
+
+# A tiny dense DeepSeek-V3 (MLA attention): every layer dense (first_k_dense_replace = layers).
+DEEPSEEK_CONFIG = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    first_k_dense_replace=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=12,
+    v_head_dim=10,
+    max_position_embeddings=64,
+    rope_theta=5000.0,
+)
+MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+
+
+def make_deepseek(seed=0, **overrides):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**{**DEEPSEEK_CONFIG, **overrides})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif p.dim() == 2:
+                p.normal_(std=0.1)
+    return model

@@ -1,0 +1,76 @@
+"""Layers shared by the attention variants: RMSNorm, rotary embeddings, a static KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from edgelora.models.args import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def _llama3_scale_freqs(freqs: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    # Llama 3.1's long-context rope scaling (transformers' "llama3" rope type).
+    factor, old_context_len = args.rope_scale_factor, args.rope_original_max_seq_len
+    low_freq_factor, high_freq_factor = args.rope_low_freq_factor, args.rope_high_freq_factor
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / factor, freqs)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_mid, mid, scaled)
+
+
+def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``/``sin`` tables of shape ``[max_seq_len, rope_dim // 2]`` (Meta's convention)."""
+    half = args.rope_dim // 2
+    freqs = 1.0 / (
+        args.rope_theta ** (torch.arange(0, half, dtype=torch.float64) * 2 / args.rope_dim)
+    )
+    if args.use_scaled_rope:
+        freqs = _llama3_scale_freqs(freqs, args)
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), freqs)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs ``(x[2i], x[2i+1])``; ``x`` is ``[b, seq, heads, head_dim]``."""
+    xr = x.float().reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xr[..., 0], xr[..., 1]
+    cos = cos[None, :, None, :]
+    sin = sin[None, :, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static ``[1, heads, max_seq_len, k_dim]`` / ``[..., v_dim]`` caches written in place at
+    ``input_pos``."""
+
+    def __init__(self, heads: int, max_seq_len: int, k_dim: int, v_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(1, heads, max_seq_len, k_dim), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(1, heads, max_seq_len, v_dim), persistent=False)
+
+    def update(
+        self, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        seq = k.size(2)
+        self.k_cache.narrow(2, start, seq).copy_(k)
+        self.v_cache.narrow(2, start, seq).copy_(v)
+        return self.k_cache, self.v_cache
