@@ -1,7 +1,8 @@
 """Fused vs split projections, base and with a rank-16 all-projection adapter, in one run.
 
 ``python bench/fuse.py [--config stories15m] [--json bench/results/fuse-stories15m.json]``
-exports the same random model (8da4w g32) twice -- ``--fuse none`` and ``--fuse all`` -- each with
+exports the same random model (8da4w g32) twice -- ``--fuse none`` and ``--fuse all`` (or the
+``--fuse`` given, e.g. ``mla``) -- each with
 base + one adapter, then measures decode ms/token (median over 64 steps after warm-up) and
 prefill tokens/s (128-token prompt), alternating the four programs over several rounds so
 machine drift cancels, and prints the ratios.
@@ -25,6 +26,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="stories15m")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument(
+        "--fuse", default="all", help="the fused variant's --fuse mode (e.g. mla for MLA)"
+    )
     p.add_argument("--json", type=Path, default=None)
     ns = p.parse_args()
 
@@ -42,7 +46,8 @@ def main() -> None:
     args = ModelArgs.from_dict(CONFIGS[ns.config])
     adapter = random_adapter(build_model(args), "lora", rank=16, alpha=32, seed=10)
     exports = {}
-    for fuse in ("none", "all"):
+    modes = ("none", ns.fuse)
+    for fuse in modes:
         config = ExportConfig(args, work / fuse, qmode="8da4w", group_size=32, fuse=fuse)
         t0 = time.perf_counter()
         run_export(config, [adapter], log=lambda s: None)
@@ -50,7 +55,7 @@ def main() -> None:
         print(f"export --fuse {fuse}: {exports[fuse]:.1f} s", flush=True)
     programs = {
         f"{fuse}/{name}": LlamaProgram(work / fuse / f"{name}.pte", work / fuse / "foundation.ptd")
-        for fuse in ("none", "all")
+        for fuse in modes
         for name in ("base", "lora")
     }
     prompt = [(7 * i) % (args.vocab_size - 3) + 3 for i in range(128)]
@@ -68,12 +73,12 @@ def main() -> None:
         "decode_ms_per_token": {k: statistics.median(v) for k, v in decode.items()},
         "prefill_128_tokens_per_s": {k: statistics.median(v) for k, v in prefill.items()},
     }
-    d = figures["decode_ms_per_token"]
+    d, f = figures["decode_ms_per_token"], ns.fuse
     figures["ratios"] = {
         "split_lora_over_split_base": d["none/lora"] / d["none/base"],
-        "fused_lora_over_fused_base": d["all/lora"] / d["all/base"],
-        "split_base_over_fused_base": d["none/base"] / d["all/base"],
-        "split_lora_over_fused_lora": d["none/lora"] / d["all/lora"],
+        "fused_lora_over_fused_base": d[f"{f}/lora"] / d[f"{f}/base"],
+        "split_base_over_fused_base": d["none/base"] / d[f"{f}/base"],
+        "split_lora_over_fused_lora": d["none/lora"] / d[f"{f}/lora"],
     }
     text = json.dumps(figures, indent=2)
     print(text)
