@@ -120,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
         "layout is converted (default none: split, or the model config's "
         "fused_mla_lora_proj)",
     )
+    model.add_argument(
+        "--sdpa",
+        choices=["custom", "plain"],
+        default="custom",
+        help="attention kernels: ExecuTorch's custom ops (llama::update_cache writes the KV "
+        "cache in place, llama::custom_sdpa; the runtime process must load "
+        "executorch.extension.llm.custom_ops) or plain PyTorch ops (portable; every "
+        "decode step copies the cache). MLA models always use plain (default custom)",
+    )
     quant = p.add_argument_group("quantization")
     quant.add_argument(
         "--qmode",
@@ -202,6 +211,7 @@ def config_from_args(ns: argparse.Namespace, args: ModelArgs) -> ExportConfig:
         merge=ns.merge,
         dtype=ns.dtype,
         fuse=ns.fuse,
+        sdpa=ns.sdpa,
     )
 
 

@@ -14,6 +14,7 @@ from edgelora.quant.embedding import EMBEDDING_BITS
 from edgelora.quant.linear import QMODES
 
 FUSE_MODES = ("none", "qkv", "gate_up", "mla", "all")
+SDPA_MODES = ("custom", "plain")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -64,6 +65,7 @@ class ExportConfig:
     merge: str | None = None  # name of the adapter folded into the base weights
     dtype: str = "fp32"
     fuse: str = "none"  # which projections run as one fused matmul
+    sdpa: str = "custom"  # attention kernels: ExecuTorch's custom ops, or plain PyTorch ops
 
     def __post_init__(self) -> None:
         if self.qmode not in QMODES:
@@ -108,6 +110,8 @@ class ExportConfig:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.fuse not in FUSE_MODES:
             raise ConfigError(f"fuse must be one of {FUSE_MODES}, got {self.fuse!r}")
+        if self.sdpa not in SDPA_MODES:
+            raise ConfigError(f"sdpa must be one of {SDPA_MODES}, got {self.sdpa!r}")
         args = self.model_args
         if self.fuse == "qkv" and args.is_mla:
             raise ConfigError(

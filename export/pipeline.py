@@ -177,6 +177,12 @@ def run_export(
             fuse=config.fuse,
             log=log,
         )
+    if config.sdpa == "custom":
+        model.use_custom_ops()
+        if args.is_mla:
+            log("  attention: MLA keeps the plain PyTorch SDPA path (custom_sdpa needs v = k size)")
+        else:
+            log("  attention: ExecuTorch custom ops (llama::update_cache, llama::custom_sdpa)")
     if merged is not None:
         log(f"  merged adapter {merged.name} into the base weights (scale {merged.scale:g})")
     for line in [ereport.summary_line(), *qreport.summary_lines()]:
@@ -257,6 +263,7 @@ def run_export(
                 "seed": config.seed,
                 "dtype": config.dtype,
                 "fuse": config.fuse,
+                "sdpa": config.sdpa,
                 "checkpoint": None if config.checkpoint is None else str(config.checkpoint),
                 "checkpoint_layout": None if checkpoint is None else checkpoint.layout,
                 "programs": programs,

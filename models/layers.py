@@ -74,3 +74,32 @@ class KVCache(nn.Module):
         self.k_cache.narrow(2, start, seq).copy_(k)
         self.v_cache.narrow(2, start, seq).copy_(v)
         return self.k_cache, self.v_cache
+
+
+def custom_ops_available() -> bool:
+    """True if ExecuTorch's LLM custom ops (``llama::custom_sdpa``, ``llama::update_cache``) can
+    be registered in this process."""
+    try:
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return hasattr(torch.ops.llama, "custom_sdpa") and hasattr(torch.ops.llama, "update_cache")
+
+
+class CustomKVCache(nn.Module):
+    """KV cache in ExecuTorch's ``[1, max_seq_len, heads, dim]`` layout, written in place by the
+    ``llama::update_cache`` kernel (no functional copy of the whole cache per step), read by
+    ``llama::custom_sdpa``."""
+
+    def __init__(self, heads: int, max_seq_len: int, k_dim: int, v_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(1, max_seq_len, heads, k_dim), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(1, max_seq_len, heads, v_dim), persistent=False)
+
+    def update(
+        self, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k``/``v`` are ``[1, seq, heads, dim]``."""
+        torch.ops.llama.update_cache(k, self.k_cache, start)
+        torch.ops.llama.update_cache(v, self.v_cache, start)
+        return self.k_cache, self.v_cache

@@ -14,7 +14,14 @@ from torch import nn
 
 from edgelora.models.args import ModelArgs
 from edgelora.models.fused import FusableProjections
-from edgelora.models.layers import KVCache, RMSNorm, apply_rope, rope_tables
+from edgelora.models.layers import (
+    CustomKVCache,
+    KVCache,
+    RMSNorm,
+    apply_rope,
+    custom_ops_available,
+    rope_tables,
+)
 from edgelora.models.mla import MLAttention
 
 
@@ -61,6 +68,12 @@ class Attention(FusableProjections):
         q = apply_rope(q.view(bsz, seq, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(bsz, seq, self.n_kv_heads, self.head_dim), cos, sin)
         v = v.view(bsz, seq, self.n_kv_heads, self.head_dim)
+        if isinstance(self.kv_cache, CustomKVCache):
+            # ExecuTorch's kernels: in-place cache write, causal SDPA from ``start`` (GQA aware).
+            # They take fp32 (as ExecuTorch's example, fp16 runs them in fp32).
+            k, v = self.kv_cache.update(start, k.float(), v.float())
+            out = torch.ops.llama.custom_sdpa(q.float(), k, v, start, None, 0.0, True)
+            return self.wo(out.to(x.dtype).reshape(bsz, seq, -1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         k, v = self.kv_cache.update(start, k, v)
         if self.n_kv_heads != self.n_heads:
@@ -203,6 +216,27 @@ class Transformer(nn.Module):
                 block.fuse_projections(inplace=True)
             else:
                 block.unfuse_projections()
+
+    def use_custom_ops(self, enable: bool = True) -> None:
+        """Run GQA attention on ExecuTorch's ``llama::update_cache``/``llama::custom_sdpa``
+        kernels (in-place cache, fused causal SDPA) instead of the plain PyTorch path. The caches
+        are re-allocated (empty) in the kernels' layout. MLA keeps the plain path (its value head
+        size differs from the key's). Raises ``RuntimeError`` if the ops are not available."""
+        if enable and not custom_ops_available():
+            raise RuntimeError(
+                "ExecuTorch's LLM custom ops are not available "
+                "(import executorch.extension.llm.custom_ops.custom_ops failed)"
+            )
+        cache_type = CustomKVCache if enable else KVCache
+        for layer in self.layers:
+            attn = layer.attention
+            if isinstance(attn, Attention) and not isinstance(attn.kv_cache, cache_type):
+                heads, dim = attn.n_kv_heads, attn.head_dim
+                attn.kv_cache = cache_type(heads, self.args.max_seq_len, dim, dim)
+
+    @property
+    def uses_custom_ops(self) -> bool:
+        return any(isinstance(m, CustomKVCache) for m in self.modules())
 
     def reset_cache(self) -> None:
         """Zero every layer's KV cache (start a new sequence in eager mode)."""

@@ -29,10 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Load a .pte program (with its foundation .ptd) on the ExecuTorch runtime, prefill "
             "the prompt in one call, decode greedily with the KV cache, and print the tokens, "
-            "prefill tokens/s and decode ms/token."
+            "prefill tokens/s and decode ms/token. With --prompt TEXT --tokenizer FILE it runs "
+            "ExecuTorch's own LLM runner (TextLLMRunner) and prints the generated text, time to "
+            "first token and tokens/s."
         ),
     )
-    p.add_argument("pte", type=Path, help="the program, e.g. out/base.pte or out/<adapter>.pte")
+    p.add_argument(
+        "pte",
+        type=Path,
+        help="the program (out/base.pte, out/<adapter>.pte) or an export directory "
+        "(then --adapter picks the program by its manifest, and --data defaults to its "
+        "foundation)",
+    )
     p.add_argument(
         "--data",
         type=Path,
@@ -40,11 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="the foundation data file the program was exported with (foundation.ptd)",
     )
     p.add_argument(
+        "--adapter",
+        metavar="NAME",
+        default=None,
+        help="with an export directory: the adapter program to run (default base)",
+    )
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument(
         "--prompt-ids",
         type=_token_ids,
-        required=True,
         metavar="1,2,3",
         help="prompt token ids, comma separated",
+    )
+    prompt.add_argument(
+        "--prompt", metavar="TEXT", help="prompt text (needs --tokenizer); greedy decoding"
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="tokenizer for --prompt: a Hugging Face tokenizer.json, SentencePiece .model or "
+        "tiktoken file (whatever ExecuTorch's runner reads)",
     )
     p.add_argument(
         "--max-new-tokens",
@@ -69,9 +94,22 @@ def main(argv: list[str] | None = None) -> int:
     if ns.max_new_tokens < 0:
         print("edgelora-run: error: --max-new-tokens must be >= 0", file=sys.stderr)
         return 2
+    if ns.prompt is not None and ns.tokenizer is None:
+        print("edgelora-run: error: --prompt needs --tokenizer FILE", file=sys.stderr)
+        return 2
     try:
         from edgelora.runtime.session import LlamaProgram
+        from edgelora.runtime.text import generate_text, resolve_program
 
+        if ns.pte.is_dir():
+            ns.pte, foundation = resolve_program(ns.pte, ns.adapter)
+            ns.data = ns.data or foundation
+        elif ns.adapter is not None:
+            raise EdgeLoraError("--adapter picks a program from an export directory; got a file")
+        if ns.prompt is not None:
+            return _print_text(
+                ns, generate_text(ns.pte, ns.tokenizer, ns.data, ns.prompt, ns.max_new_tokens)
+            )
         program = LlamaProgram(ns.pte, ns.data)
         gen = program.generate(ns.prompt_ids, ns.max_new_tokens)
     except EdgeLoraError as e:
@@ -103,6 +141,29 @@ def main(argv: list[str] | None = None) -> int:
                 f"decode: {result['decode_ms_per_token']:.3f} ms/token (median of "
                 f"{len(gen.decode_s)} steps)"
             )
+    return 0
+
+
+def _print_text(ns: argparse.Namespace, gen) -> int:
+    result = {
+        "program": str(ns.pte),
+        "data": None if ns.data is None else str(ns.data),
+        "prompt": gen.prompt,
+        "text": gen.text,
+        "prompt_tokens": gen.prompt_tokens,
+        "generated_tokens": gen.generated_tokens,
+        "time_to_first_token_ms": round(gen.time_to_first_token_s * 1e3, 3),
+        "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2),
+    }
+    if ns.json:
+        print(json.dumps(result))
+    else:
+        print(f"{gen.prompt}{gen.text}")
+        print(
+            f"{gen.prompt_tokens} prompt tokens, {gen.generated_tokens} generated; time to first "
+            f"token {result['time_to_first_token_ms']:.1f} ms, decode "
+            f"{result['decode_tokens_per_s']:.1f} tokens/s"
+        )
     return 0
 
 

@@ -83,5 +83,7 @@ def export_8da4w_base_only(tmp_path_factory, params_file) -> Path:
 
 @pytest.fixture(scope="session")
 def export_fp32(tmp_path_factory, params_file, adapter_dirs) -> Path:
+    """fp32 with the plain PyTorch attention path (``export_8da4w`` uses the custom ops)."""
     out = tmp_path_factory.mktemp("exp") / "fp32"
-    return _export(out, params_file, {"chat": adapter_dirs["chat"]}, "--qmode", "none")
+    argv = ("--qmode", "none", "--sdpa", "plain")
+    return _export(out, params_file, {"chat": adapter_dirs["chat"]}, *argv)

@@ -25,6 +25,19 @@ def test_programs_match_eager(request, fixture, export_8da4w_base_only):
         assert max(r.max_abs_diff for r in results) < 1e-4
 
 
+def test_attention_kernels_in_programs(export_8da4w, export_fp32):
+    """--sdpa custom (default) programs call ExecuTorch's in-place cache + SDPA kernels; --sdpa
+    plain ones do not. (Both match their eager models in test_programs_match_eager, and
+    tests/export/test_fuse.py compares a custom fp32 program with a plain one at 1e-4.)"""
+    for name in ("base", "chat"):
+        custom = (export_8da4w / f"{name}.pte").read_bytes()
+        plain = (export_fp32 / f"{name}.pte").read_bytes()
+        assert b"llama::update_cache" in custom and b"llama::custom_sdpa" in custom
+        assert b"llama::" not in plain
+    assert json.loads((export_8da4w / "manifest.json").read_text())["sdpa"] == "custom"
+    assert json.loads((export_fp32 / "manifest.json").read_text())["sdpa"] == "plain"
+
+
 def test_generate_and_metadata(export_8da4w):
     prog = LlamaProgram(export_8da4w / "chat.pte", export_8da4w / "foundation.ptd")
     assert prog.metadata["get_max_seq_len"] == 48 and prog.metadata["get_vocab_size"] == 96
