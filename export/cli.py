@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         "executorch.extension.llm.custom_ops) or plain PyTorch ops (portable; every "
         "decode step copies the cache). MLA models always use plain (default custom)",
     )
+    model.add_argument(
+        "--bundle",
+        action="store_true",
+        help="also write bundle.pte: one program whose methods are base and each --lora "
+        "adapter, sharing foundation.ptd, so an app loads the foundation once and switches "
+        "adapters by method (edgelora.runtime.session.AdapterSession)",
+    )
     quant = p.add_argument_group("quantization")
     quant.add_argument(
         "--qmode",
@@ -212,6 +219,7 @@ def config_from_args(ns: argparse.Namespace, args: ModelArgs) -> ExportConfig:
         dtype=ns.dtype,
         fuse=ns.fuse,
         sdpa=ns.sdpa,
+        bundle=ns.bundle,
     )
 
 

@@ -48,6 +48,7 @@ from edgelora.models.checkpoint import Checkpoint, load_checkpoint
 from edgelora.models.llama import Transformer, build_model
 from edgelora.quant.embedding import EmbeddingReport, quantize_embedding
 from edgelora.quant.linear import QuantReport, quantize_linears
+from edgelora.runtime.session import RUNNER_METADATA_METHODS
 
 
 def build_foundation(
@@ -121,7 +122,7 @@ def export_program(model: nn.Module, args: ModelArgs) -> torch.export.ExportedPr
 
 def runner_metadata(args: ModelArgs, *, bos_id: int = 1, eos_id: int = 2) -> dict[str, object]:
     """Constant methods ExecuTorch's LLM runner reads from a program."""
-    return {
+    meta = {
         "get_max_seq_len": args.max_seq_len,
         "get_max_context_len": args.max_seq_len,
         "get_vocab_size": args.vocab_size,
@@ -131,6 +132,8 @@ def runner_metadata(args: ModelArgs, *, bos_id: int = 1, eos_id: int = 2) -> dic
         "use_kv_cache": True,
         "enable_dynamic_shape": True,
     }
+    assert tuple(meta) == RUNNER_METADATA_METHODS  # what LlamaProgram reads back
+    return meta
 
 
 @dataclass
@@ -243,6 +246,10 @@ def run_export(
             }
             log(f"  {name}.pte: {(stage / f'{name}.pte').stat().st_size / 1e6:.3f} MB")
 
+        bundle = None
+        if config.bundle and adapters:
+            bundle = _export_bundle(model, args, adapters, stage, scratch, timer, log)
+
         with timer("write manifest + move into place"):
             files = {p.name: file_entry(p) for p in sorted(stage.iterdir())}
             foundation_sha = files[FOUNDATION_FILE]["sha256"]
@@ -267,12 +274,53 @@ def run_export(
                 "checkpoint": None if config.checkpoint is None else str(config.checkpoint),
                 "checkpoint_layout": None if checkpoint is None else checkpoint.layout,
                 "programs": programs,
+                "bundle": bundle,
                 "files": files,
             }
             write_manifest(stage, manifest)
             commit_output(stage, out_dir, foundation_sha, overwrite=config.overwrite)
     log(f"wrote {out_dir}: " + ", ".join(f"{n} {e['size'] / 1e6:.3f} MB" for n, e in files.items()))
     return ExportResult(out_dir, manifest, timer.durations)
+
+
+BUNDLE_FILE = "bundle.pte"
+
+
+def _export_bundle(model, args, adapters, stage, scratch, timer, log) -> dict:
+    """``--bundle``: one multi-method program, ``base`` plus one method per adapter, whose
+    methods share the foundation's keys; an app loads the program (and the foundation) once
+    and switches adapters by method."""
+    methods = {}
+    for adapter in [None, *adapters]:
+        name = "base" if adapter is None else adapter.name
+        if adapter is not None:
+            attach_adapter(model, adapter)
+        try:
+            with timer(f"bundle {name}: torch.export"):
+                methods[name] = export_program(model, args)
+        finally:
+            detach_adapters(model)
+    from edgelora.backends.xnnpack.lower import lower_to_xnnpack
+
+    with timer(f"bundle: lower {len(methods)} methods to XNNPACK + serialise"):
+        lowered = lower_to_xnnpack(
+            methods, is_adapter=is_adapter_fqn, constant_methods=runner_metadata(args)
+        )
+        lowered.write_pte(stage / BUNDLE_FILE)
+        data_dir = scratch / "bundle"
+        data_dir.mkdir()
+        written = lowered.write_data_files(data_dir)
+    if [p.name for p in written] != [FOUNDATION_FILE] or not filecmp.cmp(
+        written[0], stage / FOUNDATION_FILE, shallow=False
+    ):
+        raise RuntimeError(
+            "internal error: the bundle's foundation differs from the base program's"
+        )
+    log(
+        f"  {BUNDLE_FILE}: {(stage / BUNDLE_FILE).stat().st_size / 1e6:.3f} MB, methods "
+        f"{', '.join(methods)}"
+    )
+    return {"file": BUNDLE_FILE, "foundation": FOUNDATION_FILE, "methods": list(methods)}
 
 
 def _adapter_entry(adapter: Adapter) -> dict:

@@ -10,6 +10,18 @@ import torch
 
 from edgelora.errors import ProgramError
 
+# Constant methods ExecuTorch's LLM runner reads (export/pipeline.runner_metadata writes them).
+RUNNER_METADATA_METHODS = (
+    "get_max_seq_len",
+    "get_max_context_len",
+    "get_vocab_size",
+    "get_n_layers",
+    "get_bos_id",
+    "get_eos_ids",
+    "use_kv_cache",
+    "enable_dynamic_shape",
+)
+
 
 def _register_kernels() -> None:
     # Quantized embedding kernels (embedding_4bit / embedding_byte) and, when a program uses
@@ -51,7 +63,9 @@ class LlamaProgram:
     file lacks keys the program needs.
     """
 
-    def __init__(self, pte: str | Path, data: str | Path | None = None) -> None:
+    def __init__(
+        self, pte: str | Path, data: str | Path | None = None, *, method: str = "forward"
+    ) -> None:
         from executorch.runtime import Runtime
 
         _register_kernels()
@@ -61,10 +75,30 @@ class LlamaProgram:
                 raise ProgramError(f"{path}: {kind} file not found")
         try:
             self._program = Runtime.get().load_program(self.pte, data_path=self.data)
-            self._forward = self._program.load_method("forward")
+            self._methods = {}
+            self.method = method
+            self._forward = self._load(method)
+        except ProgramError:
+            raise
         except Exception as e:  # the runtime raises RuntimeError/ValueError with an error code
             raise ProgramError(self._explain_load_failure(e)) from None
         self.metadata = self._read_metadata()
+
+    def _load(self, method: str):
+        if method not in self._methods:
+            names = set(self._program.method_names)
+            if method not in names:
+                raise ProgramError(f"{self.pte}: no method {method!r} (has: {sorted(names)})")
+            self._methods[method] = self._program.load_method(method)
+        return self._methods[method]
+
+    def select_method(self, method: str) -> float:
+        """Run ``method`` from now on (loaded on first use, then kept); returns the seconds the
+        switch took."""
+        t = time.perf_counter()
+        self._forward = self._load(method)
+        self.method = method
+        return time.perf_counter() - t
 
     def _explain_load_failure(self, err: Exception) -> str:
         from edgelora.backends.xnnpack.files import missing_keys
@@ -87,8 +121,8 @@ class LlamaProgram:
     def _read_metadata(self) -> dict[str, object]:
         meta = {}
         for name in self._program.method_names:
-            if name == "forward":
-                continue
+            if name not in RUNNER_METADATA_METHODS:
+                continue  # forward, or a bundle's base/adapter methods
             out = self._program.load_method(name).execute([])
             meta[name] = out[0] if len(out) == 1 else list(out)
         return meta
@@ -150,3 +184,45 @@ def eager_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: in
             step = model(torch.tensor([[next_tok]]), torch.tensor([len(prompt) + i]))[0]
             next_tok = int(step[-1].argmax())
     return gen
+
+
+class AdapterSession:
+    """Serve several adapters from one process with the foundation loaded once: an export's
+    ``bundle.pte`` (``export_llama --bundle``) holds ``base`` and one method per adapter, and
+    every method reads the same ``foundation.ptd`` keys.
+
+    ``use_adapter(name)`` switches (``None`` or ``"base"``: no adapter); each method keeps its
+    own KV cache, so a switch starts a new sequence for that adapter.
+    """
+
+    def __init__(self, export_dir: str | Path) -> None:
+        import json
+
+        export_dir = Path(export_dir)
+        try:
+            manifest = json.loads((export_dir / "manifest.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ProgramError(f"{export_dir}: cannot read manifest.json ({e})") from None
+        bundle = manifest.get("bundle")
+        if not bundle:
+            raise ProgramError(
+                f"{export_dir}: no bundle.pte in this export (re-export with --bundle)"
+            )
+        self.adapters = [m for m in bundle["methods"] if m != "base"]
+        self.program = LlamaProgram(
+            export_dir / bundle["file"], export_dir / bundle["foundation"], method="base"
+        )
+
+    @property
+    def adapter(self) -> str | None:
+        return None if self.program.method == "base" else self.program.method
+
+    def use_adapter(self, name: str | None) -> float:
+        """Switch to adapter ``name``; returns the switch time in seconds."""
+        name = name or "base"
+        if name != "base" and name not in self.adapters:
+            raise ProgramError(f"no adapter {name!r} in the bundle (have: {self.adapters})")
+        return self.program.select_method(name)
+
+    def generate(self, prompt: list[int], max_new_tokens: int) -> Generation:
+        return self.program.generate(prompt, max_new_tokens)

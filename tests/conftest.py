@@ -67,11 +67,11 @@ def _export(out: Path, params: Path, adapters: dict[str, Path], *extra: str) -> 
 
 @pytest.fixture(scope="session")
 def export_8da4w(tmp_path_factory, params_file, adapter_dirs) -> Path:
-    """8da4w g32 + int4 embedding: base.pte, chat.pte, code.pte, foundation.ptd."""
+    """8da4w g32 + int4 embedding: base.pte, chat.pte, code.pte, bundle.pte (methods base,
+    chat, code), foundation.ptd."""
     out = tmp_path_factory.mktemp("exp") / "q"
-    return _export(
-        out, params_file, adapter_dirs, "--embedding-bits", "4", "--embedding-group-size", "32"
-    )
+    argv = ("--embedding-bits", "4", "--embedding-group-size", "32", "--bundle")
+    return _export(out, params_file, adapter_dirs, *argv)
 
 
 @pytest.fixture(scope="session")

@@ -76,11 +76,16 @@ def tag_foundation_constants(
 
 
 def _external_constant_tagger(
-    ep: ExportedProgram, is_adapter: Callable[[str], bool]
+    eps: list[ExportedProgram], is_adapter: Callable[[str], bool]
 ) -> Callable[[torch.fx.Node], str | None]:
     """The ``external_constants`` callable for ``to_executorch``: tags the constants that were
-    not delegated (embedding, norms, RoPE tables) by the FQN the signature gives them."""
-    fqns = constant_fqns(ep)
+    not delegated (embedding, norms, RoPE tables) by the FQN the signature gives them. With
+    several methods, a placeholder name means the same FQN in each (one module tree)."""
+    fqns: dict[str, str] = {}
+    for ep in eps:
+        for name, fqn in constant_fqns(ep).items():
+            if fqns.setdefault(name, fqn) != fqn:
+                raise ValueError(f"placeholder {name} is {fqns[name]} and {fqn} in two methods")
 
     def tag(node: torch.fx.Node) -> str | None:
         fqn = fqns.get(node.name)
@@ -110,15 +115,16 @@ class LoweredProgram:
 
 
 def lower_to_xnnpack(
-    ep: ExportedProgram,
+    ep: ExportedProgram | dict[str, ExportedProgram],
     *,
     is_adapter: Callable[[str], bool],
     constant_methods: dict[str, object] | None = None,
 ) -> LoweredProgram:
     """Lower ``ep`` with ``XnnpackPartitioner``; foundation constants go to ``foundation.ptd``.
 
-    The returned program writes ``<name>.pte`` and ``foundation.ptd``.
-    ``constant_methods`` become zero-argument methods of the program (runner metadata).
+    The returned program writes ``<name>.pte`` and ``foundation.ptd``. ``ep`` may be a dict
+    ``method name -> ExportedProgram`` (e.g. ``base`` and one method per adapter): one
+    multi-method program whose methods share the foundation's keys. ``constant_methods`` become zero-argument methods of the program (runner metadata).
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import (
@@ -128,14 +134,21 @@ def lower_to_xnnpack(
     )
     from executorch.exir.passes import MemoryPlanningPass
 
-    split = tag_foundation_constants(ep, is_adapter)
+    methods = ep if isinstance(ep, dict) else {"forward": ep}
+    splits = [tag_foundation_constants(m, is_adapter) for m in methods.values()]
+    split = ConstantSplit(
+        frozenset().union(*(s.foundation for s in splits)),
+        frozenset().union(*(s.adapter for s in splits)),
+    )
     edge = to_edge_transform_and_lower(
-        ep,
+        methods,
         partitioner=[XnnpackPartitioner()],
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
         constant_methods=constant_methods,
     )
-    tagger = _external_constant_tagger(edge.exported_program(), is_adapter)
+    tagger = _external_constant_tagger(
+        [edge.exported_program(name) for name in methods], is_adapter
+    )
     et = edge.to_executorch(
         ExecutorchBackendConfig(
             extract_delegate_segments=True,

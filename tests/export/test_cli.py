@@ -13,7 +13,15 @@ from edgelora.export.output import sha256_file
 def test_manifest_describes_the_files(export_8da4w, tiny_args):
     manifest = json.loads((export_8da4w / "manifest.json").read_text())
     on_disk = sorted(p.name for p in export_8da4w.iterdir())
-    assert on_disk == ["base.pte", "chat.pte", "code.pte", "foundation.ptd", "manifest.json"]
+    assert on_disk == [
+        "base.pte",
+        "bundle.pte",
+        "chat.pte",
+        "code.pte",
+        "foundation.ptd",
+        "manifest.json",
+    ]
+    assert manifest["bundle"]["methods"] == ["base", "chat", "code"]
     for name, entry in manifest["files"].items():
         assert entry["size"] == (export_8da4w / name).stat().st_size
         assert entry["sha256"] == sha256_file(export_8da4w / name)
