@@ -38,8 +38,7 @@ from edgelora.export.output import (
 from edgelora.export.timing import StageTimer
 from edgelora.models.adapters import (
     Adapter,
-    attach_adapter,
-    detach_adapters,
+    adapter_attached,
     is_adapter_fqn,
     merge_adapter,
 )
@@ -192,10 +191,8 @@ def run_export(
         log(f"  {line}")
     # Fit every adapter to the model now, so a bad one fails before the first long export.
     for adapter in adapters:
-        try:
-            attach_adapter(model, adapter)
-        finally:
-            detach_adapters(model)
+        with adapter_attached(model, adapter):
+            pass
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
@@ -208,9 +205,7 @@ def run_export(
             name = "base" if adapter is None else adapter.name
             if adapter is None and merged is not None:
                 name = merged.name  # the merged model's program carries the adapter's name
-            if adapter is not None:
-                attach_adapter(model, adapter)
-            try:
+            with adapter_attached(model, adapter):
                 with timer(f"{name}: torch.export"):
                     ep = export_program(model, args)
                 with timer(f"{name}: lower to XNNPACK + serialise"):
@@ -221,20 +216,7 @@ def run_export(
                     data_dir = stage if adapter is None else scratch / name
                     data_dir.mkdir(exist_ok=True)
                     written = lowered.write_data_files(data_dir)
-            finally:
-                detach_adapters(model)
-            if [p.name for p in written] != [FOUNDATION_FILE]:
-                raise ConfigError(
-                    f"{name}: expected the lowering to write only {FOUNDATION_FILE}, got "
-                    f"{[p.name for p in written]}"
-                )
-            if adapter is not None and not filecmp.cmp(
-                written[0], stage / FOUNDATION_FILE, shallow=False
-            ):
-                raise RuntimeError(
-                    f"internal error: the foundation written for adapter {name!r} differs from "
-                    "the base program's; programs would not share one foundation.ptd"
-                )
+            _check_foundation(written, stage, name, compare=adapter is not None)
             programs[name] = {
                 "file": f"{name}.pte",
                 "foundation": FOUNDATION_FILE,
@@ -286,6 +268,21 @@ def run_export(
 BUNDLE_FILE = "bundle.pte"
 
 
+def _check_foundation(written: list[Path], stage: Path, name: str, *, compare: bool) -> None:
+    """The lowering of ``name`` wrote exactly ``foundation.ptd`` and (``compare``) the same
+    bytes as the base program's, so every program shares one foundation."""
+    if [p.name for p in written] != [FOUNDATION_FILE]:
+        raise ConfigError(
+            f"{name}: expected the lowering to write only {FOUNDATION_FILE}, got "
+            f"{[p.name for p in written]}"
+        )
+    if compare and not filecmp.cmp(written[0], stage / FOUNDATION_FILE, shallow=False):
+        raise RuntimeError(
+            f"internal error: the foundation written for {name!r} differs from the base "
+            "program's; programs would not share one foundation.ptd"
+        )
+
+
 def _export_bundle(model, args, adapters, stage, scratch, timer, log) -> dict:
     """``--bundle``: one multi-method program, ``base`` plus one method per adapter, whose
     methods share the foundation's keys; an app loads the program (and the foundation) once
@@ -293,13 +290,8 @@ def _export_bundle(model, args, adapters, stage, scratch, timer, log) -> dict:
     methods = {}
     for adapter in [None, *adapters]:
         name = "base" if adapter is None else adapter.name
-        if adapter is not None:
-            attach_adapter(model, adapter)
-        try:
-            with timer(f"bundle {name}: torch.export"):
-                methods[name] = export_program(model, args)
-        finally:
-            detach_adapters(model)
+        with adapter_attached(model, adapter), timer(f"bundle {name}: torch.export"):
+            methods[name] = export_program(model, args)
     from edgelora.backends.xnnpack.lower import lower_to_xnnpack
 
     with timer(f"bundle: lower {len(methods)} methods to XNNPACK + serialise"):
@@ -310,12 +302,7 @@ def _export_bundle(model, args, adapters, stage, scratch, timer, log) -> dict:
         data_dir = scratch / "bundle"
         data_dir.mkdir()
         written = lowered.write_data_files(data_dir)
-    if [p.name for p in written] != [FOUNDATION_FILE] or not filecmp.cmp(
-        written[0], stage / FOUNDATION_FILE, shallow=False
-    ):
-        raise RuntimeError(
-            "internal error: the bundle's foundation differs from the base program's"
-        )
+    _check_foundation(written, stage, "bundle", compare=True)
     log(
         f"  {BUNDLE_FILE}: {(stage / BUNDLE_FILE).stat().st_size / 1e6:.3f} MB, methods "
         f"{', '.join(methods)}"

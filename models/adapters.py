@@ -8,6 +8,8 @@ torchtune) lives in :mod:`edgelora.models.adapter_files`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -194,6 +196,18 @@ def attach_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
         detach_adapters(model)
         raise
     return model
+
+
+@contextmanager
+def adapter_attached(model: nn.Module, adapter: Adapter | None) -> Iterator[nn.Module]:
+    """``with adapter_attached(model, adapter):`` the model with ``adapter`` attached (``None``:
+    the base model); every adapter is detached on exit, also on error."""
+    if adapter is not None:
+        attach_adapter(model, adapter)
+    try:
+        yield model
+    finally:
+        detach_adapters(model)
 
 
 def merge_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgelora.models.lora import LoRALinear
+from edgelora.models.lora import LinearWrapper, LoRALinear
 
 
 class FusedLinear(nn.Linear):
@@ -182,7 +182,7 @@ def check_pieces(
             )
 
 
-class PackedLoRALinear(nn.Module):
+class PackedLoRALinear(LinearWrapper):
     """A :class:`FusedLinear` with LoRA pieces packed into one A and one block-structured B.
 
     ``lora_a``/``lora_b``/``lora_scale`` are adapter constants (excluded from quantization and
@@ -220,18 +220,6 @@ class PackedLoRALinear(nn.Module):
     @property
     def output_sizes(self) -> dict[str, int]:
         return self.linear.output_sizes
-
-    @property
-    def in_features(self) -> int:
-        return self.linear.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.linear.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.linear.split(y)

@@ -13,7 +13,30 @@ import torch
 from torch import nn
 
 
-class LoRALinear(nn.Module):
+class LinearWrapper(nn.Module):
+    """A module around a base ``nn.Linear`` named ``linear`` that answers for it:
+    ``in_features``, ``out_features``, ``weight`` and ``bias`` are the wrapped linear's."""
+
+    linear: nn.Linear
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+
+class LoRALinear(LinearWrapper):
     """``y = linear(x) + scale * lora_b(lora_a(x))`` with ``scale = alpha / rank``.
 
     Args:
@@ -53,22 +76,6 @@ class LoRALinear(nn.Module):
         # PEFT's default init: A random, B zero, so a fresh adapter is the identity.
         nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b.weight)
-
-    @property
-    def in_features(self) -> int:
-        return self.linear.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.linear.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + self.scale * self.lora_b(self.lora_a(x))

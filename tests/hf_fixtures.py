@@ -26,11 +26,9 @@ HF_CONFIG = dict(
 )
 
 
-def make_hf(seed=0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _random_model(model_cls, config, seed):
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**HF_CONFIG, **overrides})).eval()
+    model = model_cls(config).eval()
     with torch.no_grad():  # transformers' init is tiny (std 0.02): make the logits non-trivial
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -38,6 +36,12 @@ def make_hf(seed=0, **overrides):
             elif p.dim() == 2:
                 p.normal_(std=0.1)
     return model
+
+
+def make_hf(seed=0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _random_model(LlamaForCausalLM, LlamaConfig(**{**HF_CONFIG, **overrides}), seed)
 
 
 def hf_logits(model) -> torch.Tensor:
@@ -88,12 +92,13 @@ MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_pro
 def make_deepseek(seed=0, **overrides):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**{**DEEPSEEK_CONFIG, **overrides})).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            elif p.dim() == 2:
-                p.normal_(std=0.1)
-    return model
+    config = DeepseekV3Config(**{**DEEPSEEK_CONFIG, **overrides})
+    return _random_model(DeepseekV3ForCausalLM, config, seed)
+
+
+def program_logits(out, name) -> torch.Tensor:
+    """Logits of ``PROMPT`` from program ``name`` of export directory ``out`` on the runtime."""
+    from edgelora.export.output import FOUNDATION_FILE
+    from edgelora.runtime.session import LlamaProgram
+
+    return LlamaProgram(out / f"{name}.pte", out / FOUNDATION_FILE).forward(PROMPT[0].tolist(), 0)

@@ -17,9 +17,8 @@ import torch
 from edgelora.ci.output_match import match_export
 from edgelora.export.cli import main
 from edgelora.export.output import FOUNDATION_FILE
-from edgelora.runtime.session import LlamaProgram
 
-from ..hf_fixtures import ALL7, PROMPT, hf_logits, make_hf, peft_adapter
+from ..hf_fixtures import ALL7, hf_logits, make_hf, peft_adapter, program_logits
 
 RUNTIME_ATOL = 1e-4
 
@@ -43,10 +42,6 @@ def hf_setup(tmp_path_factory):
     return root, refs
 
 
-def _logits(out, name):
-    return LlamaProgram(out / f"{name}.pte", out / FOUNDATION_FILE).forward(PROMPT[0].tolist(), 0)
-
-
 def test_fp32_export_matches_transformers_and_peft(hf_setup, tmp_path, capsys):
     root, refs = hf_setup
     out = tmp_path / "fp32"
@@ -59,7 +54,7 @@ def test_fp32_export_matches_transformers_and_peft(hf_setup, tmp_path, capsys):
     assert manifest["checkpoint_layout"] == "hf" and manifest["model"]["max_seq_len"] == 32
     assert manifest["programs"]["rs"]["adapter"]["scale"] == 0.5
     for name in ("base", "qv", "rs"):
-        diff = (_logits(out, name) - refs[name]).abs().max().item()
+        diff = (program_logits(out, name) - refs[name]).abs().max().item()
         assert diff < RUNTIME_ATOL, (name, diff)
     assert (refs["qv"] - refs["base"]).abs().max() > 100 * RUNTIME_ATOL
     assert (refs["rs"] - refs["base"]).abs().max() > 100 * RUNTIME_ATOL
@@ -79,7 +74,7 @@ def test_8da4w_export_agrees_on_greedy_tokens(hf_setup, tmp_path):
     results = match_export(out)  # against the eager quantized model
     assert all(r.ok for r in results), [r.line() for r in results]
     for name, r in zip(("base",), results, strict=True):
-        got = _logits(out, name)
+        got = program_logits(out, name)
         agreement = (got.argmax(-1) == refs[name].argmax(-1)).float().mean().item()
         in_top3 = (got.topk(3, -1).indices == refs[name].argmax(-1)[:, None]).any(-1)
         print(
@@ -100,7 +95,7 @@ def test_merged_export_matches_peft_merge_and_unload(hf_setup, tmp_path):
     assert manifest["programs"]["qv"]["adapter"] is None  # no LoRA left at run time
     assert manifest["programs"]["qv"]["merged_adapter"]["source"] == str(root / "qv")
     assert manifest["programs"]["qv"]["adapter_constants"] == []
-    diff = (_logits(out, "qv") - refs["qv_merged"]).abs().max().item()
+    diff = (program_logits(out, "qv") - refs["qv_merged"]).abs().max().item()
     assert diff < RUNTIME_ATOL, diff
     assert all(r.ok for r in match_export(out))
 
@@ -145,7 +140,7 @@ def test_fp16_export_and_bf16_refusal(hf_setup, tmp_path):
     argv = ["--checkpoint", str(root / "llama"), "--qmode", "none", "--dtype", "fp16"]
     assert main(argv + ["--output-dir", str(out)]) == 0
     assert json.loads((out / "manifest.json").read_text())["dtype"] == "fp16"
-    got = _logits(out, "base")
+    got = program_logits(out, "base")
     assert (got - refs["base"]).abs().max() < 1e-2 * refs["base"].abs().max()
     assert all(r.ok for r in match_export(out))
     with pytest.raises(ConfigError, match="bf16 is not supported"):

@@ -15,10 +15,8 @@ import torch
 
 from edgelora.ci.output_match import match_export
 from edgelora.export.cli import main
-from edgelora.export.output import FOUNDATION_FILE
-from edgelora.runtime.session import LlamaProgram
 
-from ..hf_fixtures import MLA_TARGETS, PROMPT, make_deepseek, peft_adapter
+from ..hf_fixtures import MLA_TARGETS, PROMPT, make_deepseek, peft_adapter, program_logits
 
 RUNTIME_ATOL = 1e-4
 
@@ -43,10 +41,6 @@ def deepseek(tmp_path_factory):
     return root, refs
 
 
-def _logits(out, name):
-    return LlamaProgram(out / f"{name}.pte", out / FOUNDATION_FILE).forward(PROMPT[0].tolist(), 0)
-
-
 def test_fused_fp32_export_matches_transformers_and_peft(deepseek, tmp_path, capsys):
     root, refs = deepseek
     out = tmp_path / "fused"
@@ -56,7 +50,7 @@ def test_fused_fp32_export_matches_transformers_and_peft(deepseek, tmp_path, cap
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["fuse"] == "mla" and manifest["model"]["attention_type"] == "mla"
     for name in ("base", "lora"):
-        diff = (_logits(out, name) - refs[name]).abs().max().item()
+        diff = (program_logits(out, name) - refs[name]).abs().max().item()
         assert diff < RUNTIME_ATOL, (name, diff)
     assert (refs["lora"] - refs["base"]).abs().max() > 100 * RUNTIME_ATOL
     results = match_export(out)
