@@ -136,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         "adapter, sharing foundation.ptd, so an app loads the foundation once and switches "
         "adapters by method (edgelora.runtime.session.AdapterSession)",
     )
+    model.add_argument(
+        "--switchable",
+        action="store_true",
+        help="also write switchable.pte: ONE program forward(tokens, input_pos, lora) whose "
+        "adapter weights are run-time inputs, and <adapter>.lora.safetensors with each "
+        "adapter's inputs; a process loads the foundation (and XNNPACK packs it) once and "
+        "switches adapters by passing other tensors (AdapterSession, edgelora-run --adapters)",
+    )
     quant = p.add_argument_group("quantization")
     quant.add_argument(
         "--qmode",
@@ -220,6 +228,7 @@ def config_from_args(ns: argparse.Namespace, args: ModelArgs) -> ExportConfig:
         fuse=ns.fuse,
         sdpa=ns.sdpa,
         bundle=ns.bundle,
+        switchable=ns.switchable,
     )
 
 

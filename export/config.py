@@ -67,6 +67,7 @@ class ExportConfig:
     fuse: str = "none"  # which projections run as one fused matmul
     sdpa: str = "custom"  # attention kernels: ExecuTorch's custom ops, or plain PyTorch ops
     bundle: bool = False  # also write bundle.pte: base + every adapter as methods of one program
+    switchable: bool = False  # also write switchable.pte: adapter weights as run-time inputs
 
     def __post_init__(self) -> None:
         if self.qmode not in QMODES:

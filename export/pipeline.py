@@ -107,15 +107,19 @@ def example_inputs(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([[1, 2]], dtype=torch.long), torch.tensor([0], dtype=torch.long)
 
 
-def export_program(model: nn.Module, args: ModelArgs) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``forward(tokens [1, seq], input_pos [1])`` with dynamic ``seq``."""
+def export_program(
+    model: nn.Module, args: ModelArgs, *, extra_inputs: list[torch.Tensor] | None = None
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``forward(tokens [1, seq], input_pos [1])`` with dynamic ``seq``;
+    with ``extra_inputs``, of ``forward(tokens, input_pos, extra_inputs)`` (static shapes)."""
     # max_seq_len - 1, as ExecuTorch's example does: with the full length the symbolic shape
     # solver emits a guard (seq != max_seq_len) that contradicts the range.
     seq = torch.export.Dim("seq", min=1, max=args.max_seq_len - 1)
     with torch.no_grad():
-        ep = torch.export.export(
-            model, example_inputs(args), dynamic_shapes=({1: seq}, None), strict=False
-        )
+        inputs, dynamic = example_inputs(args), ({1: seq}, None)
+        if extra_inputs is not None:
+            inputs, dynamic = (*inputs, extra_inputs), (*dynamic, [None] * len(extra_inputs))
+        ep = torch.export.export(model, inputs, dynamic_shapes=dynamic, strict=False)
         return ep.run_decompositions({})
 
 
@@ -228,9 +232,13 @@ def run_export(
             }
             log(f"  {name}.pte: {(stage / f'{name}.pte').stat().st_size / 1e6:.3f} MB")
 
-        bundle = None
+        bundle = switchable = None
         if config.bundle and adapters:
             bundle = _export_bundle(model, args, adapters, stage, scratch, timer, log)
+        if config.switchable and adapters:
+            switchable = _export_switchable(
+                model, args, adapters, config.torch_dtype, stage, scratch, timer, log
+            )
 
         with timer("write manifest + move into place"):
             files = {p.name: file_entry(p) for p in sorted(stage.iterdir())}
@@ -257,6 +265,7 @@ def run_export(
                 "checkpoint_layout": None if checkpoint is None else checkpoint.layout,
                 "programs": programs,
                 "bundle": bundle,
+                "switchable": switchable,
                 "files": files,
             }
             write_manifest(stage, manifest)
@@ -308,6 +317,54 @@ def _export_bundle(model, args, adapters, stage, scratch, timer, log) -> dict:
         f"{', '.join(methods)}"
     )
     return {"file": BUNDLE_FILE, "foundation": FOUNDATION_FILE, "methods": list(methods)}
+
+
+SWITCHABLE_FILE = "switchable.pte"
+
+
+def _export_switchable(model, args, adapters, dtype, stage, scratch, timer, log) -> dict:
+    """``--switchable``: one program ``forward(tokens, input_pos, lora)`` whose adapter weights
+    are run-time inputs (:mod:`edgelora.models.lora_inputs`), and each adapter's inputs as
+    ``<name>.lora.safetensors``. The program holds no adapter constant: all of it is the
+    foundation, packed once however many adapters a process switches between."""
+    from edgelora.backends.xnnpack.lower import lower_to_xnnpack
+    from edgelora.models.lora_inputs import (
+        adapter_slots,
+        adapter_tensors,
+        save_adapter_tensors,
+        switchable,
+    )
+
+    slots = adapter_slots(model, adapters)
+    files = {}
+    for adapter in adapters:
+        files[adapter.name] = f"{adapter.name}.lora.safetensors"
+        tensors = adapter_tensors(model, adapter, slots, dtype)
+        save_adapter_tensors(stage / files[adapter.name], tensors, slots)
+    example = adapter_tensors(model, None, slots, dtype)
+    with switchable(model, slots), timer("switchable: torch.export"):
+        ep = export_program(model, args, extra_inputs=example)
+    with timer("switchable: lower to XNNPACK + serialise"):
+        lowered = lower_to_xnnpack(
+            ep, is_adapter=is_adapter_fqn, constant_methods=runner_metadata(args)
+        )
+        lowered.write_pte(stage / SWITCHABLE_FILE)
+        data_dir = scratch / "switchable"
+        data_dir.mkdir()
+        written = lowered.write_data_files(data_dir)
+    _check_foundation(written, stage, "switchable", compare=True)
+    log(
+        f"  {SWITCHABLE_FILE}: {(stage / SWITCHABLE_FILE).stat().st_size / 1e6:.3f} MB, "
+        f"{len(slots)} adapter slots; adapter inputs "
+        + ", ".join(f"{f} {(stage / f).stat().st_size / 1e6:.3f} MB" for f in files.values())
+    )
+    return {
+        "file": SWITCHABLE_FILE,
+        "foundation": FOUNDATION_FILE,
+        "slots": [s.to_dict() for s in slots],
+        "dtype": str(dtype).removeprefix("torch."),
+        "adapters": files,
+    }
 
 
 def _adapter_entry(adapter: Adapter) -> dict:

@@ -217,13 +217,6 @@ class PackedLoRALinear(LinearWrapper):
                 col += p.rank
         self.register_buffer("lora_scale", scale, persistent=False)
 
-    @property
-    def output_sizes(self) -> dict[str, int]:
-        return self.linear.output_sizes
-
-    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.linear.split(y)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + self.lora_b(self.lora_a(x) * self.lora_scale)
 

@@ -139,8 +139,28 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_sin", sin, persistent=False)
         causal = torch.full((args.max_seq_len, args.max_seq_len), float("-inf")).triu(1)
         self.register_buffer("mask", causal, persistent=False)
+        # Set while adapter slots are installed (edgelora.models.lora_inputs.switchable).
+        self.lora_inputs = None
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor,
+        lora: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``lora``: the adapter inputs of a model with adapter slots installed (two tensors
+        per slot; see :mod:`edgelora.models.lora_inputs`)."""
+        if lora is None:
+            return self._forward(tokens, input_pos)
+        if self.lora_inputs is None:
+            raise ValueError("lora inputs given, but the model has no adapter slots installed")
+        self.lora_inputs.set(lora)
+        try:
+            return self._forward(tokens, input_pos)
+        finally:
+            self.lora_inputs.set(None)
+
+    def _forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         seq = tokens.size(1)
         start = input_pos[0].item()
         torch._check(start >= 0)

@@ -15,7 +15,8 @@ from torch import nn
 
 class LinearWrapper(nn.Module):
     """A module around a base ``nn.Linear`` named ``linear`` that answers for it:
-    ``in_features``, ``out_features``, ``weight`` and ``bias`` are the wrapped linear's."""
+    ``in_features``, ``out_features``, ``weight`` and ``bias`` are the wrapped linear's, and
+    around a fused layer (``FusedLinear``) so are ``output_sizes`` and ``split``."""
 
     linear: nn.Linear
 
@@ -34,6 +35,13 @@ class LinearWrapper(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.linear.bias
+
+    @property
+    def output_sizes(self) -> dict[str, int]:
+        return self.linear.output_sizes
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear.split(y)
 
 
 class LoRALinear(LinearWrapper):

@@ -53,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with an export directory: the adapter program to run (default base)",
     )
+    p.add_argument(
+        "--adapters",
+        metavar="A,B,...",
+        default=None,
+        help="with an export directory: hold the foundation once and run the prompt with each "
+        "named adapter in turn ('base' for none), switching in one process; prints each "
+        "switch's latency and the process's resident memory. Uses switchable.pte "
+        "(--switchable export), else bundle.pte (--bundle); needs --prompt-ids",
+    )
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument(
         "--prompt-ids",
@@ -101,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         from edgelora.runtime.session import LlamaProgram
         from edgelora.runtime.text import generate_text, resolve_program
 
+        if ns.adapters is not None:
+            return _switch_demo(ns)
         if ns.pte.is_dir():
             ns.pte, foundation = resolve_program(ns.pte, ns.adapter)
             ns.data = ns.data or foundation
@@ -141,6 +152,43 @@ def main(argv: list[str] | None = None) -> int:
                 f"decode: {result['decode_ms_per_token']:.3f} ms/token (median of "
                 f"{len(gen.decode_s)} steps)"
             )
+    return 0
+
+
+def _switch_demo(ns: argparse.Namespace) -> int:
+    """``--adapters``: one session, the prompt under each adapter in turn."""
+    from edgelora.runtime.session import AdapterSession, resident_mib
+
+    names = [n.strip() for n in ns.adapters.split(",") if n.strip()]
+    if not ns.pte.is_dir() or ns.prompt_ids is None or ns.adapter or ns.data or not names:
+        raise EdgeLoraError(
+            "--adapters A,B,... needs an export directory and --prompt-ids (not --adapter, "
+            "--data or --prompt)"
+        )
+    session = AdapterSession(ns.pte)
+    results = []
+    for name in names:
+        switch_s = session.use_adapter(name)
+        gen = session.generate(ns.prompt_ids, ns.max_new_tokens)
+        results.append(
+            {
+                "adapter": name,
+                "switch_ms": round(switch_s * 1e3, 3),
+                "tokens": gen.tokens,
+                "decode_ms_per_token": round(gen.decode_ms_per_token, 4) if gen.decode_s else None,
+                "rss_mib": round(resident_mib(), 1),
+            }
+        )
+    if ns.json:
+        print(json.dumps({"export": str(ns.pte), "mode": session.mode, "runs": results}))
+        return 0
+    print(f"{ns.pte} ({session.mode}.pte, foundation loaded once)")
+    for r in results:
+        decode = "" if r["decode_ms_per_token"] is None else f", {r['decode_ms_per_token']:.3f} ms/token"
+        print(
+            f"  {r['adapter']:>12}: switch {r['switch_ms']:.2f} ms, RSS {r['rss_mib']:.0f} MiB"
+            f"{decode}; tokens {' '.join(map(str, r['tokens']))}"
+        )
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,20 @@ RUNNER_METADATA_METHODS = (
     "use_kv_cache",
     "enable_dynamic_shape",
 )
+
+
+def resident_mib() -> float:
+    """This process's resident memory in MiB (Linux ``/proc``; elsewhere the peak so far)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, B on macOS
+        return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def _register_kernels() -> None:
@@ -77,6 +92,7 @@ class LlamaProgram:
             self._program = Runtime.get().load_program(self.pte, data_path=self.data)
             self._methods = {}
             self.method = method
+            self.extra_inputs: list[torch.Tensor] = []  # a switchable program's lora inputs
             self._forward = self._load(method)
         except ProgramError:
             raise
@@ -139,7 +155,8 @@ class LlamaProgram:
                 f"{self.pte}: positions {start}..{start + t.shape[1] - 1} exceed the program's "
                 f"max_seq_len {self.max_seq_len}"
             )
-        out = self._forward.execute([t, torch.tensor([start], dtype=torch.long)])[0]
+        pos = torch.tensor([start], dtype=torch.long)
+        out = self._forward.execute([t, pos, *self.extra_inputs])[0]
         return out.reshape(-1, out.shape[-1])
 
     def generate(self, prompt: list[int], max_new_tokens: int) -> Generation:
@@ -187,15 +204,25 @@ def eager_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: in
 
 
 class AdapterSession:
-    """Serve several adapters from one process with the foundation loaded once: an export's
-    ``bundle.pte`` (``export_llama --bundle``) holds ``base`` and one method per adapter, and
-    every method reads the same ``foundation.ptd`` keys.
+    """Serve several adapters from one process with the foundation loaded once.
 
-    ``use_adapter(name)`` switches (``None`` or ``"base"``: no adapter); each method keeps its
-    own KV cache, so a switch starts a new sequence for that adapter.
+    Two layouts of an export directory can do this:
+
+    * ``switchable`` (``export_llama --switchable``, preferred when present): one program whose
+      adapter weights are run-time inputs; a switch passes other tensors (read from
+      ``<name>.lora.safetensors`` on first use, then kept), so every adapter shares one copy of
+      the packed foundation and one KV cache.
+    * ``bundle`` (``export_llama --bundle``): ``base`` plus one method per adapter; a switch
+      loads that method on first use. Each method keeps its own KV cache and its own XNNPACK
+      packing of the foundation weights.
+
+    ``use_adapter(name)`` switches (``None`` or ``"base"``: no adapter) and returns the seconds
+    it took; a switch starts a new sequence (``generate`` prefills from position 0).
     """
 
-    def __init__(self, export_dir: str | Path) -> None:
+    MODES = ("auto", "switchable", "bundle")
+
+    def __init__(self, export_dir: str | Path, mode: str = "auto") -> None:
         import json
 
         export_dir = Path(export_dir)
@@ -203,26 +230,62 @@ class AdapterSession:
             manifest = json.loads((export_dir / "manifest.json").read_text())
         except (OSError, ValueError) as e:
             raise ProgramError(f"{export_dir}: cannot read manifest.json ({e})") from None
-        bundle = manifest.get("bundle")
-        if not bundle:
+        if mode not in self.MODES:
+            raise ProgramError(f"mode must be one of {self.MODES}, got {mode!r}")
+        if mode == "auto":
+            mode = "switchable" if manifest.get("switchable") else "bundle"
+        entry = manifest.get(mode)
+        if not entry:
             raise ProgramError(
-                f"{export_dir}: no bundle.pte in this export (re-export with --bundle)"
+                f"{export_dir}: no {mode} program in this export (re-export with --{mode})"
             )
-        self.adapters = [m for m in bundle["methods"] if m != "base"]
-        self.program = LlamaProgram(
-            export_dir / bundle["file"], export_dir / bundle["foundation"], method="base"
-        )
+        self.mode = mode
+        self.export_dir = export_dir
+        if mode == "bundle":
+            self.adapters = [m for m in entry["methods"] if m != "base"]
+            self.program = LlamaProgram(
+                export_dir / entry["file"], export_dir / entry["foundation"], method="base"
+            )
+            return
+        from edgelora.models.lora_inputs import Slot
+
+        self.slots = [Slot.from_dict(d) for d in entry["slots"]]
+        self._files = {name: export_dir / f for name, f in entry["adapters"].items()}
+        self.adapters = list(self._files)
+        dtype = getattr(torch, entry.get("dtype", "float32"))
+        zeros = []
+        for s in self.slots:
+            zeros += [torch.zeros(1, s.in_features, s.rank, dtype=dtype),
+                      torch.zeros(1, s.rank, s.out_features, dtype=dtype)]
+        self._inputs: dict[str, list[torch.Tensor]] = {"base": zeros}
+        self.program = LlamaProgram(export_dir / entry["file"], export_dir / entry["foundation"])
+        self.program.extra_inputs = zeros
+        self._current = "base"
 
     @property
     def adapter(self) -> str | None:
-        return None if self.program.method == "base" else self.program.method
+        current = self.program.method if self.mode == "bundle" else self._current
+        return None if current == "base" else current
 
     def use_adapter(self, name: str | None) -> float:
         """Switch to adapter ``name``; returns the switch time in seconds."""
         name = name or "base"
         if name != "base" and name not in self.adapters:
-            raise ProgramError(f"no adapter {name!r} in the bundle (have: {self.adapters})")
-        return self.program.select_method(name)
+            raise ProgramError(f"no adapter {name!r} in this export (have: {self.adapters})")
+        if self.mode == "bundle":
+            return self.program.select_method(name)
+        from edgelora.errors import AdapterError
+        from edgelora.models.lora_inputs import load_adapter_tensors
+
+        t = time.perf_counter()
+        if name not in self._inputs:
+            try:
+                self._inputs[name] = load_adapter_tensors(self._files[name], self.slots)
+            except AdapterError as e:
+                raise ProgramError(str(e)) from None
+        self.program.extra_inputs = self._inputs[name]
+        self._current = name
+        return time.perf_counter() - t
 
     def generate(self, prompt: list[int], max_new_tokens: int) -> Generation:
         return self.program.generate(prompt, max_new_tokens)

@@ -68,9 +68,9 @@ def _export(out: Path, params: Path, adapters: dict[str, Path], *extra: str) -> 
 @pytest.fixture(scope="session")
 def export_8da4w(tmp_path_factory, params_file, adapter_dirs) -> Path:
     """8da4w g32 + int4 embedding: base.pte, chat.pte, code.pte, bundle.pte (methods base,
-    chat, code), foundation.ptd."""
+    chat, code), switchable.pte with chat/code.lora.safetensors, foundation.ptd."""
     out = tmp_path_factory.mktemp("exp") / "q"
-    argv = ("--embedding-bits", "4", "--embedding-group-size", "32", "--bundle")
+    argv = ("--embedding-bits", "4", "--embedding-group-size", "32", "--bundle", "--switchable")
     return _export(out, params_file, adapter_dirs, *argv)
 
 

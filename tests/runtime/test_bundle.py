@@ -17,7 +17,7 @@ PROMPT = [3, 9, 27, 4, 11]
 
 
 def test_bundle_methods_equal_separate_programs(export_8da4w):
-    session = AdapterSession(export_8da4w)
+    session = AdapterSession(export_8da4w, mode="bundle")
     assert session.adapters == ["chat", "code"] and session.adapter is None
     bundle = (export_8da4w / "bundle.pte").stat().st_size
     programs = sum((export_8da4w / f"{n}.pte").stat().st_size for n in ("base", "chat", "code"))
@@ -36,12 +36,12 @@ def test_bundle_methods_equal_separate_programs(export_8da4w):
 
 
 def test_bundle_errors(export_8da4w, export_fp32):
-    session = AdapterSession(export_8da4w)
+    session = AdapterSession(export_8da4w, mode="bundle")
     with pytest.raises(
-        ProgramError, match=r"no adapter 'nope' in the bundle \(have: \['chat', 'code'\]\)"
+        ProgramError, match=r"no adapter 'nope' in this export \(have: \['chat', 'code'\]\)"
     ):
         session.use_adapter("nope")
     with pytest.raises(ProgramError, match="re-export with --bundle"):
-        AdapterSession(export_fp32)
+        AdapterSession(export_fp32, mode="bundle")
     with pytest.raises(ProgramError, match="no method 'x'"):
         LlamaProgram(export_8da4w / "base.pte", export_8da4w / "foundation.ptd", method="x")

@@ -1,0 +1,72 @@
+"""Adapter slots (``edgelora.models.lora_inputs``) in eager PyTorch: a model with the adapter's
+tensors passed as inputs computes what the model with the adapter attached computes.
+
+Tolerance 1e-5 absolute on fp32 logits of magnitude ~1: the same products summed in another
+order (bmm of x@A then @B with the scale folded into B, against linear/linear/scale).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgelora.errors import AdapterError
+from edgelora.models.adapters import adapter_attached, random_adapter
+from edgelora.models.args import ModelArgs
+from edgelora.models.llama import build_model
+from edgelora.models.lora_inputs import adapter_slots, adapter_tensors, switchable
+
+ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=32,
+            max_seq_len=32)
+TOKENS = torch.tensor([[1, 7, 3, 9, 4]])
+
+
+def _logits(model, lora=None):
+    model.reset_cache()
+    with torch.no_grad():
+        return model(TOKENS, torch.tensor([0]), lora)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_inputs_equal_attached_adapter(fuse):
+    model = build_model(ModelArgs.from_dict(ARGS), seed=3)
+    wide = random_adapter(model, "wide", rank=4, seed=1)
+    qv = random_adapter(model, "qv", rank=8, targets=("q_proj", "v_proj"), seed=2)
+    for w in qv.modules.values():
+        w.use_rslora = True
+    qv.scale = 0.5
+    if fuse:  # adapters on wq/wk/wv are packed onto wqkv; the slots are the fused layers
+        model.fuse_qkv_projections(inplace=True)
+        model.fuse_gate_up_projections(inplace=True)
+    slots = adapter_slots(model, [wide, qv])
+    names = {s.module.split(".", 2)[2]: s.rank for s in slots if s.module.startswith("layers.0")}
+    if fuse:  # packed ranks add up on the fused layer: wide 4 (q, k, v) = 12; qv 8 + 8 = 16
+        assert names == {"attention.wqkv": 16, "attention.wo": 4, "feed_forward.w13": 8,
+                         "feed_forward.w2": 4}
+    else:
+        assert names["attention.wq"] == 8 and names["attention.wk"] == 4
+    for adapter in (wide, qv, None):
+        with adapter_attached(model, adapter):
+            want = _logits(model)
+        tensors = adapter_tensors(model, adapter, slots)
+        with switchable(model, slots):
+            got = _logits(model, tensors)
+        assert (got - want).abs().max().item() < 1e-5
+    assert (_logits(model) - want).abs().max().item() == 0  # slots removed again
+    want_n = 2 * len(slots)
+    with switchable(model, slots), pytest.raises(ValueError, match=f"expected {want_n} lora"):
+        _logits(model, tensors[:-1])
+
+
+def test_adapter_must_fit_slots():
+    model = build_model(ModelArgs.from_dict(ARGS), seed=3)
+    small = random_adapter(model, "small", rank=2, targets=("q_proj",), seed=1)
+    big = random_adapter(model, "big", rank=4, targets=("q_proj",), seed=2)
+    other = random_adapter(model, "other", rank=2, targets=("q_proj", "o_proj"), seed=2)
+    slots = adapter_slots(model, [small])
+    with pytest.raises(AdapterError, match=r"layers.0.attention.wq \(rank 4\).*slot rank 2"):
+        adapter_tensors(model, big, slots)
+    with pytest.raises(AdapterError, match=r"layers.0.attention.wo \(rank 2\).*no slot"):
+        adapter_tensors(model, other, slots)
+    with pytest.raises(ValueError, match="no adapter slots installed"):
+        _logits(model, [])

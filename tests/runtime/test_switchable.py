@@ -1,0 +1,75 @@
+"""Adapters as run-time inputs: ``switchable.pte`` (``export_llama --switchable``) is one
+program for every adapter; ``AdapterSession`` switches by passing another adapter's tensors.
+
+Tolerances: the switchable program computes the LoRA path with XNNPACK's fp32 batched matmul
+where the separate programs use its fp32 linear, so sums are ordered differently (~1e-6); the
+next layer's int8 dynamic activation quantization can turn such a difference into one
+quantization step of an activation, so logits are compared within 1e-2 absolute on logits of
+magnitude ~1 (measured below 2e-3) and the greedy tokens must be identical.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgelora.backends.xnnpack.files import missing_keys, read_pte
+from edgelora.errors import ProgramError
+from edgelora.models.lora_inputs import Slot, load_adapter_tensors
+from edgelora.runtime.session import AdapterSession, LlamaProgram
+
+PROMPT = [3, 9, 27, 4, 11]
+
+
+def test_switchable_matches_separate_programs(export_8da4w):
+    manifest = json.loads((export_8da4w / "manifest.json").read_text())
+    entry = manifest["switchable"]
+    # chat adapts all seven projections at rank 4, code q/v at rank 8: q/v slots take rank 8.
+    ranks = {s["module"].split(".", 2)[2]: s["rank"] for s in entry["slots"]}
+    assert ranks == {
+        "attention.wq": 8, "attention.wk": 4, "attention.wv": 8, "attention.wo": 4,
+        "feed_forward.w1": 4, "feed_forward.w2": 4, "feed_forward.w3": 4,
+    }
+    # Every weight of the program is foundation: it holds no named data of its own (an
+    # adapter program holds its LoRA matrices inline), and the foundation has all it needs.
+    assert read_pte(export_8da4w / "chat.pte").inline
+    assert read_pte(export_8da4w / "switchable.pte").inline == {}
+    assert missing_keys(export_8da4w / "switchable.pte", export_8da4w / "foundation.ptd") == set()
+    session = AdapterSession(export_8da4w)
+    assert session.mode == "switchable" and session.adapters == ["chat", "code"]
+    for name in ("chat", None, "code", "chat"):
+        assert session.use_adapter(name) >= 0 and session.adapter == name
+        got = session.program.forward(PROMPT, 0)
+        separate = LlamaProgram(
+            export_8da4w / f"{name or 'base'}.pte", export_8da4w / "foundation.ptd"
+        )
+        want = separate.forward(PROMPT, 0)
+        assert (got - want).abs().max().item() < 1e-2, name
+        assert session.generate(PROMPT, 6).tokens == separate.generate(PROMPT, 6).tokens, name
+    # Adapters change the output (the inputs really reach the program).
+    session.use_adapter("chat")
+    chat = session.program.forward(PROMPT, 0)
+    session.use_adapter(None)
+    assert (chat - session.program.forward(PROMPT, 0)).abs().max().item() > 1e-2
+
+
+def test_switchable_adapter_files_are_checked(export_8da4w, tmp_path):
+    entry = json.loads((export_8da4w / "manifest.json").read_text())["switchable"]
+    slots = [Slot.from_dict(d) for d in entry["slots"]]
+    tensors = load_adapter_tensors(export_8da4w / entry["adapters"]["code"], slots)
+    # code adapts q/v only: the other slots are zero; its rank 8 fills the q/v slots.
+    for i, slot in enumerate(slots):
+        adapted = slot.module.endswith(("wq", "wv"))
+        for t in tensors[2 * i : 2 * i + 2]:
+            assert (t.abs().sum() > 0) == adapted, slot.module
+    bad_slots = [Slot(slots[0].module, slots[0].in_features, slots[0].out_features, 2)]
+    with pytest.raises(Exception, match=r"has shape \[1, 64, 8\], the program's slot needs"):
+        load_adapter_tensors(export_8da4w / entry["adapters"]["code"], bad_slots)
+    session = AdapterSession(export_8da4w)
+    with pytest.raises(ProgramError, match=r"no adapter 'nope' in this export"):
+        session.use_adapter("nope")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 10)
+    with pytest.raises(Exception, match="cannot read adapter tensors"):
+        load_adapter_tensors(broken, slots)
