@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: create .venv, install edgelora with the pinned stack, then
 #   bash ci/setup.sh demo   -> export + run the embedded tiny model and demo adapter, print figures
-#   bash ci/setup.sh test   -> ruff (lint + format check), pytest, and ci/test_lora.sh
+#   bash ci/setup.sh test   -> ruff (lint + format check), pytest (which runs ci/test_lora.sh)
 # torch is installed first with its exact pin: an unpinned torch pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import edgelora, torch, executorch, torchao, pytest, ruff, peft" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import edgelora, torch, executorch, torchao, pytest, ruff, peft, matplotlib" 2>/dev/null; then
   echo "== installing (torch==2.13.0 CPU, executorch==1.5.1, torchao==0.18.0, ...)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
@@ -30,10 +30,8 @@ case "${1:-demo}" in
     ruff check .
     ruff format --check .
     echo "== pytest"
-    python -m pytest tests -p no:cacheprovider --durations=15
-    # pytest already ran ci/test_lora.sh for fp32 (tests/ci/test_test_lora.py); add 8da4w here.
-    echo "== ci/test_lora.sh (8da4w)"
-    QMODES=8da4w PYTHON="$PWD/$VENV/bin/python" bash ci/test_lora.sh
+    # includes ci/test_lora.sh for 8da4w (tests/ci/test_test_lora.py)
+    exec python -m pytest tests -p no:cacheprovider --durations=15
     ;;
   *)
     echo "usage: bash ci/setup.sh [demo|test]" >&2

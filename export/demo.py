@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgelora.models.adapters import random_adapter
     from edgelora.models.args import ModelArgs
     from edgelora.models.llama import build_model
-    from edgelora.runtime.session import LlamaProgram
+    from edgelora.runtime.session import AdapterSession, LlamaProgram, resident_mib
     from edgelora.runtime.text import generate_text
     from edgelora.runtime.tokenizer import write_char_tokenizer
 
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         group_size=32,
         embedding_bits=4,
         embedding_group_size=32,
+        switchable=True,
         overwrite=True,
     )
     result = run_export(config, [adapter])
@@ -79,11 +80,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:16s} {entry['size'] / 1024:9.1f} KiB")
     print(f"  (adapter weights: {adapter.num_bytes / 1024:.1f} KiB fp32)")
     print("\nruntime (ExecuTorch, XNNPACK):")
+    separate = {}
     for name in ("base", "demo"):
         gen = LlamaProgram(out / f"{name}.pte", out / "foundation.ptd").generate(PROMPT, 24)
+        separate[name] = gen.tokens
         print(
             f"  {name:5s} prefill {len(PROMPT)} tokens: {gen.prefill_tokens_per_s:8.0f} tokens/s, "
             f"decode {gen.decode_ms_per_token:.3f} ms/token; tokens {gen.tokens[:10]}..."
+        )
+    print("\nswitching adapters in one process (switchable.pte, adapter weights as inputs):")
+    session = AdapterSession(out)
+    for name in ("demo", "base", "demo"):
+        switch_s = session.use_adapter(name)
+        gen = session.generate(PROMPT, 24)
+        same = "same tokens as" if gen.tokens == separate[name] else "DIFFERENT tokens from"
+        print(
+            f"  -> {name:5s} switch {switch_s * 1e3:6.2f} ms, decode "
+            f"{gen.decode_ms_per_token:.3f} ms/token, RSS {resident_mib():.0f} MiB; "
+            f"{same} {name}.pte"
         )
     print("\ntext through ExecuTorch's TextLLMRunner (greedy; a random model babbles):")
     tokenizer = write_char_tokenizer(out / "tokenizer.json", args.vocab_size)

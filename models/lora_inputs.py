@@ -39,8 +39,12 @@ class Slot:
     rank: int
 
     def to_dict(self) -> dict:
-        return {"module": self.module, "in": self.in_features, "out": self.out_features,
-                "rank": self.rank}
+        return {
+            "module": self.module,
+            "in": self.in_features,
+            "out": self.out_features,
+            "rank": self.rank,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Slot:
@@ -61,9 +65,7 @@ def _effective_lora(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _attached_loras(model: nn.Module) -> dict[str, nn.Module]:
     return {
-        fqn: m
-        for fqn, m in model.named_modules()
-        if isinstance(m, (LoRALinear, PackedLoRALinear))
+        fqn: m for fqn, m in model.named_modules() if isinstance(m, (LoRALinear, PackedLoRALinear))
     }
 
 

@@ -184,7 +184,9 @@ def _switch_demo(ns: argparse.Namespace) -> int:
         return 0
     print(f"{ns.pte} ({session.mode}.pte, foundation loaded once)")
     for r in results:
-        decode = "" if r["decode_ms_per_token"] is None else f", {r['decode_ms_per_token']:.3f} ms/token"
+        decode = (
+            "" if r["decode_ms_per_token"] is None else f", {r['decode_ms_per_token']:.3f} ms/token"
+        )
         print(
             f"  {r['adapter']:>12}: switch {r['switch_ms']:.2f} ms, RSS {r['rss_mib']:.0f} MiB"
             f"{decode}; tokens {' '.join(map(str, r['tokens']))}"

@@ -198,7 +198,9 @@ def eager_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: in
             gen.tokens.append(next_tok)
             if i == max_new_tokens - 1:
                 break
+            t0 = time.perf_counter()
             step = model(torch.tensor([[next_tok]]), torch.tensor([len(prompt) + i]))[0]
+            gen.decode_s.append(time.perf_counter() - t0)
             next_tok = int(step[-1].argmax())
     return gen
 
@@ -255,8 +257,10 @@ class AdapterSession:
         dtype = getattr(torch, entry.get("dtype", "float32"))
         zeros = []
         for s in self.slots:
-            zeros += [torch.zeros(1, s.in_features, s.rank, dtype=dtype),
-                      torch.zeros(1, s.rank, s.out_features, dtype=dtype)]
+            zeros += [
+                torch.zeros(1, s.in_features, s.rank, dtype=dtype),
+                torch.zeros(1, s.rank, s.out_features, dtype=dtype),
+            ]
         self._inputs: dict[str, list[torch.Tensor]] = {"base": zeros}
         self.program = LlamaProgram(export_dir / entry["file"], export_dir / entry["foundation"])
         self.program.extra_inputs = zeros

@@ -16,12 +16,19 @@ def test_manifest_describes_the_files(export_8da4w, tiny_args):
     assert on_disk == [
         "base.pte",
         "bundle.pte",
+        "chat.lora.safetensors",
         "chat.pte",
+        "code.lora.safetensors",
         "code.pte",
         "foundation.ptd",
         "manifest.json",
+        "switchable.pte",
     ]
     assert manifest["bundle"]["methods"] == ["base", "chat", "code"]
+    assert manifest["switchable"]["adapters"] == {
+        "chat": "chat.lora.safetensors",
+        "code": "code.lora.safetensors",
+    }
     for name, entry in manifest["files"].items():
         assert entry["size"] == (export_8da4w / name).stat().st_size
         assert entry["sha256"] == sha256_file(export_8da4w / name)

@@ -16,8 +16,9 @@ from edgelora.models.args import ModelArgs
 from edgelora.models.llama import build_model
 from edgelora.models.lora_inputs import adapter_slots, adapter_tensors, switchable
 
-ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=32,
-            max_seq_len=32)
+ARGS = dict(
+    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=32, max_seq_len=32
+)
 TOKENS = torch.tensor([[1, 7, 3, 9, 4]])
 
 
@@ -41,8 +42,12 @@ def test_inputs_equal_attached_adapter(fuse):
     slots = adapter_slots(model, [wide, qv])
     names = {s.module.split(".", 2)[2]: s.rank for s in slots if s.module.startswith("layers.0")}
     if fuse:  # packed ranks add up on the fused layer: wide 4 (q, k, v) = 12; qv 8 + 8 = 16
-        assert names == {"attention.wqkv": 16, "attention.wo": 4, "feed_forward.w13": 8,
-                         "feed_forward.w2": 4}
+        assert names == {
+            "attention.wqkv": 16,
+            "attention.wo": 4,
+            "feed_forward.w13": 8,
+            "feed_forward.w2": 4,
+        }
     else:
         assert names["attention.wq"] == 8 and names["attention.wk"] == 4
     for adapter in (wide, qv, None):

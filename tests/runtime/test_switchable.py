@@ -28,8 +28,13 @@ def test_switchable_matches_separate_programs(export_8da4w):
     # chat adapts all seven projections at rank 4, code q/v at rank 8: q/v slots take rank 8.
     ranks = {s["module"].split(".", 2)[2]: s["rank"] for s in entry["slots"]}
     assert ranks == {
-        "attention.wq": 8, "attention.wk": 4, "attention.wv": 8, "attention.wo": 4,
-        "feed_forward.w1": 4, "feed_forward.w2": 4, "feed_forward.w3": 4,
+        "attention.wq": 8,
+        "attention.wk": 4,
+        "attention.wv": 8,
+        "attention.wo": 4,
+        "feed_forward.w1": 4,
+        "feed_forward.w2": 4,
+        "feed_forward.w3": 4,
     }
     # Every weight of the program is foundation: it holds no named data of its own (an
     # adapter program holds its LoRA matrices inline), and the foundation has all it needs.

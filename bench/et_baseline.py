@@ -1,0 +1,391 @@
+"""Baseline programs exported by ExecuTorch's own Llama example (``export_llama``).
+
+    python bench/et_baseline.py [--work /tmp/etb/selfcheck]
+
+Our exports are compared against what a user gets from the example shipped in the ``executorch``
+wheel (``executorch/examples/models/llama``): 8da4w weights (group 32) delegated to XNNPACK,
+a KV cache with the custom SDPA op, dynamic prefill length, fp32 activations and, for a LoRA
+program, the adapter plus the base weights in a separate foundation ``.ptd`` file.
+
+The example is driven through its Hydra front end (``export_llama --hydra key=value ...``):
+``export.foundation_weights_file`` exists only in its ``LlmConfig``, the legacy argparse flags
+(``-qmode 8da4w -G 32 -X -kv --use_sdpa_with_kv_cache``) have no option for it. The adapter
+goes in a small config file (``--config``): Hydra cannot set ``base.lora_config`` fields from the
+command line.
+
+Input formats the example reads (see :func:`write_et_inputs`):
+
+* ``params.json`` with Meta's keys but without ``max_seq_len`` (the example passes
+  ``export.max_seq_length`` itself, so the key would be an argument given twice);
+* a ``.pth`` state dict in Meta key names, which our ``Transformer`` already uses (Meta's
+  adjacent-pair rotary layout for ``wq``/``wk``, as the example's ``apply_rotary_emb``);
+* an adapter as ``adapter_model.safetensors`` + ``adapter_config.json``. The example maps the
+  safetensors' PEFT key names (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``)
+  straight onto its modules without the HF-to-Meta rotary row permutation PEFT adapters need, so
+  ``lora_B`` is written in Meta row order here (unlike our PEFT writer). Its other format,
+  torchtune's ``adapter_model.pt``, needs ``torchtune`` installed for the key renaming.
+
+``main`` is a self-check on a tiny model: it exports a base and a LoRA program, runs both in the
+ExecuTorch runtime and compares their logits with our eager model (and with the example's own
+eager model in fp32, which isolates layout errors from quantization error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from edgelora.models.adapters import Adapter, adapter_attached, random_adapter
+from edgelora.models.args import ModelArgs
+from edgelora.models.checkpoint import save_checkpoint
+from edgelora.models.hf import HF_PROJECTIONS
+from edgelora.models.llama import build_model
+
+ET_EXPORT_MODULE = "executorch.examples.models.llama.export_llama"
+TIME_BIN = Path("/usr/bin/time")
+# Our layer-relative projection path -> the HF name the example's LoRA config and keys use.
+_HF_NAME = {ours: proj for proj, (_, ours) in HF_PROJECTIONS.items()}
+_PEFT_KEY = "base_model.model.model.layers.{layer}.{parent}.{proj}.lora_{half}.weight"
+TINY = {
+    "dim": 64,
+    "n_layers": 1,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "vocab_size": 256,
+    "multiple_of": 32,
+    "max_seq_len": 64,
+}
+
+
+def _et_params(args: ModelArgs) -> dict[str, Any]:
+    """``args`` as the example's ``params.json`` (its ``ModelArgs`` keyword names)."""
+    if args.is_mla or args.use_scaled_rope:
+        raise ValueError(
+            "et_baseline: only plain Llama models (GQA, unscaled rope) are supported, got "
+            f"attention_type={args.attention_type!r}, use_scaled_rope={args.use_scaled_rope}"
+        )
+    params = {
+        "dim": args.dim,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "n_kv_heads": args.kv_heads,
+        "vocab_size": args.vocab_size,
+        "multiple_of": args.multiple_of,
+        "norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+    }
+    if args.hidden_dim is not None:
+        params["hidden_dim"] = args.hidden_dim
+    if args.ffn_dim_multiplier is not None:
+        params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
+    return params
+
+
+def _check_weight_names(model: nn.Module, et_params: dict[str, Any], max_seq_len: int) -> None:
+    """Raise unless ``model``'s state dict has exactly the weights the example's Transformer
+    loads (it loads non-strictly: a missing weight fails, an extra key is silently dropped)."""
+    from executorch.examples.models.llama.llama_transformer import construct_transformer
+    from executorch.examples.models.llama.model_args import ModelArgs as EtModelArgs
+
+    et_args = EtModelArgs(max_seq_len=max_seq_len, max_context_len=max_seq_len, **et_params)
+    with torch.device("meta"):
+        expected = {k for k in construct_transformer(et_args).state_dict() if k.endswith(".weight")}
+    ours = set(model.state_dict())
+    if ours != expected:
+        raise ValueError(
+            "et_baseline: model weights do not match the example's Transformer: missing "
+            f"{sorted(expected - ours)[:5]}, unexpected {sorted(ours - expected)[:5]} "
+            "(a fused wqkv/w13 model must be unfused first)"
+        )
+
+
+def _write_adapter(adapter: Adapter, n_layers: int, out: Path) -> dict[str, Path]:
+    """Write ``adapter`` the way the example's ``.safetensors`` LoRA path reads it, plus the
+    Hydra config file naming it (``adapter_checkpoint``, ``adapter_config``, ``lora_config``).
+
+    The example builds every targeted projection in every layer with one rank and one alpha
+    (``scale = alpha / rank``). Ranks must agree; any per-module alpha, rsLoRA or user scale
+    differing from the first module's is folded into ``lora_B`` (exact: the factor is 1.0 for a
+    uniform plain adapter).
+    """
+    from safetensors.torch import save_file
+
+    by_layer: dict[int, set[str]] = {}
+    for fqn in adapter.modules:
+        _, layer, path = fqn.split(".", 2)
+        by_layer.setdefault(int(layer), set()).add(path)
+    paths = by_layer.get(0, set())
+    if set(by_layer) != set(range(n_layers)) or any(p != paths for p in by_layer.values()):
+        raise ValueError(
+            f"adapter {adapter.name!r}: the example adapts the same projections in every layer; "
+            "this adapter does not"
+        )
+    unsupported = sorted(paths - set(_HF_NAME))
+    if unsupported:
+        raise ValueError(f"adapter {adapter.name!r}: projections {unsupported} are not Llama's")
+    ranks = {w.rank for w in adapter.modules.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"adapter {adapter.name!r}: the example needs one rank, got {ranks}")
+    (rank,) = ranks
+    alpha = next(iter(adapter.modules.values())).alpha
+    tensors = {}
+    for fqn, w in adapter.modules.items():
+        _, layer, path = fqn.split(".", 2)
+        proj = _HF_NAME[path]
+        scale = adapter.scale * w.alpha / (math.sqrt(rank) if w.use_rslora else rank)
+        key = {"layer": layer, "parent": HF_PROJECTIONS[proj][0], "proj": proj}
+        tensors[_PEFT_KEY.format(half="A", **key)] = w.lora_a.float().contiguous()
+        b = w.lora_b.float() * (scale / (alpha / rank))
+        tensors[_PEFT_KEY.format(half="B", **key)] = b.contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    weights, config = out / "adapter_model.safetensors", out / "adapter_config.json"
+    save_file(tensors, str(weights))
+    cfg = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "target_modules": sorted(_HF_NAME[p] for p in paths),
+    }
+    config.write_text(json.dumps(cfg, indent=2) + "\n")
+    # Hydra cannot set fields under base.lora_config (None by default) from the command line,
+    # but a config file extending the example's schema can.
+    lora_config = out / "lora_config.yaml"
+    lora = {"adapter_checkpoint": str(weights.resolve()), "adapter_config": str(config.resolve())}
+    lora_config.write_text(
+        yaml.safe_dump({"defaults": ["llm_config", "_self_"], "base": {"lora_config": lora}})
+    )
+    return {"adapter_checkpoint": weights, "adapter_config": config, "lora_config": lora_config}
+
+
+def write_et_inputs(
+    work: Path, params: dict[str, Any], model: nn.Module, adapter: Adapter | None = None
+) -> dict[str, Path]:
+    """Write the example's inputs for ``model`` (built from ``params``) into ``work``.
+
+    Returns the paths by role: ``params`` (``params.json``), ``checkpoint`` (``model.pth``) and,
+    with ``adapter``, ``adapter_checkpoint``, ``adapter_config`` and ``lora_config`` (the Hydra
+    config file passing both to the example), under ``work/adapter``.
+    Raises ``ValueError`` for a model or adapter the example cannot express.
+    """
+    args = ModelArgs.from_dict(params)
+    et_params = _et_params(args)
+    _check_weight_names(model, et_params, args.max_seq_len)
+    work.mkdir(parents=True, exist_ok=True)
+    paths = {"params": work / "params.json", "checkpoint": work / "model.pth"}
+    paths["params"].write_text(json.dumps(et_params, indent=2) + "\n")
+    save_checkpoint(model, paths["checkpoint"])
+    if adapter is not None:
+        paths.update(_write_adapter(adapter, args.n_layers, work / "adapter"))
+    return paths
+
+
+def _hydra_str(value: Path | str) -> str:
+    """A Hydra override value quoted as a string (paths may hold Hydra's special characters)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def et_export_command(
+    inputs: dict[str, Path],
+    out_dir: Path,
+    *,
+    name: str,
+    lora: bool,
+    foundation: bool,
+    group_size: int = 32,
+    max_seq_len: int = 128,
+) -> list[str]:
+    """The example's command line writing ``out_dir/<name>.pte`` (and, with ``foundation``,
+    ``out_dir/<name>_foundation.ptd`` holding every non-LoRA weight).
+
+    8da4w with ``group_size`` (HQQ scales, the example's default), XNNPACK, KV cache with the
+    custom SDPA op, dynamic prefill length (up to ``max_seq_len - 1`` tokens), a KV cache of
+    ``max_seq_len`` positions, fp32. ``lora`` adds ``inputs``' adapter through ``--config
+    lora_config.yaml`` (its LoRA weights stay in the ``.pte``). Run it with ``cwd=out_dir``.
+    """
+    out_dir = Path(out_dir).resolve()
+    cmd = [
+        sys.executable,
+        "-m",
+        ET_EXPORT_MODULE,
+        "--hydra",
+        *(["--config", str(inputs["lora_config"].resolve())] if lora else []),
+        "base.model_class=llama3",  # any example-defined Llama: no rope scaling in params
+        f"base.checkpoint={_hydra_str(inputs['checkpoint'].resolve())}",
+        f"base.params={_hydra_str(inputs['params'].resolve())}",
+        "model.dtype_override=fp32",
+        "model.use_kv_cache=true",
+        "model.use_sdpa_with_kv_cache=true",
+        "model.enable_dynamic_shape=true",
+        "backend.xnnpack.enabled=true",
+        "quantization.qmode=8da4w",
+        f"quantization.group_size={group_size}",
+        f"export.max_seq_length={max_seq_len}",
+        f"export.max_context_length={max_seq_len}",
+        f"export.output_dir={_hydra_str(out_dir)}",
+        f"export.output_name={_hydra_str(name)}",  # no .pte suffix: that bypasses output_dir
+    ]
+    if foundation:
+        cmd.append(f"export.foundation_weights_file={_hydra_str(name + '_foundation.ptd')}")
+    # Hydra: run in out_dir, write no .hydra/ or log file there (logs go to stderr).
+    cmd += [f"hydra.run.dir={_hydra_str(out_dir)}", "hydra.output_subdir=null"]
+    return cmd + ["hydra/job_logging=none"]
+
+
+def _poll_peak_rss(proc: subprocess.Popen) -> float:
+    """Peak RSS (MiB) of ``proc`` and its descendants, sampled every 50 ms until it exits."""
+    import psutil
+
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        total = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                total += p.memory_info().rss
+        except psutil.Error:  # a process exited while sampling
+            pass
+        peak = max(peak, total)
+        time.sleep(0.05)
+    return peak / 2**20
+
+
+def run_et_export(cmd: list[str], cwd: Path) -> dict[str, Any]:
+    """Run an export command in ``cwd``; return ``wall_s``, ``peak_rss_mib`` (of the child
+    process tree: ``/usr/bin/time -v`` if present, else psutil polling) and ``files`` (name ->
+    bytes of the files in ``cwd`` the run wrote).
+
+    Raises ``RuntimeError`` with the last 3000 characters of the child's output (stderr, with
+    stdout interleaved) if the command fails or writes no ``.pte`` (the example only logs a
+    failed save and still exits 0).
+    """
+    cwd = Path(cwd)
+    cwd.mkdir(parents=True, exist_ok=True)
+    timed = TIME_BIN.exists()
+    with tempfile.TemporaryDirectory() as tmp:
+        log, usage = Path(tmp, "output.txt"), Path(tmp, "time.txt")
+        full = [str(TIME_BIN), "-v", "-o", str(usage), *cmd] if timed else cmd
+        start_ns, t0 = time.time_ns(), time.perf_counter()
+        with open(log, "w") as out:
+            proc = subprocess.Popen(full, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+            peak = math.nan if timed else _poll_peak_rss(proc)
+            proc.wait()
+        wall = time.perf_counter() - t0
+        text = log.read_text(errors="replace")
+        if timed and usage.is_file():
+            m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", usage.read_text())
+            peak = int(m.group(1)) / 1024 if m else peak
+    files = {
+        f.name: f.stat().st_size
+        for f in sorted(cwd.iterdir())
+        if f.is_file() and f.stat().st_mtime_ns >= start_ns
+    }
+    if proc.returncode != 0 or not any(n.endswith(".pte") for n in files):
+        raise RuntimeError(
+            f"ExecuTorch export failed (exit {proc.returncode}, wrote {sorted(files)}): "
+            f"{' '.join(cmd)}\n...{text[-3000:]}"
+        )
+    return {"wall_s": wall, "peak_rss_mib": peak, "files": files}
+
+
+def _runtime_logits(pte: Path, ptd: Path | None, tokens: torch.Tensor) -> torch.Tensor:
+    """Last-position logits ``[vocab]`` of ``pte``'s ``forward(tokens, input_pos=[0])``."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    import executorch.kernels.quantized  # noqa: F401
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(pte, data_path=ptd)
+    (logits,) = program.load_method("forward").execute([tokens, torch.tensor([0])])
+    return logits.reshape(-1)
+
+
+def _et_eager_logits(
+    inputs: dict[str, Path], lora: bool, tokens: torch.Tensor, max_seq_len: int
+) -> torch.Tensor:
+    """Last-position logits of the example's own eager model (fp32, unquantized) loaded from
+    ``inputs``: checks the checkpoint and adapter layout independently of quantization."""
+    from executorch.examples.models.llama.model import Llama2Model
+    from executorch.extension.llm.export.config.llm_config import LlmConfig, LoraConfig
+
+    cfg = LlmConfig()
+    cfg.base.checkpoint, cfg.base.params = str(inputs["checkpoint"]), str(inputs["params"])
+    if lora:
+        cfg.base.lora_config = LoraConfig(
+            adapter_checkpoint=str(inputs["adapter_checkpoint"]),
+            adapter_config=str(inputs["adapter_config"]),
+        )
+    cfg.model.use_kv_cache = True
+    cfg.export.max_seq_length = cfg.export.max_context_length = max_seq_len
+    model = Llama2Model(cfg).get_eager_model().eval()
+    with torch.no_grad():
+        out = model(tokens, {"input_pos": torch.tensor([0])})
+    return (out[0] if isinstance(out, tuple) else out).reshape(-1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--work", type=Path, default=Path("/tmp/etb/selfcheck"))
+    work = p.parse_args().work.resolve()
+
+    args = ModelArgs.from_dict(TINY)
+    model = build_model(args)
+    adapter = random_adapter(model, "a0", rank=4, alpha=8, seed=10)
+    inputs = write_et_inputs(work / "inputs", TINY, model, adapter)
+    tokens = torch.tensor([[1, 2, 3]])
+
+    programs = {}
+    for name, lora in (("base", False), ("lora", True)):
+        out_dir = work / name
+        cmd = et_export_command(
+            inputs, out_dir, name=name, lora=lora, foundation=True, max_seq_len=args.max_seq_len
+        )
+        print(f"$ {' '.join(cmd)}")
+        result = run_et_export(cmd, out_dir)
+        print(
+            f"{name}: {result['wall_s']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} MiB, "
+            f"files {result['files']}"
+        )
+        programs[name] = (out_dir / f"{name}.pte", out_dir / f"{name}_foundation.ptd")
+
+    refs, got = {}, {}
+    for name, (pte, ptd) in programs.items():
+        with torch.no_grad(), adapter_attached(model, adapter if name == "lora" else None):
+            refs[name] = model(tokens, torch.tensor([0]))[0, -1]
+        et_eager = _et_eager_logits(inputs, name == "lora", tokens, args.max_seq_len)
+        got[name] = _runtime_logits(pte, ptd, tokens)
+        print(
+            f"{name}: max|logit| {refs[name].abs().max():.4f}; max abs diff vs our eager fp32: "
+            f"ExecuTorch runtime 8da4w {(got[name] - refs[name]).abs().max():.3e}, "
+            f"example's eager fp32 {(et_eager - refs[name]).abs().max():.3e}"
+        )
+    # The adapter's contribution (lora - base logits): the base's quantization error mostly
+    # cancels, so this checks the adapter itself more tightly than the logits do.
+    effect = refs["lora"] - refs["base"]
+    effect_diff = (got["lora"] - got["base"] - effect).abs().max()
+    print(
+        f"adapter effect: max {effect.abs().max():.3e} in eager, max abs diff in the runtime "
+        f"{effect_diff:.3e}"
+    )
+    # One foundation file for both programs? (Named-data keys are content hashes.)
+    same = programs["lora"][1].read_bytes() == programs["base"][1].read_bytes()
+    cross = _runtime_logits(programs["lora"][0], programs["base"][1], tokens)
+    print(
+        f"foundation files identical: {same}; lora.pte with base_foundation.ptd: max abs diff "
+        f"vs its own {(cross - got['lora']).abs().max():.3e}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""Benchmark harness: our export against ExecuTorch's own Llama example and eager PyTorch.
+
+    python bench/run.py --config stories15m|stories110m|mla-small|tiny [--rounds 3]
+        [--variants split,fused] [--no-baseline] [--work DIR] [--results bench/results]
+
+For one named config, with the same random weights (written once as a Meta ``.pth``) and the
+same rank-16 adapter on every projection:
+
+1. exports with our ``export_llama`` (base + adapter, 8da4w g32; ``split``: unfused, fp32
+   embedding; ``fused``: ``--fuse all`` and a 4-bit embedding) and with ExecuTorch's example
+   (``bench/et_baseline.py``: same checkpoint, 8da4w g32, XNNPACK, KV cache + custom SDPA, its
+   LoRA and foundation-file options), recording wall time and peak RSS of each export process;
+2. runs every program on ``executorch.runtime`` in its own subprocess -- prefill of a 128-token
+   prompt (median of 3) and decode (median of 64 steps after an 8-token prefill) -- for
+   ``--rounds`` rounds in alternating order, so machine drift cancels in the ratios;
+3. measures eager PyTorch (fp32, and torchao 8da4w) the same way;
+4. records every file's size and what each adapter adds;
+5. measures this machine's memory read bandwidth and shows each decode time as a multiple of
+   the bound (weight bytes read per token / bandwidth);
+
+and writes ``<results>/<config>.json``, ``<config>.md`` (tables) and ``<config>-decode.png`` /
+``<config>-sizes.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from device import _measure  # noqa: E402
+from spine import CONFIGS  # noqa: E402
+
+ADAPTER = "a0"
+VARIANTS = {
+    "split": ["--fuse", "none"],
+    "fused": ["--fuse", "all", "--embedding-bits", "4", "--embedding-group-size", "32"],
+}
+
+
+# --------------------------------------------------------------------------- child processes
+def _child_program(pte: str, ptd: str, vocab: int) -> dict:
+    from edgelora.runtime.session import LlamaProgram
+
+    return _measure(LlamaProgram(pte, ptd or None), vocab)
+
+
+def _child_eager(work: str, config: str, qmode: str) -> dict:
+    import torch
+
+    from edgelora.export.pipeline import build_foundation
+    from edgelora.models.args import ModelArgs
+    from edgelora.runtime.session import eager_generate
+
+    args = ModelArgs.from_dict(CONFIGS[config])
+    model, _, _ = build_foundation(
+        args, checkpoint=Path(work) / "model.pth", seed=0, qmode=qmode, group_size=32
+    )
+    model.eval()
+
+    class Eager:  # the LlamaProgram interface _measure uses
+        def forward(self, tokens, start):
+            if start == 0:
+                model.reset_cache()
+            with torch.no_grad():
+                return model(torch.tensor([tokens]), torch.tensor([start]))[0]
+
+        def generate(self, prompt, n):
+            return eager_generate(model, prompt, n)
+
+    return _measure(Eager(), args.vocab_size)
+
+
+def _child_bandwidth() -> dict:
+    """Read bandwidth: sum a 512 MiB float32 tensor with torch's threads, best of 7."""
+    import torch
+
+    x = torch.ones(128 * 2**20)
+    x.sum()
+    best = math.inf
+    for _ in range(7):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return {"read_gb_per_s": x.numel() * 4 / best / 1e9, "threads": torch.get_num_threads()}
+
+
+def _child(argv: list[str]) -> dict:
+    kind = argv[0]
+    if kind == "program":
+        return _child_program(argv[1], argv[2], int(argv[3]))
+    if kind == "eager":
+        return _child_eager(argv[1], argv[2], argv[3])
+    return _child_bandwidth()
+
+
+def _run_child(*argv: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", *argv], capture_output=True, text=True
+    )
+    if proc.returncode:
+        raise SystemExit(f"child {argv} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------- the harness
+def _inputs(config: str, work: Path) -> tuple[dict, object, object]:
+    from edgelora.models.adapter_files import save_peft_adapter
+    from edgelora.models.adapters import random_adapter
+    from edgelora.models.args import ModelArgs
+    from edgelora.models.checkpoint import save_checkpoint
+    from edgelora.models.llama import build_model
+
+    params = CONFIGS[config]
+    args = ModelArgs.from_dict(params)
+    model = build_model(args, seed=0)
+    adapter = random_adapter(model, ADAPTER, rank=16, alpha=32, seed=10)
+    (work / "params.json").write_text(json.dumps(params))
+    save_checkpoint(model, work / "model.pth")
+    save_peft_adapter(adapter, work / "adapter", args)
+    return params, model, adapter
+
+
+_STAGE = re.compile(r"^\[(?P<name>[^\]]+)\] (?P<s>[0-9.]+) s$")
+
+
+def _our_export(work: Path, variant: str) -> dict:
+    from et_baseline import run_et_export
+
+    out = work / f"ours-{variant}"
+    cmd = [
+        str(Path(sys.executable).with_name("export_llama")),
+        "--params", str(work / "params.json"),
+        "--checkpoint", str(work / "model.pth"),
+        "--lora", f"{ADAPTER}={work / 'adapter'}",
+        "--output-dir", str(out),
+        "--overwrite",
+        *VARIANTS[variant],
+    ]  # fmt: skip
+    rec = run_et_export(cmd, work)
+    stages = {}
+    for line in rec.pop("stdout", "").splitlines():
+        m = _STAGE.match(line.strip())
+        if m:
+            stages[m["name"]] = float(m["s"])
+    rec["stages_s"] = stages
+    rec["adapter_export_s"] = sum(s for n, s in stages.items() if n.startswith(f"{ADAPTER}:"))
+    rec["files"] = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    rec["programs"] = {
+        "base": (out / "base.pte", out / "foundation.ptd"),
+        "lora": (out / f"{ADAPTER}.pte", out / "foundation.ptd"),
+    }
+    return rec
+
+
+def _baseline_export(work: Path, params: dict, model, adapter) -> dict:
+    from et_baseline import et_export_command, run_et_export, write_et_inputs
+
+    inputs = write_et_inputs(work / "et", params, model, adapter)
+    recs = {}
+    for name, lora in (("base", False), ("lora", True)):
+        out = work / "et" / name
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = et_export_command(inputs, out, name=name, lora=lora, foundation=lora)
+        recs[name] = run_et_export(cmd, work)
+        recs[name].pop("stdout", None)
+        recs[name]["files"] = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+        pte = next(out.glob("*.pte"))
+        ptd = next(out.glob("*.ptd"), None)
+        recs[name]["program"] = (pte, ptd)
+    return recs
+
+
+def _bytes_per_token(files: dict[str, int], params: dict, emb_bits: int) -> int:
+    """Weight bytes a decode step reads: the foundation minus the embedding table (one row of
+    it is read per token)."""
+    rows, dim = params["vocab_size"], params["dim"]
+    emb = rows * dim * (4 if emb_bits == 0 else emb_bits / 8)
+    return int(files["foundation.ptd"] - emb + emb / rows)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        print(json.dumps(_child(sys.argv[2:])))
+        return
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", choices=sorted(CONFIGS), default="stories15m")
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
+    p.add_argument(
+        "--variants", default="split,fused", help=f"our export variants, of {sorted(VARIANTS)}"
+    )
+    p.add_argument("--no-baseline", action="store_true", help="skip ExecuTorch's example (tests)")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager references")
+    p.add_argument("--work", type=Path, default=None)
+    p.add_argument("--results", type=Path, default=HERE / "results")
+    ns = p.parse_args()
+    variants = [v for v in ns.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {sorted(VARIANTS)}")
+    work = ns.work or Path(tempfile.mkdtemp(prefix=f"edgelora-bench-{ns.config}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+
+    params, model, adapter = _inputs(ns.config, work)
+    exports = {}
+    for v in variants:
+        log(f"== export: ours ({v})")
+        exports[f"ours-{v}"] = _our_export(work, v)
+    if not ns.no_baseline:
+        log("== export: ExecuTorch example (base, then LoRA)")
+        exports["executorch"] = _baseline_export(work, params, model, adapter)
+
+    programs: dict[str, tuple[Path, Path | None]] = {}
+    for v in variants:
+        for role, paths in exports[f"ours-{v}"]["programs"].items():
+            programs[f"ours-{v}/{role}"] = paths
+    if "executorch" in exports:
+        for role in ("base", "lora"):
+            programs[f"executorch/{role}"] = exports["executorch"][role]["program"]
+
+    log("== memory bandwidth")
+    bandwidth = _run_child("bandwidth")
+    runs: dict[str, list[dict]] = {k: [] for k in programs}
+    eager = [] if ns.no_eager else ["eager-fp32", "eager-8da4w"]
+    runs.update({k: [] for k in eager})
+    for r in range(ns.rounds):
+        order = list(runs) if r % 2 == 0 else list(runs)[::-1]
+        for key in order:
+            if key.startswith("eager"):
+                qmode = "none" if key == "eager-fp32" else "8da4w"
+                row = _run_child("eager", str(work), ns.config, qmode)
+            else:
+                pte, ptd = programs[key]
+                row = _run_child("program", str(pte), str(ptd or ""), str(params["vocab_size"]))
+            runs[key].append(row)
+            log(
+                f"  round {r} {key}: decode {row['decode_ms_per_token']:.3f} ms/token, "
+                f"prefill {row['prefill_tokens_per_s']:.0f} tok/s"
+            )
+
+    median = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in runs.items()}
+    figures = _figures(ns.config, params, exports, median, runs, bandwidth, adapter.num_bytes)
+    ns.results.mkdir(parents=True, exist_ok=True)
+    stem = ns.results / ns.config
+    stem.with_suffix(".json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(_markdown(figures))
+    _plots(figures, stem)
+    print(_markdown(figures))
+
+
+def _figures(config, params, exports, median, runs, bandwidth, adapter_bytes) -> dict:
+    bw = bandwidth["read_gb_per_s"] * 1e9
+    decode = {k: v["decode_ms_per_token"] for k, v in median.items()}
+    out = {
+        "config": config,
+        "model": params,
+        "adapter": {"rank": 16, "targets": "all projections", "bytes_fp32": adapter_bytes},
+        "bandwidth": bandwidth,
+        "exports": {},
+        "median": median,
+        "runs": runs,
+        "bound": {},
+        "ratios": {},
+    }
+    for name, rec in exports.items():
+        if name == "executorch":
+            out["exports"][name] = {
+                role: {k: v for k, v in r.items() if k != "program"} for role, r in rec.items()
+            }
+            continue
+        variant = name.removeprefix("ours-")
+        emb_bits = 4 if "--embedding-bits" in VARIANTS[variant] else 0
+        per_token = _bytes_per_token(rec["files"], params, emb_bits)
+        bound_ms = 1e3 * per_token / bw
+        out["exports"][name] = {k: v for k, v in rec.items() if k != "programs"}
+        out["exports"][name]["adapter_pte_over_weights"] = (
+            rec["files"][f"{ADAPTER}.pte"] / adapter_bytes
+        )
+        out["bound"][name] = {
+            "weight_bytes_per_token": per_token,
+            "decode_bound_ms": bound_ms,
+            "base_over_bound": decode[f"{name}/base"] / bound_ms,
+        }
+    et = exports.get("executorch")
+    for name in [n for n in exports if n.startswith("ours-")]:
+        r = out["ratios"].setdefault(name, {})
+        r["lora_over_base_decode"] = decode[f"{name}/lora"] / decode[f"{name}/base"]
+        if et is not None:
+            r["base_decode_over_executorch"] = decode[f"{name}/base"] / decode["executorch/base"]
+            r["lora_decode_over_executorch"] = decode[f"{name}/lora"] / decode["executorch/lora"]
+            et_wall = et["base"]["wall_s"] + et["lora"]["wall_s"]
+            r["export_wall_over_executorch"] = exports[name]["wall_s"] / et_wall
+            r["adapter_export_over_executorch_lora_export"] = (
+                exports[name]["adapter_export_s"] / et["lora"]["wall_s"]
+            )
+            ours_bytes = sum(
+                exports[name]["files"][f]
+                for f in exports[name]["files"]
+                if f.endswith((".pte", ".ptd"))
+            )
+            et_bytes = sum(sum(r_["files"].values()) for r_ in et.values())
+            r["device_bytes_over_executorch"] = ours_bytes / et_bytes
+    return out
+
+
+def _markdown(f: dict) -> str:
+    lines = [
+        f"## {f['config']}: {f['model']['dim']} dim, {f['model']['n_layers']} layers, "
+        f"vocab {f['model']['vocab_size']}; rank-16 adapter on all projections",
+        "",
+        f"Memory read bandwidth: {f['bandwidth']['read_gb_per_s']:.1f} GB/s "
+        f"({f['bandwidth']['threads']} threads).",
+        "",
+        "| program | decode ms/token | prefill 128 tok/s | TTFT ms |",
+        "|---|---|---|---|",
+    ]
+    for k, v in f["median"].items():
+        lines.append(
+            f"| {k} | {v['decode_ms_per_token']:.3f} | {v['prefill_tokens_per_s']:.0f} | "
+            f"{v['time_to_first_token_ms']:.1f} |"
+        )
+    lines += ["", "| export | wall s | peak RSS MiB | files (bytes) |", "|---|---|---|---|"]
+    for k, v in f["exports"].items():
+        recs = v.items() if k == "executorch" else [("", v)]
+        for role, r in recs:
+            files = ", ".join(f"{n} {s:,}" for n, s in r["files"].items())
+            label = f"{k}/{role}" if role else k
+            lines.append(f"| {label} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | {files} |")
+    lines += ["", "| ours | decode bound ms | base / bound | ratios |", "|---|---|---|---|"]
+    for k, b in f["bound"].items():
+        ratios = ", ".join(f"{n} {x:.3f}" for n, x in f["ratios"].get(k, {}).items())
+        lines.append(
+            f"| {k} | {b['decode_bound_ms']:.3f} | {b['base_over_bound']:.2f} | {ratios} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plots(f: dict, stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(f["median"])
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    ax.barh(names, [f["median"][n]["decode_ms_per_token"] for n in names], color="#4878a8")
+    for b in f["bound"].values():
+        ax.axvline(b["decode_bound_ms"], ls="--", color="#a84848", lw=1)
+    ax.set_xlabel("decode ms/token (median; dashed: memory-bandwidth bound)")
+    ax.set_title(f"{f['config']}: decode")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(stem.with_name(f"{stem.name}-decode.png"), dpi=100)
+    plt.close(fig)
+
+    rows = []
+    for k, v in f["exports"].items():
+        recs = v.items() if k == "executorch" else [("", v)]
+        for role, r in recs:
+            for n, s in r["files"].items():
+                if n.endswith((".pte", ".ptd")):
+                    rows.append((f"{k}{'/' + role if role else ''}: {n}", s / 1e6))
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.2))
+    ax.barh([r[0] for r in rows], [r[1] for r in rows], color="#58a058")
+    ax.set_xlabel("MB")
+    ax.set_title(f"{f['config']}: files on device")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(stem.with_name(f"{stem.name}-sizes.png"), dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
