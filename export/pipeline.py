@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from edgelora.models.checkpoint import Checkpoint, load_checkpoint
 from edgelora.models.llama import Transformer, build_model
 from edgelora.quant.embedding import EmbeddingReport, quantize_embedding
 from edgelora.quant.linear import QuantReport, quantize_linears
-from edgelora.runtime.session import RUNNER_METADATA_METHODS
+from edgelora.runtime.session import FOUNDATION_SHA_METHOD, RUNNER_METADATA_METHODS
 
 
 def build_foundation(
@@ -121,6 +122,33 @@ def export_program(
             inputs, dynamic = (*inputs, extra_inputs), (*dynamic, [None] * len(extra_inputs))
         ep = torch.export.export(model, inputs, dynamic_shapes=dynamic, strict=False)
         return ep.run_decompositions({})
+
+
+# The program's own record of the foundation it needs: a constant method returning the
+# foundation.ptd's sha256 as 32 bytes. The bytes are not known when a program is lowered (the
+# foundation is written with the first program), so programs are serialised with this
+# placeholder and patched once the foundation exists (:func:`_stamp_foundation_sha`).
+_SHA_PLACEHOLDER = hashlib.sha256(b"edgelora: foundation sha256 placeholder").digest()
+
+
+def program_methods(args: ModelArgs) -> dict[str, object]:
+    """Every constant method of our programs: the runner's metadata and the foundation sha."""
+    methods = runner_metadata(args)
+    placeholder = torch.frombuffer(bytearray(_SHA_PLACEHOLDER), dtype=torch.uint8)
+    methods[FOUNDATION_SHA_METHOD] = placeholder
+    return methods
+
+
+def _stamp_foundation_sha(pte: Path, foundation_sha: str) -> None:
+    """Write the foundation's sha256 over the placeholder in ``pte`` (exactly one occurrence:
+    the constant tensor's bytes)."""
+    data = pte.read_bytes()
+    if data.count(_SHA_PLACEHOLDER) != 1:
+        raise RuntimeError(
+            f"internal error: {pte.name} holds the foundation-sha placeholder "
+            f"{data.count(_SHA_PLACEHOLDER)} times, expected once"
+        )
+    pte.write_bytes(data.replace(_SHA_PLACEHOLDER, bytes.fromhex(foundation_sha)))
 
 
 def runner_metadata(args: ModelArgs, *, bos_id: int = 1, eos_id: int = 2) -> dict[str, object]:
@@ -214,7 +242,7 @@ def run_export(
                     ep = export_program(model, args)
                 with timer(f"{name}: lower to XNNPACK + serialise"):
                     lowered = lower_to_xnnpack(
-                        ep, is_adapter=is_adapter_fqn, constant_methods=runner_metadata(args)
+                        ep, is_adapter=is_adapter_fqn, constant_methods=program_methods(args)
                     )
                     lowered.write_pte(stage / f"{name}.pte")
                     data_dir = stage if adapter is None else scratch / name
@@ -241,8 +269,10 @@ def run_export(
             )
 
         with timer("write manifest + move into place"):
+            foundation_sha = file_entry(stage / FOUNDATION_FILE)["sha256"]
+            for pte in stage.glob("*.pte"):
+                _stamp_foundation_sha(pte, foundation_sha)
             files = {p.name: file_entry(p) for p in sorted(stage.iterdir())}
-            foundation_sha = files[FOUNDATION_FILE]["sha256"]
             for prog in programs.values():
                 prog["foundation_sha256"] = foundation_sha
             manifest = {
@@ -305,7 +335,7 @@ def _export_bundle(model, args, adapters, stage, scratch, timer, log) -> dict:
 
     with timer(f"bundle: lower {len(methods)} methods to XNNPACK + serialise"):
         lowered = lower_to_xnnpack(
-            methods, is_adapter=is_adapter_fqn, constant_methods=runner_metadata(args)
+            methods, is_adapter=is_adapter_fqn, constant_methods=program_methods(args)
         )
         lowered.write_pte(stage / BUNDLE_FILE)
         data_dir = scratch / "bundle"
@@ -346,7 +376,7 @@ def _export_switchable(model, args, adapters, dtype, stage, scratch, timer, log)
         ep = export_program(model, args, extra_inputs=example)
     with timer("switchable: lower to XNNPACK + serialise"):
         lowered = lower_to_xnnpack(
-            ep, is_adapter=is_adapter_fqn, constant_methods=runner_metadata(args)
+            ep, is_adapter=is_adapter_fqn, constant_methods=program_methods(args)
         )
         lowered.write_pte(stage / SWITCHABLE_FILE)
         data_dir = scratch / "switchable"

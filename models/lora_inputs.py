@@ -191,6 +191,8 @@ class InputLoRALinear(LinearWrapper):
         if tensors is None:
             raise RuntimeError(f"adapter slot {self.index} called without lora inputs")
         a_t, b_t = tensors[2 * self.index], tensors[2 * self.index + 1]
+        if x.dim() == 3 and x.shape[0] == 1:  # the model's [1, seq, dim]: no reshapes, which
+            return self.linear(x) + torch.bmm(torch.bmm(x, a_t), b_t)  # would split delegates
         flat = x.reshape(1, -1, x.shape[-1])
         delta = torch.bmm(torch.bmm(flat, a_t), b_t)
         return self.linear(x) + delta.reshape(*x.shape[:-1], b_t.shape[-1])

@@ -23,6 +23,59 @@ RUNNER_METADATA_METHODS = (
     "enable_dynamic_shape",
 )
 
+# A constant method of our programs: the sha256 (32 uint8) of the foundation.ptd they need.
+FOUNDATION_SHA_METHOD = "get_foundation_sha256"
+_sha_cache: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file (cached per path, size and mtime for this process)."""
+    import hashlib
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _sha_cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _sha_cache[key] = h.hexdigest()
+    return _sha_cache[key]
+
+
+def required_foundation_sha(program) -> str | None:
+    """The foundation sha256 a loaded ``executorch.runtime`` program records, or ``None`` for
+    programs without the method (not exported by edgelora, or before it had one)."""
+    if FOUNDATION_SHA_METHOD not in set(program.method_names):
+        return None
+    out = program.load_method(FOUNDATION_SHA_METHOD).execute([])[0]
+    return bytes(out.numpy().tobytes()).hex()
+
+
+def check_pairing(pte: Path, data: Path | None) -> None:
+    """Raise :class:`ProgramError` naming both hashes if ``pte`` records a foundation other
+    than ``data`` (or needs one and got none). Reads only the program, not its weights."""
+    from executorch.runtime import Runtime
+
+    try:
+        program = Runtime.get().load_program(pte)
+        want = required_foundation_sha(program)
+    except Exception as e:  # a corrupt program: the caller's load reports it
+        raise ProgramError(f"{pte}: not a loadable program ({type(e).__name__}: {e})") from None
+    if want is None:
+        return
+    if data is None:
+        raise ProgramError(
+            f"{pte} needs its foundation data file (sha256 {want[:16]}...); pass --data "
+            "foundation.ptd"
+        )
+    got = file_sha256(data)
+    if got != want:
+        raise ProgramError(
+            f"{pte} was exported with a foundation of sha256 {want[:16]}..., but {data} has "
+            f"sha256 {got[:16]}...: pass the foundation.ptd exported with this program"
+        )
+
 
 def resident_mib() -> float:
     """This process's resident memory in MiB (Linux ``/proc``; elsewhere the peak so far)."""
@@ -88,6 +141,7 @@ class LlamaProgram:
         for path, kind in ((self.pte, "program"), (self.data, "data")):
             if path is not None and not path.is_file():
                 raise ProgramError(f"{path}: {kind} file not found")
+        check_pairing(self.pte, self.data)
         try:
             self._program = Runtime.get().load_program(self.pte, data_path=self.data)
             self._methods = {}

@@ -1,0 +1,49 @@
+"""A program records the sha256 of the foundation it was exported with (constant method
+``get_foundation_sha256``, also in the manifest) and refuses any other data file before it
+runs: a foundation with the same keys but other bytes would otherwise give wrong outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgelora.errors import ProgramError
+from edgelora.runtime.cli import main as run_main
+from edgelora.runtime.session import LlamaProgram, file_sha256, required_foundation_sha
+
+
+def test_program_records_its_foundation(export_8da4w):
+    manifest = json.loads((export_8da4w / "manifest.json").read_text())
+    sha = manifest["files"]["foundation.ptd"]["sha256"]
+    assert file_sha256(export_8da4w / "foundation.ptd") == sha
+    for pte in ("base.pte", "chat.pte", "bundle.pte", "switchable.pte"):
+        program = LlamaProgram(
+            export_8da4w / pte,
+            export_8da4w / "foundation.ptd",
+            method="base" if pte == "bundle.pte" else "forward",
+        )
+        assert required_foundation_sha(program._program) == sha, pte
+        # the stamped program is what the manifest hashes
+        assert manifest["files"][pte]["sha256"] == file_sha256(export_8da4w / pte)
+
+
+def test_wrong_foundation_is_refused_naming_both_hashes(
+    export_8da4w, export_fp32, tmp_path, capsys
+):
+    want = file_sha256(export_8da4w / "foundation.ptd")
+    # Same keys, other bytes: flip one byte near the end (tensor data, not the header).
+    blob = bytearray((export_8da4w / "foundation.ptd").read_bytes())
+    blob[-10] ^= 0xFF
+    forged = tmp_path / "foundation.ptd"
+    forged.write_bytes(bytes(blob))
+    got = file_sha256(forged)
+    for data in (forged, export_fp32 / "foundation.ptd"):
+        with pytest.raises(ProgramError, match=rf"sha256 {want[:16]}\.\.\., but .* has sha256"):
+            LlamaProgram(export_8da4w / "chat.pte", data)
+    with pytest.raises(ProgramError, match="needs its foundation data file"):
+        LlamaProgram(export_8da4w / "chat.pte", None)
+    code = run_main([str(export_8da4w / "chat.pte"), "--data", str(forged), "--prompt-ids", "1,2"])
+    err = capsys.readouterr().err
+    assert code == 2 and want[:16] in err and got[:16] in err
+    assert err.count("\n") == 1  # one line, no traceback
