@@ -257,6 +257,9 @@ def run_export(
                     _adapter_entry(merged) if adapter is None and merged is not None else None
                 ),
                 "adapter_constants": sorted(lowered.split.adapter),
+                # adapter tensors byte-identical to a foundation tensor: one key, served
+                # by foundation.ptd (a key lives in exactly one file)
+                "adapter_constants_in_foundation": sorted(lowered.split.shared),
             }
             log(f"  {name}.pte: {(stage / f'{name}.pte').stat().st_size / 1e6:.3f} MB")
 

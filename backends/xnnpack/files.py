@@ -43,22 +43,42 @@ def _read_bytes(path: str | Path, kind: str) -> bytes:
     return data
 
 
-def read_ptd(path: str | Path) -> dict[str, int]:
-    """Keys of a ``.ptd`` data file and the size in bytes of each blob."""
+@dataclass(frozen=True)
+class DataEntry:
+    """One key of a ``.ptd``: its blob's size, and dtype/shape when the file records them
+    (plain tensors do; XNNPACK's packed constants are opaque blobs)."""
+
+    size: int
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+
+
+def ptd_entries(path: str | Path) -> dict[str, DataEntry]:
+    """Every key of a ``.ptd`` data file with its size and, where known, dtype and shape."""
     from executorch.exir._serialize._cord import Cord
     from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
 
     data = _read_bytes(path, ".ptd")
     try:
         payload = FlatTensorSerializer().deserialize(Cord(data))
-        return {
-            key: len(payload.buffers[entry.buffer_index])
-            for key, entry in payload.named_data.items()
-        }
+        out = {}
+        for key, entry in payload.named_data.items():
+            layout = entry.tensor_layout
+            out[key] = DataEntry(
+                len(payload.buffers[entry.buffer_index]),
+                None if layout is None else layout.scalar_type.name.lower(),
+                None if layout is None else tuple(layout.sizes),
+            )
+        return out
     except Exception as e:  # the deserializer raises assorted errors on corrupt input
         raise ProgramError(
             f"{path}: not a valid .ptd data file ({type(e).__name__}: {e})"
         ) from None
+
+
+def read_ptd(path: str | Path) -> dict[str, int]:
+    """Keys of a ``.ptd`` data file and the size in bytes of each blob."""
+    return {key: e.size for key, e in ptd_entries(path).items()}
 
 
 def _xnnpack_named_keys(blob: bytes) -> set[str]:

@@ -43,6 +43,10 @@ class ConstantSplit:
 
     foundation: frozenset[str]
     adapter: frozenset[str]
+    # Adapter constants whose bytes equal a foundation constant's: XNNPACK keys a constant by
+    # the sha256 of its bytes, so both are one key, which must live in one file -- the
+    # foundation, where it already is (see tag_foundation_constants).
+    shared: frozenset[str] = frozenset()
 
 
 def tag_foundation_constants(
@@ -56,13 +60,20 @@ def tag_foundation_constants(
     it serialises, which for a quantized weight is not the placeholder itself.
     """
     fqns = constant_fqns(ep)
+    values = _constant_values(ep)
+    foundation_bytes = {
+        _digest(values[f]) for f in fqns.values() if not is_adapter(f) and f in values
+    }
     foundation_node: dict[torch.fx.Node, bool] = {}
-    split_f, split_a = set(), set()
+    split_f, split_a, shared = set(), set(), set()
     for node in ep.graph.nodes:
         if node.op == "placeholder" and node.name in fqns:
             fqn = fqns[node.name]
             is_f = not is_adapter(fqn)
-            (split_f if is_f else split_a).add(fqn)
+            if not is_f and fqn in values and _digest(values[fqn]) in foundation_bytes:
+                is_f = True  # same bytes, same XNNPACK key: served by the foundation
+                shared.add(fqn)
+            (split_f if is_f and fqn not in shared else split_a).add(fqn)
             foundation_node[node] = is_f
         elif node.op == "call_function":
             inputs = node.all_input_nodes
@@ -72,7 +83,22 @@ def tag_foundation_constants(
             continue
         if foundation_node.get(node):
             node.meta.setdefault("custom", {})[_DELEGATE_TAG_KEY] = FOUNDATION_TAG
-    return ConstantSplit(frozenset(split_f), frozenset(split_a))
+    return ConstantSplit(frozenset(split_f), frozenset(split_a), frozenset(shared))
+
+
+def _constant_values(ep: ExportedProgram) -> dict[str, torch.Tensor]:
+    values = dict(ep.state_dict)
+    values.update(ep.constants)
+    return values
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    import hashlib
+
+    t = t.detach()
+    if hasattr(t, "tensor_impls") or type(t) is not torch.Tensor:  # tensor subclasses
+        return hashlib.sha256(repr((type(t), id(t))).encode()).digest()
+    return hashlib.sha256(t.contiguous().flatten().view(torch.uint8).numpy().tobytes()).digest()
 
 
 def _external_constant_tagger(
@@ -139,6 +165,7 @@ def lower_to_xnnpack(
     split = ConstantSplit(
         frozenset().union(*(s.foundation for s in splits)),
         frozenset().union(*(s.adapter for s in splits)),
+        frozenset().union(*(s.shared for s in splits)),
     )
     edge = to_edge_transform_and_lower(
         methods,
