@@ -90,8 +90,10 @@ def _mb(n: int) -> str:
 
 def _print(report: dict, keys: bool) -> None:
     for name, d in report["data_files"].items():
-        print(f"{name}: data file, {len(d['keys'])} keys, {_mb(d['bytes'])}, "
-              f"sha256 {d['sha256'][:16]}...")
+        print(
+            f"{name}: data file, {len(d['keys'])} keys, {_mb(d['bytes'])}, "
+            f"sha256 {d['sha256'][:16]}..."
+        )
         if keys:
             for k, e in d["keys"].items():
                 what = "" if e["dtype"] is None else f" {e['dtype']} {list(e['shape'])}"
@@ -99,22 +101,32 @@ def _print(report: dict, keys: bool) -> None:
     for name, p in report["programs"].items():
         inline = sum(p["inline_keys"].values())
         print(f"{name}: program, {_mb(p['bytes'])}, methods {', '.join(p['methods'])}")
-        print(f"    holds {len(p['inline_keys'])} keys itself ({_mb(inline)}); needs "
-              f"{len(p['needed_keys'])} keys from a data file")
+        print(
+            f"    holds {len(p['inline_keys'])} keys itself ({_mb(inline)}); needs "
+            f"{len(p['needed_keys'])} keys from a data file"
+        )
         if keys:
             for k in p["needed_keys"]:
                 print(f"    needs {k}")
         if p["foundation_sha256"]:
-            found = {None: "", True: " (a given data file has it)",
-                     False: " (NO given data file has it)"}[p["foundation_found"]]
+            found = {
+                None: "",
+                True: " (a given data file has it)",
+                False: " (NO given data file has it)",
+            }[p["foundation_found"]]
             print(f"    records foundation sha256 {p['foundation_sha256'][:16]}...{found}")
         if p["missing_keys"]:
-            print(f"    MISSING {len(p['missing_keys'])} keys from the given data files, e.g. "
-                  + ", ".join(p["missing_keys"][:3]))
+            print(
+                f"    MISSING {len(p['missing_keys'])} keys from the given data files, e.g. "
+                + ", ".join(p["missing_keys"][:3])
+            )
     if report["duplicate_keys"]:
-        print(f"{len(report['duplicate_keys'])} keys are in more than one data file, e.g. "
-              + "; ".join(f"{k} in {', '.join(v)}"
-                          for k, v in list(report["duplicate_keys"].items())[:3]))
+        print(
+            f"{len(report['duplicate_keys'])} keys are in more than one data file, e.g. "
+            + "; ".join(
+                f"{k} in {', '.join(v)}" for k, v in list(report["duplicate_keys"].items())[:3]
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from edgelora.backends.xnnpack.files import read_pte, read_ptd
+from edgelora.backends.xnnpack.files import read_ptd, read_pte
 from edgelora.export.config import ExportConfig
 from edgelora.export.pipeline import run_export
 from edgelora.models.adapters import Adapter, LoRAWeights, adapter_attached
@@ -74,19 +74,36 @@ def _complete(out: Path) -> bool:
     )
 
 
-def test_killed_export_leaves_previous_output_or_nothing(tmp_path, params_file,
-                                                         export_8da4w_base_only):
+def test_killed_export_leaves_previous_output_or_nothing(
+    tmp_path, params_file, export_8da4w_base_only
+):
     """SIGKILL at several stages of an export over a previous complete output: the output
     directory is always the previous export, complete, or (killed between the two renames
     of the final swap) absent; never a partial file under a final name."""
     out = tmp_path / "out"
     shutil.copytree(export_8da4w_base_only, out)
     previous = {p.name: p.read_bytes() for p in out.iterdir()}
-    cmd = [sys.executable, "-u", "-m", "edgelora.export.cli", "--params", str(params_file),
-           "--output-dir", str(out), "--embedding-bits", "4", "--embedding-group-size", "32"]
+    cmd = [
+        sys.executable,
+        "-u",
+        "-m",
+        "edgelora.export.cli",
+        "--params",
+        str(params_file),
+        "--output-dir",
+        str(out),
+        "--embedding-bits",
+        "4",
+        "--embedding-group-size",
+        "32",
+    ]
     # Kill when the export prints the start of each of these stages.
-    stages = ["[build + quantize foundation] ...", "[base: torch.export] ...",
-              "[base: lower to XNNPACK + serialise] ...", "[write manifest + move into place] ..."]
+    stages = [
+        "[build + quantize foundation] ...",
+        "[base: torch.export] ...",
+        "[base: lower to XNNPACK + serialise] ...",
+        "[write manifest + move into place] ...",
+    ]
     for stage in stages:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         seen = []
