@@ -262,8 +262,8 @@ def _poll_peak_rss(proc: subprocess.Popen) -> float:
 
 def run_et_export(cmd: list[str], cwd: Path) -> dict[str, Any]:
     """Run an export command in ``cwd``; return ``wall_s``, ``peak_rss_mib`` (of the child
-    process tree: ``/usr/bin/time -v`` if present, else psutil polling) and ``files`` (name ->
-    bytes of the files in ``cwd`` the run wrote).
+    process tree: ``/usr/bin/time -v`` if present, else psutil polling), ``files`` (name ->
+    bytes of the files in ``cwd`` the run wrote) and ``output`` (its stdout and stderr).
 
     Raises ``RuntimeError`` with the last 3000 characters of the child's output (stderr, with
     stdout interleaved) if the command fails or writes no ``.pte`` (the example only logs a
@@ -295,7 +295,7 @@ def run_et_export(cmd: list[str], cwd: Path) -> dict[str, Any]:
             f"ExecuTorch export failed (exit {proc.returncode}, wrote {sorted(files)}): "
             f"{' '.join(cmd)}\n...{text[-3000:]}"
         )
-    return {"wall_s": wall, "peak_rss_mib": peak, "files": files}
+    return {"wall_s": wall, "peak_rss_mib": peak, "files": files, "output": text}
 
 
 def _runtime_logits(pte: Path, ptd: Path | None, tokens: torch.Tensor) -> torch.Tensor:

@@ -146,9 +146,9 @@ def _our_export(work: Path, variant: str) -> dict:
         "--overwrite",
         *VARIANTS[variant],
     ]  # fmt: skip
-    rec = run_et_export(cmd, work)
+    rec = run_et_export(cmd, out)  # writes out/ (staged beside it, then renamed into place)
     stages = {}
-    for line in rec.pop("stdout", "").splitlines():
+    for line in rec.pop("output").splitlines():
         m = _STAGE.match(line.strip())
         if m:
             stages[m["name"]] = float(m["s"])
@@ -169,15 +169,21 @@ def _baseline_export(work: Path, params: dict, model, adapter) -> dict:
     recs = {}
     for name, lora in (("base", False), ("lora", True)):
         out = work / "et" / name
-        out.mkdir(parents=True, exist_ok=True)
-        cmd = et_export_command(inputs, out, name=name, lora=lora, foundation=lora)
-        recs[name] = run_et_export(cmd, work)
-        recs[name].pop("stdout", None)
-        recs[name]["files"] = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
-        pte = next(out.glob("*.pte"))
-        ptd = next(out.glob("*.ptd"), None)
-        recs[name]["program"] = (pte, ptd)
+        cmd = et_export_command(
+            inputs, out, name=name, lora=lora, foundation=True, max_seq_len=params["max_seq_len"]
+        )
+        recs[name] = run_et_export(cmd, out)
+        recs[name].pop("output")
+        recs[name]["program"] = (out / f"{name}.pte", out / f"{name}_foundation.ptd")
+    same = _sha(recs["base"]["program"][1]) == _sha(recs["lora"]["program"][1])
+    recs["base"]["foundation_shared_with_lora"] = same
     return recs
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _bytes_per_token(files: dict[str, int], params: dict, emb_bits: int) -> int:
@@ -306,11 +312,18 @@ def _figures(config, params, exports, median, runs, bandwidth, adapter_bytes) ->
                 exports[name]["adapter_export_s"] / et["lora"]["wall_s"]
             )
             ours_bytes = sum(
-                exports[name]["files"][f]
-                for f in exports[name]["files"]
-                if f.endswith((".pte", ".ptd"))
+                n for f, n in exports[name]["files"].items() if f.endswith((".pte", ".ptd"))
             )
-            et_bytes = sum(sum(r_["files"].values()) for r_ in et.values())
+            et_ptes = sum(
+                n for r_ in et.values() for f, n in r_["files"].items() if f.endswith(".pte")
+            )
+            et_ptds = [
+                n for r_ in et.values() for f, n in r_["files"].items() if f.endswith(".ptd")
+            ]
+            # one foundation on the device if the example's two are identical
+            et_bytes = et_ptes + (
+                max(et_ptds) if et["base"]["foundation_shared_with_lora"] else sum(et_ptds)
+            )
             r["device_bytes_over_executorch"] = ours_bytes / et_bytes
     return out
 
