@@ -48,7 +48,11 @@ from edgelora.models.checkpoint import Checkpoint, load_checkpoint
 from edgelora.models.llama import Transformer, build_model
 from edgelora.quant.embedding import EmbeddingReport, quantize_embedding
 from edgelora.quant.linear import QuantReport, quantize_linears
-from edgelora.runtime.session import FOUNDATION_SHA_METHOD, RUNNER_METADATA_METHODS
+from edgelora.runtime.session import (
+    FOUNDATION_SHA_METHOD,
+    PROGRAM_SHA_METHOD,
+    RUNNER_METADATA_METHODS,
+)
 
 
 def build_foundation(
@@ -82,6 +86,49 @@ def build_foundation(
     emb_report = quantize_embedding(model, embedding_bits, embedding_group_size)
     report = quantize_linears(model, qmode, group_size)
     return model, report, emb_report
+
+
+# Peak export memory per byte of fp32 model state, measured here: the fp32 weights, their
+# quantized copies, and torch.export/lowering's working set (stories15M: ~0.95 GB peak for
+# 0.10 GB of fp32 state incl. the embedding; 1.3 GB for stories110M's 0.45 GB).
+EXPORT_MEMORY_FACTOR = 3.0
+_FIXED_OVERHEAD = 600 * 2**20  # torch + executorch + torchao imported, tracing machinery
+
+
+def estimate_export_memory(args: ModelArgs) -> tuple[int, int]:
+    """``(state_bytes, estimated_peak_bytes)``: the model's fp32 parameters and buffers
+    (counted on the meta device, nothing allocated) and the export's estimated peak RSS."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return state, int(state * EXPORT_MEMORY_FACTOR + _FIXED_OVERHEAD)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or ``None``."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def check_memory(args: ModelArgs, available: int | None = None) -> int:
+    """Fail early (:class:`ConfigError` with the estimate) if the export cannot fit in memory,
+    rather than being killed half-way; returns the estimated peak in bytes."""
+    state, peak = estimate_export_memory(args)
+    available = available_memory() if available is None else available
+    if available is not None and peak > available:
+        raise ConfigError(
+            f"this model needs about {peak / 2**30:.1f} GiB to export ({state / 4 / 1e6:,.0f}M "
+            f"fp32 values = {state / 2**30:.2f} GiB of weights and buffers, x"
+            f"{EXPORT_MEMORY_FACTOR:g} while quantizing and lowering); only "
+            f"{available / 2**30:.1f} GiB is available"
+        )
+    return peak
 
 
 def apply_fusion(model: Transformer, fuse: str) -> None:
@@ -129,6 +176,9 @@ def export_program(
 # foundation is written with the first program), so programs are serialised with this
 # placeholder and patched once the foundation exists (:func:`_stamp_foundation_sha`).
 _SHA_PLACEHOLDER = hashlib.sha256(b"edgelora: foundation sha256 placeholder").digest()
+# And its own checksum: the sha256 of the .pte with these 32 bytes zeroed
+# (edgelora.runtime.session.verify_program), so a corrupted program is refused, not run.
+_SELF_PLACEHOLDER = hashlib.sha256(b"edgelora: program sha256 placeholder").digest()
 
 
 def program_methods(args: ModelArgs) -> dict[str, object]:
@@ -136,19 +186,23 @@ def program_methods(args: ModelArgs) -> dict[str, object]:
     methods = runner_metadata(args)
     placeholder = torch.frombuffer(bytearray(_SHA_PLACEHOLDER), dtype=torch.uint8)
     methods[FOUNDATION_SHA_METHOD] = placeholder
+    methods[PROGRAM_SHA_METHOD] = torch.frombuffer(bytearray(_SELF_PLACEHOLDER), dtype=torch.uint8)
     return methods
 
 
 def _stamp_foundation_sha(pte: Path, foundation_sha: str) -> None:
-    """Write the foundation's sha256 over the placeholder in ``pte`` (exactly one occurrence:
-    the constant tensor's bytes)."""
+    """Write the foundation's sha256, then the program's own checksum, over their placeholders
+    in ``pte`` (each must occur exactly once: a constant tensor's bytes)."""
     data = pte.read_bytes()
-    if data.count(_SHA_PLACEHOLDER) != 1:
-        raise RuntimeError(
-            f"internal error: {pte.name} holds the foundation-sha placeholder "
-            f"{data.count(_SHA_PLACEHOLDER)} times, expected once"
-        )
-    pte.write_bytes(data.replace(_SHA_PLACEHOLDER, bytes.fromhex(foundation_sha)))
+    for placeholder in (_SHA_PLACEHOLDER, _SELF_PLACEHOLDER):
+        if data.count(placeholder) != 1:
+            raise RuntimeError(
+                f"internal error: {pte.name} holds a checksum placeholder "
+                f"{data.count(placeholder)} times, expected once"
+            )
+    data = data.replace(_SHA_PLACEHOLDER, bytes.fromhex(foundation_sha))
+    own = hashlib.sha256(data.replace(_SELF_PLACEHOLDER, bytes(32))).digest()
+    pte.write_bytes(data.replace(_SELF_PLACEHOLDER, own))
 
 
 def runner_metadata(args: ModelArgs, *, bos_id: int = 1, eos_id: int = 2) -> dict[str, object]:
@@ -191,6 +245,8 @@ def run_export(
     args = config.model_args
     out_dir = config.output_dir
     check_output_dir(out_dir, overwrite=config.overwrite)
+    peak = check_memory(args)
+    log(f"  estimated peak memory {peak / 2**30:.2f} GiB")
     merged = next((a for a in adapters if a.name == config.merge), None)
     adapters = [a for a in adapters if a is not merged]
     for adapter in [merged, *adapters]:

@@ -7,12 +7,23 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
 class StageTimer:
-    """``with timer("name"): ...`` logs ``[name] ...`` then ``[name] 1.23 s`` and records it."""
+    """``with timer("name"): ...`` logs ``[name] ...`` then ``[name] 1.23 s (peak RSS so far
+    N MiB)`` and records both."""
 
     def __init__(self, log: Callable[[str], None] = print) -> None:
         self.log = log
         self.durations: dict[str, float] = {}
+        self.peak_rss_mib: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -20,4 +31,8 @@ class StageTimer:
         start = time.perf_counter()
         yield
         self.durations[name] = time.perf_counter() - start
-        self.log(f"[{name}] {self.durations[name]:.2f} s")
+        self.peak_rss_mib[name] = peak_rss_mib()
+        self.log(
+            f"[{name}] {self.durations[name]:.2f} s (peak RSS so far "
+            f"{self.peak_rss_mib[name]:.0f} MiB)"
+        )

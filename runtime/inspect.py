@@ -5,7 +5,8 @@ For each data file: its keys with size, dtype and shape where the file records t
 program: its methods, the named data it holds itself, the keys it needs from a data file, the
 foundation sha256 it records (and whether a given data file has it). Across the files: keys a
 program needs that no given data file has, and keys held by more than one data file (ExecuTorch
-refuses to load two data files that share a key). Exit status 1 if either is found.
+refuses to load two data files that share a key). Exit status 1 if either is found, or a
+program's bytes do not match the checksum it records.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def inspect_files(paths: list[Path]) -> dict:
     """The report ``edgelora-inspect`` prints, as a dict."""
     from edgelora.backends.xnnpack.files import ptd_entries, read_pte
-    from edgelora.runtime.session import FOUNDATION_SHA_METHOD, file_sha256
+    from edgelora.runtime.session import file_sha256, recorded_checksums
 
     data, programs = {}, {}
     for path in paths:
@@ -55,9 +56,7 @@ def inspect_files(paths: list[Path]) -> dict:
                 "methods": info.methods,
                 "inline_keys": dict(sorted(info.inline.items())),
                 "needed_keys": sorted(info.needed),
-                "foundation_sha256": (
-                    _recorded_sha(path) if FOUNDATION_SHA_METHOD in info.methods else None
-                ),
+                **recorded_checksums(path),
             }
         else:
             raise EdgeLoraError(f"{path}: expected a .pte program or a .ptd data file")
@@ -73,15 +72,6 @@ def inspect_files(paths: list[Path]) -> dict:
         )
     duplicates = {k: v for k, v in sorted(holders.items()) if len(v) > 1}
     return {"data_files": data, "programs": programs, "duplicate_keys": duplicates}
-
-
-def _recorded_sha(pte: Path) -> str | None:
-    from executorch.runtime import Runtime
-
-    from edgelora.runtime.session import _register_kernels, required_foundation_sha
-
-    _register_kernels()
-    return required_foundation_sha(Runtime.get().load_program(pte))
 
 
 def _mb(n: int) -> str:
@@ -108,6 +98,8 @@ def _print(report: dict, keys: bool) -> None:
         if keys:
             for k in p["needed_keys"]:
                 print(f"    needs {k}")
+        if p["checksum_ok"] is False:
+            print("    CORRUPT: the program's checksum does not match its bytes")
         if p["foundation_sha256"]:
             found = {
                 None: "",
@@ -142,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _print(report, ns.keys)
     bad = report["duplicate_keys"] or any(
-        p["missing_keys"] or p["foundation_found"] is False for p in report["programs"].values()
+        p["missing_keys"] or p["foundation_found"] is False or p["checksum_ok"] is False
+        for p in report["programs"].values()
     )
     return 1 if bad else 0
 

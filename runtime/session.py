@@ -25,6 +25,8 @@ RUNNER_METADATA_METHODS = (
 
 # A constant method of our programs: the sha256 (32 uint8) of the foundation.ptd they need.
 FOUNDATION_SHA_METHOD = "get_foundation_sha256"
+# ... and its own checksum: sha256 of the .pte with these 32 bytes zeroed.
+PROGRAM_SHA_METHOD = "get_program_sha256"
 _sha_cache: dict[tuple[str, int, int], str] = {}
 
 
@@ -46,24 +48,62 @@ def file_sha256(path: Path) -> str:
 def required_foundation_sha(program) -> str | None:
     """The foundation sha256 a loaded ``executorch.runtime`` program records, or ``None`` for
     programs without the method (not exported by edgelora, or before it had one)."""
-    if FOUNDATION_SHA_METHOD not in set(program.method_names):
+    sha = _constant_bytes(program, FOUNDATION_SHA_METHOD)
+    return None if sha is None else sha.hex()
+
+
+def _constant_bytes(program, method: str) -> bytes | None:
+    if method not in set(program.method_names):
         return None
-    out = program.load_method(FOUNDATION_SHA_METHOD).execute([])[0]
-    return bytes(out.numpy().tobytes()).hex()
+    return bytes(program.load_method(method).execute([])[0].numpy().tobytes())
 
 
-def check_pairing(pte: Path, data: Path | None) -> None:
-    """Raise :class:`ProgramError` naming both hashes if ``pte`` records a foundation other
-    than ``data`` (or needs one and got none). Reads only the program, not its weights."""
+def _checksum_matches(pte: Path, own: bytes) -> bool:
+    import hashlib
+
+    blob = pte.read_bytes()
+    return blob.count(own) == 1 and hashlib.sha256(blob.replace(own, bytes(32))).digest() == own
+
+
+def recorded_checksums(pte: Path) -> dict[str, object]:
+    """What a program records about itself (for ``edgelora-inspect``): ``foundation_sha256``
+    and ``checksum_ok`` (``None`` where the program has no such method)."""
     from executorch.runtime import Runtime
 
+    _register_kernels()
     try:
         program = Runtime.get().load_program(pte)
-        want = required_foundation_sha(program)
-    except Exception as e:  # a corrupt program: the caller's load reports it
+        own = _constant_bytes(program, PROGRAM_SHA_METHOD)
+        want = _constant_bytes(program, FOUNDATION_SHA_METHOD)
+    except Exception as e:
         raise ProgramError(f"{pte}: not a loadable program ({type(e).__name__}: {e})") from None
+    return {
+        "foundation_sha256": None if want is None else want.hex(),
+        "checksum_ok": None if own is None else _checksum_matches(pte, own),
+    }
+
+
+def verify_program(pte: Path, data: Path | None) -> None:
+    """Before a program runs: it must parse, match its own checksum and, if it records one,
+    be paired with ``data`` of the foundation sha256 it was exported with. Raises
+    :class:`ProgramError` naming the file (and both hashes for a wrong foundation). Reads only
+    the program, not its weights."""
+    from executorch.runtime import Runtime
+
+    from edgelora.backends.xnnpack.files import read_pte
+
+    read_pte(pte)  # parse in Python first: the runtime aborts the process on some garbage
+    try:
+        program = Runtime.get().load_program(pte)
+        own = _constant_bytes(program, PROGRAM_SHA_METHOD)
+        want = _constant_bytes(program, FOUNDATION_SHA_METHOD)
+    except Exception as e:
+        raise ProgramError(f"{pte}: not a loadable program ({type(e).__name__}: {e})") from None
+    if own is not None and not _checksum_matches(pte, own):
+        raise ProgramError(f"{pte}: corrupt program (its checksum does not match its bytes)")
     if want is None:
         return
+    want = want.hex()
     if data is None:
         raise ProgramError(
             f"{pte} needs its foundation data file (sha256 {want[:16]}...); pass --data "
@@ -141,7 +181,7 @@ class LlamaProgram:
         for path, kind in ((self.pte, "program"), (self.data, "data")):
             if path is not None and not path.is_file():
                 raise ProgramError(f"{path}: {kind} file not found")
-        check_pairing(self.pte, self.data)
+        verify_program(self.pte, self.data)
         try:
             self._program = Runtime.get().load_program(self.pte, data_path=self.data)
             self._methods = {}

@@ -54,7 +54,7 @@ def generate_text(
     max_new_tokens: int,
 ) -> TextGeneration:
     """Greedy generation (temperature 0) with ``TextLLMRunner``; no BOS is added."""
-    from edgelora.runtime.session import _register_kernels, check_pairing
+    from edgelora.runtime.session import _register_kernels, verify_program
 
     _register_kernels()
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
@@ -62,7 +62,7 @@ def generate_text(
     for path, kind in ((pte, "program"), (tokenizer, "tokenizer"), (data, "data")):
         if path is not None and not Path(path).is_file():
             raise ProgramError(f"{path}: {kind} file not found")
-    check_pairing(Path(pte), None if data is None else Path(data))
+    verify_program(Path(pte), None if data is None else Path(data))
     try:
         runner = TextLLMRunner(str(pte), str(tokenizer), None if data is None else str(data))
     except RuntimeError as e:

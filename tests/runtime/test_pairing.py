@@ -47,3 +47,14 @@ def test_wrong_foundation_is_refused_naming_both_hashes(
     err = capsys.readouterr().err
     assert code == 2 and want[:16] in err and got[:16] in err
     assert err.count("\n") == 1  # one line, no traceback
+
+
+def test_corrupt_program_is_refused(export_8da4w, tmp_path):
+    """A flipped byte anywhere in a program (here: in its inline adapter weights, which would
+    otherwise run and give wrong outputs) fails its own checksum."""
+    blob = bytearray((export_8da4w / "chat.pte").read_bytes())
+    blob[int(len(blob) * 0.75)] ^= 0x01
+    bad = tmp_path / "chat.pte"
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(ProgramError, match="corrupt program"):
+        LlamaProgram(bad, export_8da4w / "foundation.ptd")
