@@ -58,15 +58,10 @@ def _measure(program, vocab: int) -> dict:
     }
 
 
-def _peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _child(kind: str, out: Path, vocab: int) -> dict:
     from executorch.runtime import Runtime
 
+    from edgelora.export.timing import peak_rss_mib
     from edgelora.runtime.session import (
         AdapterSession,
         LlamaProgram,
@@ -81,7 +76,7 @@ def _child(kind: str, out: Path, vocab: int) -> dict:
         program = LlamaProgram(out / f"{kind}.pte", out / "foundation.ptd")
         row = _measure(program, vocab)
         row["rss_mib"] = resident_mib() - start
-        row["peak_rss_mib"] = _peak_rss_mib()
+        row["peak_rss_mib"] = peak_rss_mib()
         return row
     session = AdapterSession(out, mode="switchable")
     session.program.forward([1, 2], 0)
@@ -101,7 +96,7 @@ def _child(kind: str, out: Path, vocab: int) -> dict:
         rss_mib_no_adapter=rss_base,
         first_switch_ms=1e3 * max(switches),
         loaded_switch_ms=1e3 * statistics.median(cached),
-        peak_rss_mib=_peak_rss_mib(),
+        peak_rss_mib=peak_rss_mib(),
     )
     return row
 
