@@ -33,6 +33,7 @@ import time
 import traceback
 from pathlib import Path
 
+_MARK = "fuzz-result: "  # the runtime may log to stdout too
 TARGETS = ("pte", "ptd", "adapter-weights", "adapter-config", "checkpoint", "params")
 
 
@@ -148,7 +149,8 @@ def _feed(target: str, data: bytes, seeds: dict, args, work: Path) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         target, seeds, seconds, seed, last = sys.argv[2:7]
-        print(json.dumps(_child(target, json.loads(seeds), float(seconds), int(seed), Path(last))))
+        result = _child(target, json.loads(seeds), float(seconds), int(seed), Path(last))
+        print(_MARK + json.dumps(result), flush=True)
         return
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -197,7 +199,8 @@ def main() -> None:
                 cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore")
             )
             if proc.returncode == 0:
-                out = json.loads(proc.stdout.strip().splitlines()[-1])
+                line = next(x for x in proc.stdout.splitlines() if x.startswith(_MARK))
+                out = json.loads(line.removeprefix(_MARK))
                 for k in ("tried", "refused", "unhandled_count"):
                     row[k] += out[k]
                 row["unhandled"] += out["unhandled"]

@@ -186,6 +186,18 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _load_exports(path: Path) -> dict:
+    """exports.json back, with program paths as Paths."""
+    exports = json.loads(path.read_text())
+    for name, rec in exports.items():
+        if name.startswith("ours-"):
+            rec["programs"] = {r: tuple(map(Path, ps)) for r, ps in rec["programs"].items()}
+        elif name == "executorch":
+            for r in rec.values():
+                r["program"] = tuple(map(Path, r["program"]))
+    return exports
+
+
 def _bytes_per_token(files: dict[str, int], params: dict, emb_bits: int) -> int:
     """Weight bytes a decode step reads: the foundation minus the embedding table (one row of
     it is read per token)."""
@@ -209,6 +221,9 @@ def main() -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip ExecuTorch's example (tests)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager references")
     p.add_argument("--work", type=Path, default=None)
+    p.add_argument(
+        "--reuse", action="store_true", help="reuse the exports an earlier run made in --work"
+    )
     p.add_argument("--results", type=Path, default=HERE / "results")
     ns = p.parse_args()
     variants = [v for v in ns.variants.split(",") if v]
@@ -219,14 +234,23 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     log = lambda m: print(m, flush=True)  # noqa: E731
 
-    params, model, adapter = _inputs(ns.config, work)
-    exports = {}
-    for v in variants:
-        log(f"== export: ours ({v})")
-        exports[f"ours-{v}"] = _our_export(work, v)
-    if not ns.no_baseline:
-        log("== export: ExecuTorch example (base, then LoRA)")
-        exports["executorch"] = _baseline_export(work, params, model, adapter)
+    saved = work / "exports.json"
+    if ns.reuse and saved.is_file():  # measure again without exporting again
+        params, exports = CONFIGS[ns.config], _load_exports(saved)
+        adapter_bytes = exports.pop("adapter_bytes")
+        log(f"== reusing the exports recorded in {saved}")
+    else:
+        params, model, adapter = _inputs(ns.config, work)
+        adapter_bytes = adapter.num_bytes
+        exports = {}
+        for v in variants:
+            log(f"== export: ours ({v})")
+            exports[f"ours-{v}"] = _our_export(work, v)
+        if not ns.no_baseline:
+            log("== export: ExecuTorch example (base, then LoRA)")
+            exports["executorch"] = _baseline_export(work, params, model, adapter)
+        saved.write_text(json.dumps({**exports, "adapter_bytes": adapter_bytes}, default=str))
+    variants = [v for v in variants if f"ours-{v}" in exports]
 
     programs: dict[str, tuple[Path, Path | None]] = {}
     for v in variants:
@@ -257,7 +281,7 @@ def main() -> None:
             )
 
     median = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in runs.items()}
-    figures = _figures(ns.config, params, exports, median, runs, bandwidth, adapter.num_bytes)
+    figures = _figures(ns.config, params, exports, median, runs, bandwidth, adapter_bytes)
     ns.results.mkdir(parents=True, exist_ok=True)
     stem = ns.results / ns.config
     stem.with_suffix(".json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
