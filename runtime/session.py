@@ -66,17 +66,12 @@ def _checksum_matches(pte: Path, own: bytes) -> bool:
 
 
 def recorded_checksums(pte: Path) -> dict[str, object]:
-    """What a program records about itself (for ``edgelora-inspect``): ``foundation_sha256``
-    and ``checksum_ok`` (``None`` where the program has no such method)."""
-    from executorch.runtime import Runtime
+    """What a program records about itself, read by our own parser (no runtime load):
+    ``foundation_sha256`` and ``checksum_ok`` (``None`` where it has no such method)."""
+    from edgelora.backends.xnnpack.files import read_pte
 
-    _register_kernels()
-    try:
-        program = Runtime.get().load_program(pte)
-        own = _constant_bytes(program, PROGRAM_SHA_METHOD)
-        want = _constant_bytes(program, FOUNDATION_SHA_METHOD)
-    except Exception as e:
-        raise ProgramError(f"{pte}: not a loadable program ({type(e).__name__}: {e})") from None
+    constants = read_pte(pte).constants
+    own, want = constants.get(PROGRAM_SHA_METHOD), constants.get(FOUNDATION_SHA_METHOD)
     return {
         "foundation_sha256": None if want is None else want.hex(),
         "checksum_ok": None if own is None else _checksum_matches(pte, own),
@@ -86,24 +81,16 @@ def recorded_checksums(pte: Path) -> dict[str, object]:
 def verify_program(pte: Path, data: Path | None) -> None:
     """Before a program runs: it must parse, match its own checksum and, if it records one,
     be paired with ``data`` of the foundation sha256 it was exported with. Raises
-    :class:`ProgramError` naming the file (and both hashes for a wrong foundation). Reads only
-    the program, not its weights."""
-    from executorch.runtime import Runtime
+    :class:`ProgramError` naming the file (and both hashes for a wrong foundation).
 
-    from edgelora.backends.xnnpack.files import read_pte
-
-    read_pte(pte)  # parse in Python first: the runtime aborts the process on some garbage
-    try:
-        program = Runtime.get().load_program(pte)
-        own = _constant_bytes(program, PROGRAM_SHA_METHOD)
-        want = _constant_bytes(program, FOUNDATION_SHA_METHOD)
-    except Exception as e:
-        raise ProgramError(f"{pte}: not a loadable program ({type(e).__name__}: {e})") from None
-    if own is not None and not _checksum_matches(pte, own):
+    Everything is checked by our own parser before ExecuTorch's loader sees the file: the
+    runtime aborts the whole process on some malformed programs."""
+    recorded = recorded_checksums(pte)
+    if recorded["checksum_ok"] is False:
         raise ProgramError(f"{pte}: corrupt program (its checksum does not match its bytes)")
+    want = recorded["foundation_sha256"]
     if want is None:
         return
-    want = want.hex()
     if data is None:
         raise ProgramError(
             f"{pte} needs its foundation data file (sha256 {want[:16]}...); pass --data "

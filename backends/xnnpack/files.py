@@ -28,6 +28,9 @@ class ProgramInfo:
     methods: list[str]
     inline: dict[str, int] = field(default_factory=dict)  # key -> bytes, inside the .pte
     needed: set[str] = field(default_factory=set)  # keys that must come from a data file
+    # bytes returned by zero-argument methods that return one constant tensor (e.g. the
+    # checksums edgelora stamps: get_foundation_sha256, get_program_sha256)
+    constants: dict[str, bytes] = field(default_factory=dict)
 
 
 def _read_bytes(path: str | Path, kind: str) -> bytes:
@@ -122,6 +125,11 @@ def read_pte(path: str | Path) -> ProgramInfo:
                 info.inline[key] = len(pte.named_data.buffers[entry.buffer_index])
         referenced: set[str] = set()
         for plan in program.execution_plan:
+            if not plan.inputs and len(plan.outputs) == 1:
+                val = plan.values[plan.outputs[0]].val
+                idx = getattr(val, "data_buffer_idx", 0)
+                if 0 < idx < len(program.constant_buffer):
+                    info.constants[plan.name] = bytes(program.constant_buffer[idx].storage)
             for value in plan.values:
                 tensor = value.val
                 extra = getattr(tensor, "extra_tensor_info", None)
