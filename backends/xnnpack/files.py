@@ -31,6 +31,7 @@ class ProgramInfo:
     # bytes returned by zero-argument methods that return one constant tensor (e.g. the
     # checksums edgelora stamps: get_foundation_sha256, get_program_sha256)
     constants: dict[str, bytes] = field(default_factory=dict)
+    constant_bytes: int = 0  # bytes of non-delegated constant tensors inside the .pte
 
 
 def _read_bytes(path: str | Path, kind: str) -> bytes:
@@ -123,6 +124,7 @@ def read_pte(path: str | Path) -> ProgramInfo:
         if pte.named_data is not None:
             for key, entry in pte.named_data.pte_data.items():
                 info.inline[key] = len(pte.named_data.buffers[entry.buffer_index])
+        info.constant_bytes = sum(len(b.storage) for b in program.constant_buffer)
         referenced: set[str] = set()
         for plan in program.execution_plan:
             if not plan.inputs and len(plan.outputs) == 1:

@@ -115,8 +115,12 @@ def _external_constant_tagger(
 
     def tag(node: torch.fx.Node) -> str | None:
         fqn = fqns.get(node.name)
-        if fqn is None or is_adapter(fqn):
+        if fqn is not None and is_adapter(fqn):
             return None
+        # A constant without an FQN was made by a pass from foundation constants (e.g. the
+        # packed weight of the fused quantized embedding): it belongs in the foundation too.
+        # (Were one ever made from adapter weights, the foundations of the base and adapter
+        # programs would differ, which run_export checks.)
         return FOUNDATION_TAG
 
     return tag
