@@ -150,7 +150,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         target, seeds, seconds, seed, last = sys.argv[2:7]
         result = _child(target, json.loads(seeds), float(seconds), int(seed), Path(last))
-        print(_MARK + json.dumps(result), flush=True)
+        print("\n" + _MARK + json.dumps(result), flush=True)
         return
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,8 +199,7 @@ def main() -> None:
                 cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore")
             )
             if proc.returncode == 0:
-                line = next(x for x in proc.stdout.splitlines() if x.startswith(_MARK))
-                out = json.loads(line.removeprefix(_MARK))
+                out = json.loads(proc.stdout.rsplit(_MARK, 1)[1].splitlines()[0])
                 for k in ("tried", "refused", "unhandled_count"):
                     row[k] += out[k]
                 row["unhandled"] += out["unhandled"]
