@@ -235,21 +235,26 @@ def main() -> None:
     log = lambda m: print(m, flush=True)  # noqa: E731
 
     saved = work / "exports.json"
-    if ns.reuse and saved.is_file():  # measure again without exporting again
-        params, exports = CONFIGS[ns.config], _load_exports(saved)
+    params = CONFIGS[ns.config]
+    exports, adapter_bytes = {}, None
+    if ns.reuse and saved.is_file():  # measure again; export only what is missing
+        exports = _load_exports(saved)
         adapter_bytes = exports.pop("adapter_bytes")
-        log(f"== reusing the exports recorded in {saved}")
-    else:
+        log(f"== reusing {sorted(exports)} recorded in {saved}")
+    todo = [v for v in variants if f"ours-{v}" not in exports]
+    need_baseline = not ns.no_baseline and "executorch" not in exports
+    if todo or need_baseline:
         params, model, adapter = _inputs(ns.config, work)
         adapter_bytes = adapter.num_bytes
-        exports = {}
-        for v in variants:
+        for v in todo:
             log(f"== export: ours ({v})")
             exports[f"ours-{v}"] = _our_export(work, v)
-        if not ns.no_baseline:
+        if need_baseline:
             log("== export: ExecuTorch example (base, then LoRA)")
             exports["executorch"] = _baseline_export(work, params, model, adapter)
         saved.write_text(json.dumps({**exports, "adapter_bytes": adapter_bytes}, default=str))
+    if ns.no_baseline:
+        exports.pop("executorch", None)
     variants = [v for v in variants if f"ours-{v}" in exports]
 
     programs: dict[str, tuple[Path, Path | None]] = {}
