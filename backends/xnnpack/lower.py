@@ -115,12 +115,13 @@ def _external_constant_tagger(
 
     def tag(node: torch.fx.Node) -> str | None:
         fqn = fqns.get(node.name)
-        if fqn is not None and is_adapter(fqn):
+        if fqn is None or is_adapter(fqn):
+            # A constant without an FQN was made by a pass (e.g. the packed weight of the
+            # fused 4-bit embedding). It stays in the program: tagging it for the foundation
+            # also sends pass-made constants derived from adapter weights there, and the
+            # adapter programs' foundations then differ from the base's (stories15M, --fuse
+            # all --embedding-bits 4). Known cost: the packed embedding is inside every .pte.
             return None
-        # A constant without an FQN was made by a pass from foundation constants (e.g. the
-        # packed weight of the fused quantized embedding): it belongs in the foundation too.
-        # (Were one ever made from adapter weights, the foundations of the base and adapter
-        # programs would differ, which run_export checks.)
         return FOUNDATION_TAG
 
     return tag
