@@ -49,8 +49,9 @@ for kind, pte, ptd in json.loads(sys.argv[1]):
         err, out = io.StringIO(), io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             code = (run_main if tool == "run" else inspect_main)(argv)
-        print(json.dumps({"case": kind, "tool": tool, "code": code, "err": err.getvalue()}),
-              flush=True)
+        # own line: the runtime may have logged to stdout without a newline
+        print("\ncase-result: " + json.dumps({"case": kind, "tool": tool, "code": code,
+                                              "err": err.getvalue()}), flush=True)
 """
 
 
@@ -71,7 +72,11 @@ def test_broken_programs_and_data_files(export_8da4w, tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]  # no crash, no uncaught exception
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    results = [
+        json.loads(line.split("case-result: ", 1)[1])
+        for line in proc.stdout.splitlines()
+        if "case-result: " in line
+    ]
     assert len(results) == 2 * len(cases)
     for r in results:
         assert r["code"] != 0, r

@@ -63,6 +63,7 @@ def ptd_entries(path: str | Path) -> dict[str, DataEntry]:
     from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
 
     data = _read_bytes(path, ".ptd")
+    _check_ptd_extent(path, data)
     try:
         payload = FlatTensorSerializer().deserialize(Cord(data))
         out = {}
@@ -78,6 +79,27 @@ def ptd_entries(path: str | Path) -> dict[str, DataEntry]:
         raise ProgramError(
             f"{path}: not a valid .ptd data file ({type(e).__name__}: {e})"
         ) from None
+
+
+def _check_ptd_extent(path: Path, data: bytes) -> None:
+    """The header's flatbuffer and segment ranges must lie inside the file: the deserializer
+    slices a truncated file silently (and its flatc helper can crash on one)."""
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorHeader
+
+    try:
+        header = FlatTensorHeader.from_bytes(data[8:])
+    except ValueError:
+        header = None
+    if header is None or data[4:8] != b"FT01" or not header.is_valid():
+        raise ProgramError(f"{path}: not a valid .ptd data file (no FlatTensor header)")
+    end = max(
+        header.flatbuffer_offset + header.flatbuffer_size,
+        header.segment_base_offset + header.segment_data_size,
+    )
+    if end > len(data):
+        raise ProgramError(
+            f"{path}: truncated .ptd data file ({len(data)} bytes; its header needs {end})"
+        )
 
 
 def read_ptd(path: str | Path) -> dict[str, int]:
