@@ -381,6 +381,23 @@ def _check_foundation(written: list[Path], stage: Path, name: str, *, compare: b
         )
 
 
+def _lower_and_write(eps, args, stage: Path, scratch: Path, file: str, label: str, timer):
+    """Lower ``eps`` (one program, or method name -> program), write ``stage/file`` and check
+    the foundation it writes equals the base program's; returns the lowered program."""
+    from edgelora.backends.xnnpack.lower import lower_to_xnnpack
+
+    with timer(f"{label}: lower to XNNPACK + serialise"):
+        lowered = lower_to_xnnpack(
+            eps, is_adapter=is_adapter_fqn, constant_methods=program_methods(args)
+        )
+        lowered.write_pte(stage / file)
+        data_dir = scratch / label
+        data_dir.mkdir()
+        written = lowered.write_data_files(data_dir)
+    _check_foundation(written, stage, label, compare=True)
+    return lowered
+
+
 def _export_bundle(model, args, adapters, stage, scratch, timer, log) -> dict:
     """``--bundle``: one multi-method program, ``base`` plus one method per adapter, whose
     methods share the foundation's keys; an app loads the program (and the foundation) once
@@ -390,17 +407,7 @@ def _export_bundle(model, args, adapters, stage, scratch, timer, log) -> dict:
         name = "base" if adapter is None else adapter.name
         with adapter_attached(model, adapter), timer(f"bundle {name}: torch.export"):
             methods[name] = export_program(model, args)
-    from edgelora.backends.xnnpack.lower import lower_to_xnnpack
-
-    with timer(f"bundle: lower {len(methods)} methods to XNNPACK + serialise"):
-        lowered = lower_to_xnnpack(
-            methods, is_adapter=is_adapter_fqn, constant_methods=program_methods(args)
-        )
-        lowered.write_pte(stage / BUNDLE_FILE)
-        data_dir = scratch / "bundle"
-        data_dir.mkdir()
-        written = lowered.write_data_files(data_dir)
-    _check_foundation(written, stage, "bundle", compare=True)
+    _lower_and_write(methods, args, stage, scratch, BUNDLE_FILE, "bundle", timer)
     log(
         f"  {BUNDLE_FILE}: {(stage / BUNDLE_FILE).stat().st_size / 1e6:.3f} MB, methods "
         f"{', '.join(methods)}"
@@ -416,7 +423,6 @@ def _export_switchable(model, args, adapters, dtype, stage, scratch, timer, log)
     are run-time inputs (:mod:`edgelora.models.lora_inputs`), and each adapter's inputs as
     ``<name>.lora.safetensors``. The program holds no adapter constant: all of it is the
     foundation, packed once however many adapters a process switches between."""
-    from edgelora.backends.xnnpack.lower import lower_to_xnnpack
     from edgelora.models.lora_inputs import (
         adapter_slots,
         adapter_tensors,
@@ -433,15 +439,7 @@ def _export_switchable(model, args, adapters, dtype, stage, scratch, timer, log)
     example = adapter_tensors(model, None, slots, dtype)
     with switchable(model, slots), timer("switchable: torch.export"):
         ep = export_program(model, args, extra_inputs=example)
-    with timer("switchable: lower to XNNPACK + serialise"):
-        lowered = lower_to_xnnpack(
-            ep, is_adapter=is_adapter_fqn, constant_methods=program_methods(args)
-        )
-        lowered.write_pte(stage / SWITCHABLE_FILE)
-        data_dir = scratch / "switchable"
-        data_dir.mkdir()
-        written = lowered.write_data_files(data_dir)
-    _check_foundation(written, stage, "switchable", compare=True)
+    _lower_and_write(ep, args, stage, scratch, SWITCHABLE_FILE, "switchable", timer)
     log(
         f"  {SWITCHABLE_FILE}: {(stage / SWITCHABLE_FILE).stat().st_size / 1e6:.3f} MB, "
         f"{len(slots)} adapter slots; adapter inputs "
