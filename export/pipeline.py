@@ -239,7 +239,6 @@ def run_export(
 
     ``checkpoint`` is ``config.checkpoint`` already opened (to avoid reading it twice).
     """
-    from edgelora.backends.xnnpack.lower import lower_to_xnnpack
 
     timer = StageTimer(log)
     args = config.model_args
@@ -289,6 +288,7 @@ def run_export(
         stage.mkdir()
         scratch.mkdir()
         programs: dict[str, dict] = {}
+        base_derived = None  # pass-made constants the base program put in the foundation
         for adapter in [None, *adapters]:
             name = "base" if adapter is None else adapter.name
             if adapter is None and merged is not None:
@@ -296,15 +296,11 @@ def run_export(
             with adapter_attached(model, adapter):
                 with timer(f"{name}: torch.export"):
                     ep = export_program(model, args)
-                with timer(f"{name}: lower to XNNPACK + serialise"):
-                    lowered = lower_to_xnnpack(
-                        ep, is_adapter=is_adapter_fqn, constant_methods=program_methods(args)
-                    )
-                    lowered.write_pte(stage / f"{name}.pte")
-                    data_dir = stage if adapter is None else scratch / name
-                    data_dir.mkdir(exist_ok=True)
-                    written = lowered.write_data_files(data_dir)
-            _check_foundation(written, stage, name, compare=adapter is not None)
+                lowered = _lower_and_write(
+                    ep, args, stage, scratch, f"{name}.pte", name, timer, base_derived
+                )
+            if adapter is None:
+                base_derived = lowered.derived_foundation
             programs[name] = {
                 "file": f"{name}.pte",
                 "foundation": FOUNDATION_FILE,
@@ -321,10 +317,18 @@ def run_export(
 
         bundle = switchable = None
         if config.bundle and adapters:
-            bundle = _export_bundle(model, args, adapters, stage, scratch, timer, log)
+            bundle = _export_bundle(model, args, adapters, stage, scratch, timer, log, base_derived)
         if config.switchable and adapters:
             switchable = _export_switchable(
-                model, args, adapters, config.torch_dtype, stage, scratch, timer, log
+                model,
+                args,
+                adapters,
+                config.torch_dtype,
+                stage,
+                scratch,
+                timer,
+                log,
+                base_derived,
             )
 
         with timer("write manifest + move into place"):
@@ -381,24 +385,32 @@ def _check_foundation(written: list[Path], stage: Path, name: str, *, compare: b
         )
 
 
-def _lower_and_write(eps, args, stage: Path, scratch: Path, file: str, label: str, timer):
-    """Lower ``eps`` (one program, or method name -> program), write ``stage/file`` and check
-    the foundation it writes equals the base program's; returns the lowered program."""
+def _lower_and_write(
+    eps, args, stage: Path, scratch: Path, file: str, label: str, timer, base_derived
+):
+    """Lower ``eps`` (one program, or method name -> program) and write ``stage/file``.
+
+    ``base_derived`` is ``None`` for the base program, which writes ``stage/foundation.ptd``;
+    any other program gets the base's ``derived_foundation`` and must write the same
+    foundation bytes (checked). Returns the lowered program."""
     from edgelora.backends.xnnpack.lower import lower_to_xnnpack
 
     with timer(f"{label}: lower to XNNPACK + serialise"):
         lowered = lower_to_xnnpack(
-            eps, is_adapter=is_adapter_fqn, constant_methods=program_methods(args)
+            eps,
+            is_adapter=is_adapter_fqn,
+            constant_methods=program_methods(args),
+            foundation_derived=base_derived,
         )
         lowered.write_pte(stage / file)
-        data_dir = scratch / label
-        data_dir.mkdir()
+        data_dir = stage if base_derived is None else scratch / label
+        data_dir.mkdir(exist_ok=True)
         written = lowered.write_data_files(data_dir)
-    _check_foundation(written, stage, label, compare=True)
+    _check_foundation(written, stage, label, compare=base_derived is not None)
     return lowered
 
 
-def _export_bundle(model, args, adapters, stage, scratch, timer, log) -> dict:
+def _export_bundle(model, args, adapters, stage, scratch, timer, log, base_derived) -> dict:
     """``--bundle``: one multi-method program, ``base`` plus one method per adapter, whose
     methods share the foundation's keys; an app loads the program (and the foundation) once
     and switches adapters by method."""
@@ -407,7 +419,7 @@ def _export_bundle(model, args, adapters, stage, scratch, timer, log) -> dict:
         name = "base" if adapter is None else adapter.name
         with adapter_attached(model, adapter), timer(f"bundle {name}: torch.export"):
             methods[name] = export_program(model, args)
-    _lower_and_write(methods, args, stage, scratch, BUNDLE_FILE, "bundle", timer)
+    _lower_and_write(methods, args, stage, scratch, BUNDLE_FILE, "bundle", timer, base_derived)
     log(
         f"  {BUNDLE_FILE}: {(stage / BUNDLE_FILE).stat().st_size / 1e6:.3f} MB, methods "
         f"{', '.join(methods)}"
@@ -418,7 +430,9 @@ def _export_bundle(model, args, adapters, stage, scratch, timer, log) -> dict:
 SWITCHABLE_FILE = "switchable.pte"
 
 
-def _export_switchable(model, args, adapters, dtype, stage, scratch, timer, log) -> dict:
+def _export_switchable(
+    model, args, adapters, dtype, stage, scratch, timer, log, base_derived
+) -> dict:
     """``--switchable``: one program ``forward(tokens, input_pos, lora)`` whose adapter weights
     are run-time inputs (:mod:`edgelora.models.lora_inputs`), and each adapter's inputs as
     ``<name>.lora.safetensors``. The program holds no adapter constant: all of it is the
@@ -439,7 +453,7 @@ def _export_switchable(model, args, adapters, dtype, stage, scratch, timer, log)
     example = adapter_tensors(model, None, slots, dtype)
     with switchable(model, slots), timer("switchable: torch.export"):
         ep = export_program(model, args, extra_inputs=example)
-    _lower_and_write(ep, args, stage, scratch, SWITCHABLE_FILE, "switchable", timer)
+    _lower_and_write(ep, args, stage, scratch, SWITCHABLE_FILE, "switchable", timer, base_derived)
     log(
         f"  {SWITCHABLE_FILE}: {(stage / SWITCHABLE_FILE).stat().st_size / 1e6:.3f} MB, "
         f"{len(slots)} adapter slots; adapter inputs "

@@ -101,12 +101,67 @@ def _digest(t: torch.Tensor) -> bytes:
     return hashlib.sha256(t.contiguous().flatten().view(torch.uint8).numpy().tobytes()).digest()
 
 
+# Prefix of the constants we name by content (see name_derived_constants).
+DERIVED_PREFIX = "_derived_"
+_PROP_PREFIX = "_prop_tensor_constant"  # ExecuTorch's const-prop names: a per-program counter
+
+
+def name_derived_constants(ep: ExportedProgram) -> dict[str, bytes]:
+    """Rename the constants a pass made (ExecuTorch's const-prop: ``_prop_tensor_constantN``,
+    e.g. the packed weight of the fused 4-bit embedding) after the sha256 of their bytes, in
+    place; returns ``new name -> digest``.
+
+    The counter N depends on what else the program holds, so the same bytes had different
+    names -- and so different data-file keys -- in the base and an adapter program. Named by
+    content, a constant derived from foundation weights has one key in every program, and can
+    live in the one ``foundation.ptd``. Two constants of one program with the same bytes
+    become one placeholder.
+    """
+    from torch.export.graph_signature import InputKind
+
+    sig = ep.graph_signature
+    by_name = {s.arg.name: s for s in sig.input_specs}
+    kept: dict[str, torch.fx.Node] = {}
+    digests: dict[str, bytes] = {}
+    for node in list(ep.graph.find_nodes(op="placeholder")):
+        spec = by_name.get(node.name)
+        if (
+            spec is None
+            or spec.kind != InputKind.CONSTANT_TENSOR
+            or not str(spec.target).startswith(_PROP_PREFIX)
+        ):
+            continue
+        value = ep.constants.pop(spec.target)
+        digest = _digest(value)
+        name = DERIVED_PREFIX + digest.hex()[:32]
+        if name in kept:  # same bytes twice in one program: one constant
+            node.replace_all_uses_with(kept[name])
+            ep.graph.erase_node(node)
+            sig.input_specs = [s for s in sig.input_specs if s is not spec]
+            continue
+        node._rename(name)
+        if node.name != name:
+            raise RuntimeError(f"internal error: cannot name constant {spec.target} as {name}")
+        node.target = name
+        spec.arg.name = name
+        spec.target = name
+        ep.constants[name] = value
+        kept[name] = node
+        digests[name] = digest
+    ep.graph_module.recompile()
+    return digests
+
+
 def _external_constant_tagger(
-    eps: list[ExportedProgram], is_adapter: Callable[[str], bool]
+    eps: list[ExportedProgram],
+    is_adapter: Callable[[str], bool],
+    derived_in_foundation: Callable[[str], bool],
 ) -> Callable[[torch.fx.Node], str | None]:
     """The ``external_constants`` callable for ``to_executorch``: tags the constants that were
     not delegated (embedding, norms, RoPE tables) by the FQN the signature gives them. With
-    several methods, a placeholder name means the same FQN in each (one module tree)."""
+    several methods, a placeholder name means the same FQN in each (one module tree).
+    A constant made by a pass (named by content) goes to the foundation when
+    ``derived_in_foundation(name)``."""
     fqns: dict[str, str] = {}
     for ep in eps:
         for name, fqn in constant_fqns(ep).items():
@@ -116,11 +171,8 @@ def _external_constant_tagger(
     def tag(node: torch.fx.Node) -> str | None:
         fqn = fqns.get(node.name)
         if fqn is None or is_adapter(fqn):
-            # A constant without an FQN was made by a pass (e.g. the packed weight of the
-            # fused 4-bit embedding). It stays in the program: tagging it for the foundation
-            # also sends pass-made constants derived from adapter weights there, and the
-            # adapter programs' foundations then differ from the base's (stories15M, --fuse
-            # all --embedding-bits 4). Known cost: the packed embedding is inside every .pte.
+            return None
+        if fqn.startswith(DERIVED_PREFIX) and not derived_in_foundation(fqn):
             return None
         return FOUNDATION_TAG
 
@@ -133,6 +185,8 @@ class LoweredProgram:
 
     manager: object  # executorch.exir.ExecutorchProgramManager
     split: ConstantSplit
+    # Pass-made constants (named by content) this program sends to the foundation.
+    derived_foundation: frozenset[str] = frozenset()
 
     def write_pte(self, path: str | Path) -> None:
         with open(path, "wb") as f:
@@ -150,12 +204,20 @@ def lower_to_xnnpack(
     *,
     is_adapter: Callable[[str], bool],
     constant_methods: dict[str, object] | None = None,
+    foundation_derived: frozenset[str] | None = None,
 ) -> LoweredProgram:
     """Lower ``ep`` with ``XnnpackPartitioner``; foundation constants go to ``foundation.ptd``.
 
     The returned program writes ``<name>.pte`` and ``foundation.ptd``. ``ep`` may be a dict
     ``method name -> ExportedProgram`` (e.g. ``base`` and one method per adapter): one
-    multi-method program whose methods share the foundation's keys. ``constant_methods`` become zero-argument methods of the program (runner metadata).
+    multi-method program whose methods share the foundation's keys. ``constant_methods``
+    become zero-argument methods of the program (runner metadata).
+
+    Constants made by ExecuTorch's passes (the packed 4-bit embedding) are named by content.
+    ``foundation_derived`` is the set of such names the base program put in the foundation
+    (its ``derived_foundation``): an adapter program sends those there and keeps the others,
+    which may be derived from adapter weights. Without it (the base program), a program with
+    no adapter constant sends all of them to the foundation.
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import (
@@ -164,6 +226,7 @@ def lower_to_xnnpack(
         to_edge_transform_and_lower,
     )
     from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.quant_fusion_pass import quant_fusion_and_const_prop_pass
 
     methods = ep if isinstance(ep, dict) else {"forward": ep}
     splits = [tag_foundation_constants(m, is_adapter) for m in methods.values()]
@@ -178,16 +241,26 @@ def lower_to_xnnpack(
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
         constant_methods=constant_methods,
     )
+    derived: set[str] = set()
+    for name in methods:
+        # Fuses torchao dequantize_affine + embedding into quantized embedding kernels and
+        # folds the weight packing into constants (in place), which we then name by content.
+        quant_fusion_and_const_prop_pass(edge.exported_program(name))
+        derived.update(name_derived_constants(edge.exported_program(name)))
+    if foundation_derived is None:
+        foundation_derived = frozenset(derived) if not split.adapter else frozenset()
+    derived_foundation = frozenset(derived & foundation_derived)
     tagger = _external_constant_tagger(
-        [edge.exported_program(name) for name in methods], is_adapter
+        [edge.exported_program(name) for name in methods],
+        is_adapter,
+        derived_foundation.__contains__,
     )
     et = edge.to_executorch(
         ExecutorchBackendConfig(
             extract_delegate_segments=True,
-            # Fuses torchao dequantize_affine + embedding into quantized embedding kernels.
-            do_quant_fusion_and_const_prop=True,
+            do_quant_fusion_and_const_prop=False,  # done above
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
             external_constants=tagger,
         )
     )
-    return LoweredProgram(manager=et, split=split)
+    return LoweredProgram(manager=et, split=split, derived_foundation=derived_foundation)
