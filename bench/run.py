@@ -213,18 +213,33 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", choices=sorted(CONFIGS), default="stories15m")
+    p.add_argument(
+        "--config",
+        choices=sorted(CONFIGS),
+        default="stories15m",
+        help="model size (stories15M/110M-sized Llama, an MLA model, or tiny for tests)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
     p.add_argument(
         "--variants", default="split,fused", help=f"our export variants, of {sorted(VARIANTS)}"
     )
     p.add_argument("--no-baseline", action="store_true", help="skip ExecuTorch's example (tests)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager references")
-    p.add_argument("--work", type=Path, default=None)
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="directory for the checkpoint, adapter and exports (default: a new temp directory)",
+    )
     p.add_argument(
         "--reuse", action="store_true", help="reuse the exports an earlier run made in --work"
     )
-    p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=HERE / "results",
+        help="where <config>.json/.md and the PNG plots go (default: bench/results)",
+    )
     ns = p.parse_args()
     variants = [v for v in ns.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)

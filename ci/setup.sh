@@ -12,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import edgelora, torch, executorch, torchao, pytest, ruff, peft, matplotlib" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import edgelora, torch, executorch, torchao, pytest, xdist, ruff, peft, matplotlib" 2>/dev/null; then
   echo "== installing (torch==2.13.0 CPU, executorch==1.5.1, torchao==0.18.0, ...)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
@@ -30,8 +30,10 @@ case "${1:-demo}" in
     ruff check .
     ruff format --check .
     echo "== pytest"
-    # includes ci/test_lora.sh for 8da4w (tests/ci/test_test_lora.py)
-    exec python -m pytest tests -p no:cacheprovider --durations=15
+    # includes ci/test_lora.sh for 8da4w (tests/ci/test_test_lora.py). Two workers: exports
+    # are single-threaded; tests sharing the session's exports run on one worker
+    # (tests/conftest.py groups them), so no export is made twice.
+    exec python -m pytest tests -p no:cacheprovider --durations=15 -n 2 --dist loadgroup
     ;;
   *)
     echo "usage: bash ci/setup.sh [demo|test]" >&2

@@ -222,11 +222,13 @@ def merge_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
             for module in model.modules():
                 if isinstance(module, LoRALinear):
                     a = module.scale * module.lora_a.weight.double()
+                    b = module.lora_b.weight.double()
                 elif isinstance(module, PackedLoRALinear):
                     a = module.lora_scale.double()[:, None] * module.lora_a.weight.double()
+                    b = module.packed_b().double()
                 else:
                     continue
-                delta = module.lora_b.weight.double() @ a
+                delta = b @ a
                 weight = module.linear.weight
                 weight.copy_((weight.double() + delta).to(weight.dtype))
     finally:

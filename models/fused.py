@@ -4,13 +4,14 @@ A :class:`FusedLinear` is one ``nn.Linear`` whose output rows are named slices (
 ``wv`` with their GQA sizes; ``w1``, ``w3``), so one matmul replaces several and the 8da4w filter
 quantizes it like any linear. LoRA adapters attached to the pieces are packed onto it by
 :class:`PackedLoRALinear`: every piece's ``lora_A`` is stacked along the rank dimension (one A
-matmul for inputs they share) and its ``lora_B`` placed in the rows of the slices it covers and the
-columns of its own rank block (a block-structured B). Each piece keeps its own rank and scale (a
-per-rank-column ``lora_scale``), so::
+matmul for inputs they share) and each slice keeps its own ``lora_B`` rows over its piece's rank
+columns (the non-zero blocks of a block-structured B, so no zeros are stored). Each piece keeps
+its own rank and scale (a per-rank-column ``lora_scale``), so with ``h = lora_scale * (A x)``
+slice ``i`` of the output is::
 
-    y = W x + B_packed (lora_scale * (A_packed x))
+    y_i = (W x)_i + B_i h[cols of i's piece]
 
-equals the split model's ``W_i x + s_i B_i A_i x`` for every slice ``i``.
+which equals the split model's ``W_i x + s_i B_i A_i x``.
 
 Which slices a piece covers is declared by name (a module's ``PIECE_SLICES``), never guessed from
 tensor sizes: with ``output_sizes`` ``{a: 128, b: 128, c: 256}`` a 256-row piece is ``c`` or
@@ -183,8 +184,11 @@ def check_pieces(
 
 
 class PackedLoRALinear(LinearWrapper):
-    """A :class:`FusedLinear` with LoRA pieces packed into one A and one block-structured B.
+    """A :class:`FusedLinear` with LoRA pieces packed onto it: one A, and each slice's B block.
 
+    ``lora_a`` stacks every piece's A along the rank (one matmul for the input they share);
+    ``lora_b[slice]`` is the B rows of that slice, over its piece's rank columns only -- the
+    non-zero blocks of the block-structured B, so the program carries the adapter's own bytes.
     ``lora_a``/``lora_b``/``lora_scale`` are adapter constants (excluded from quantization and
     from the foundation by FQN component); ``linear`` is the shared fused base layer.
     """
@@ -199,34 +203,50 @@ class PackedLoRALinear(LinearWrapper):
         total_rank = sum(p.rank for p in pieces)
         dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.float32
         self.lora_a = nn.Linear(linear.in_features, total_rank, bias=False, dtype=dtype)
-        self.lora_b = nn.Linear(total_rank, linear.out_features, bias=False, dtype=dtype)
+        self.lora_b = nn.ModuleDict()
+        self._cols: dict[str, tuple[int, int]] = {}  # slice -> its piece's rank columns
         scale = torch.empty(total_rank, dtype=dtype)
         with torch.no_grad():
-            self.lora_b.weight.zero_()
             col = 0
             for p in pieces:
-                cols = slice(col, col + p.rank)
-                self.lora_a.weight[cols] = p.lora_a
+                self.lora_a.weight[col : col + p.rank] = p.lora_a
                 row = 0
                 for s in p.slices:
                     size = linear.output_sizes[s]
-                    rows = linear.rows(s)
-                    self.lora_b.weight[rows, cols] = p.lora_b[row : row + size]
+                    b = nn.Linear(p.rank, size, bias=False, dtype=dtype)
+                    b.weight.copy_(p.lora_b[row : row + size])
+                    self.lora_b[s] = b
+                    self._cols[s] = (col, col + p.rank)
                     row += size
-                scale[cols] = p.scale
+                scale[col : col + p.rank] = p.scale
                 col += p.rank
         self.register_buffer("lora_scale", scale, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.lora_b(self.lora_a(x) * self.lora_scale)
+        h = self.lora_a(x) * self.lora_scale
+        parts = []
+        slices = self.linear.split(self.linear(x))
+        for s, part in zip(self.linear.output_sizes, slices, strict=True):
+            if s in self._cols:
+                c0, c1 = self._cols[s]
+                part = part + self.lora_b[s](h[..., c0:c1])
+            parts.append(part)
+        return torch.cat(parts, dim=-1)
+
+    def packed_b(self) -> torch.Tensor:
+        """The block-structured B ``[out, total rank]`` (zero outside each slice's block), so
+        the layer's delta is ``packed_b() @ (lora_scale * (lora_a x))``."""
+        b = self.lora_a.weight.new_zeros(self.linear.out_features, self.lora_a.out_features)
+        for s, (c0, c1) in self._cols.items():
+            b[self.linear.rows(s), c0:c1] = self.lora_b[s].weight.detach()
+        return b
 
     def pieces(self) -> list[LoRAPiece]:
         """The packed pieces, bit for bit as they were given."""
         out, col = [], 0
         for slices, rank, alpha, use_rslora, multiplier in self.layout:
-            cols = slice(col, col + rank)
-            b = torch.cat([self.lora_b.weight[self.linear.rows(s), cols] for s in slices])
-            a = self.lora_a.weight[cols]
+            b = torch.cat([self.lora_b[s].weight for s in slices])
+            a = self.lora_a.weight[col : col + rank]
             out.append(
                 LoRAPiece(
                     slices, a.detach().clone(), b.detach().clone(), alpha, use_rslora, multiplier

@@ -55,11 +55,10 @@ def _effective_lora(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a [r, in], b [out, r])`` of an attached LoRA wrapper with every scale folded into
     ``b``, so the module's delta is ``x @ a.T @ b.T``."""
     a = module.lora_a.weight.detach().float()
-    b = module.lora_b.weight.detach().float()
     if isinstance(module, LoRALinear):
-        return a, b * module.scale
+        return a, module.lora_b.weight.detach().float() * module.scale
     if isinstance(module, PackedLoRALinear):
-        return a, b * module.lora_scale.float()[None, :]
+        return a, module.packed_b().float() * module.lora_scale.float()[None, :]
     raise TypeError(f"not a LoRA wrapper: {type(module).__name__}")
 
 

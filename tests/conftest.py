@@ -87,3 +87,15 @@ def export_fp32(tmp_path_factory, params_file, adapter_dirs) -> Path:
     out = tmp_path_factory.mktemp("exp") / "fp32"
     argv = ("--qmode", "none", "--sdpa", "plain")
     return _export(out, params_file, {"chat": adapter_dirs["chat"]}, *argv)
+
+
+# Exports shared by many tests (session fixtures). Under pytest-xdist (``-n 2 --dist
+# loadgroup``, as ci/setup.sh runs) every test using one of them runs on the same worker, so
+# each export is made once; the other worker takes the tests that make their own.
+SHARED_EXPORTS = ("export_8da4w", "export_8da4w_base_only", "export_fp32")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in SHARED_EXPORTS):
+            item.add_marker(pytest.mark.xdist_group("shared-exports"))

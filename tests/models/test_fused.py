@@ -62,6 +62,9 @@ def test_fused_linear_maps_pieces_by_name_not_by_size():
             assert torch.equal(got[p.slices].lora_a, p.lora_a)
             assert torch.equal(got[p.slices].lora_b, p.lora_b)
             assert got[p.slices].scale == p.scale
+        # Only the pieces' own numbers are stored: no zero blocks of a block-structured B.
+        stored = sum(t.numel() for n, t in packed.named_parameters() if "lora_" in n)
+        assert stored == sum(p.lora_a.numel() + p.lora_b.numel() for p in pieces)
     only_c = PackedLoRALinear(fused, [c], module="m")  # a and b have no adapter: contribute 0
     torch.testing.assert_close(only_c(x)[:, :256], fused(x)[:, :256], atol=0, rtol=0)
 

@@ -123,7 +123,7 @@ def test_fuse_with_adapter_attached_packs_it(inplace):
     assert hasattr(attn, "wq_a") != inplace
     if inplace:  # the split base weights are gone, not just hidden
         names = [n for n, _ in model.named_parameters()]
-        assert not any(".wq_a." in n or ".wkv_a." in n for n in names)
+        assert not any(".attention.wq_a." in n or ".attention.wkv_a." in n for n in names)
         assert all(p is not split_weight for p in model.parameters())
     assert (logits(model) - adapted).abs().max() < FUSED_ATOL
     model.unfuse_mla_projections()
