@@ -240,7 +240,20 @@ def main() -> None:
         default=HERE / "results",
         help="where <config>.json/.md and the PNG plots go (default: bench/results)",
     )
+    p.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only re-write the Markdown table and plots of an earlier run's <config>.json",
+    )
     ns = p.parse_args()
+    if ns.render is not None:
+        figures = json.loads(ns.render.read_text())
+        ns.render.with_suffix(".md").write_text(_markdown(figures))
+        _plots(figures, ns.render.with_suffix(""))
+        print(_markdown(figures))
+        return
     variants = [v for v in ns.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -395,6 +408,7 @@ def _markdown(f: dict) -> str:
             files = ", ".join(f"{n} {s:,}" for n, s in r["files"].items())
             label = f"{k}/{role}" if role else k
             lines.append(f"| {label} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | {files} |")
+    lines += ["", *_bytes_for_k_adapters(f["exports"])]
     lines += ["", "| ours | decode bound ms | base / bound | ratios |", "|---|---|---|---|"]
     for k, b in f["bound"].items():
         ratios = ", ".join(f"{n} {x:.3f}" for n, x in f["ratios"].get(k, {}).items())
@@ -402,6 +416,28 @@ def _markdown(f: dict) -> str:
             f"| {k} | {b['decode_bound_ms']:.3f} | {b['base_over_bound']:.2f} | {ratios} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _bytes_for_k_adapters(exports: dict, ks=(1, 2, 4, 8)) -> list[str]:
+    """Markdown rows: bytes on the device for the base and k adapters. Every adapter is the
+    same size (rank 16 on every projection), so the k-th adds one adapter program; the
+    example's LoRA export writes its own foundation, counted once when it equals the base's."""
+    head = "| MB on device, base + k adapters | " + " | ".join(f"k={k}" for k in ks) + " |"
+    rows = [head, "|---|" + "---|" * len(ks)]
+    for name, rec in exports.items():
+        if name == "executorch":
+            base, lora = rec["base"]["files"], rec["lora"]["files"]
+            fixed = sum(base.values())
+            per = sum(n for f, n in lora.items() if f.endswith(".pte"))
+            if not rec["base"].get("foundation_shared_with_lora"):
+                per += sum(n for f, n in lora.items() if f.endswith(".ptd"))
+        else:
+            files = rec["files"]
+            per = files[f"{ADAPTER}.pte"]
+            fixed = sum(n for f, n in files.items() if f.endswith((".pte", ".ptd"))) - per
+        cells = " | ".join(f"{(fixed + k * per) / 1e6:.2f}" for k in ks)
+        rows.append(f"| {name} | {cells} |")
+    return rows
 
 
 def _plots(f: dict, stem: Path) -> None:

@@ -95,6 +95,7 @@ def export_fp32(tmp_path_factory, params_file, adapter_dirs) -> Path:
 SHARED_EXPORTS = ("export_8da4w", "export_8da4w_base_only", "export_fp32")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(name in getattr(item, "fixturenames", ()) for name in SHARED_EXPORTS):

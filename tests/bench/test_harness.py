@@ -67,6 +67,19 @@ def test_harness_on_tiny_config(tmp_path):
         if not (math.isfinite(v) and (v > 0 or (".stages_s." in p and v == 0)))
     ]
     assert not bad, bad
-    assert "| ours-split/base |" in (res / "tiny.md").read_text()
+    table = (res / "tiny.md").read_text()
+    assert "| ours-split/base |" in table
+    # bytes for k adapters: the base export plus k copies of the adapter program
+    files = export["files"]
+    k4 = (files["foundation.ptd"] + files["base.pte"] + 4 * files["a0.pte"]) / 1e6
+    lines = table.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| MB on device"))
+    assert lines[at] == "| MB on device, base + k adapters | k=1 | k=2 | k=4 | k=8 |"
+    assert lines[at + 2].split(" | ")[3] == f"{k4:.2f}"
     for png in ("tiny-decode.png", "tiny-sizes.png"):
         assert (res / png).read_bytes()[:4] == b"\x89PNG"
+    # --render re-writes the table from the JSON alone
+    (res / "tiny.md").unlink()
+    cmd = [sys.executable, str(HARNESS), "--render", str(res / "tiny.json")]
+    assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    assert (res / "tiny.md").read_text() == table
