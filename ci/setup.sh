@@ -31,9 +31,8 @@ case "${1:-demo}" in
     ruff format --check .
     echo "== pytest"
     # includes ci/test_lora.sh for 8da4w (tests/ci/test_test_lora.py). Two workers: exports
-    # are single-threaded; tests sharing the session's exports run on one worker
-    # (tests/conftest.py groups them), so no export is made twice.
-    exec python -m pytest tests -p no:cacheprovider --durations=15 -n 2 --dist loadgroup
+    # are single-threaded; the shared exports are made once for both (tests/conftest.py).
+    exec python -m pytest tests -p no:cacheprovider --durations=15 -n 2
     ;;
   *)
     echo "usage: bash ci/setup.sh [demo|test]" >&2
