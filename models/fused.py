@@ -184,13 +184,18 @@ def check_pieces(
 
 
 class PackedLoRALinear(LinearWrapper):
-    """A :class:`FusedLinear` with LoRA pieces packed onto it: one A, and each slice's B block.
+    """A :class:`FusedLinear` with LoRA pieces packed onto it: each piece's A, each slice's B.
 
-    ``lora_a`` stacks every piece's A along the rank (one matmul for the input they share);
-    ``lora_b[slice]`` is the B rows of that slice, over its piece's rank columns only -- the
-    non-zero blocks of the block-structured B, so the program carries the adapter's own bytes.
-    ``lora_a``/``lora_b``/``lora_scale`` are adapter constants (excluded from quantization and
-    from the foundation by FQN component); ``linear`` is the shared fused base layer.
+    ``lora_a[i]`` is piece ``i``'s A (``[rank_i, in]``); ``lora_b[slice]`` is the B rows of that
+    slice over its piece's rank -- the non-zero blocks of the block-structured B, so the program
+    carries the adapter's own bytes. ``lora_a``/``lora_b``/``lora_scale`` are adapter constants
+    (excluded from quantization and from the foundation by FQN component); ``linear`` is the
+    shared fused base layer.
+
+    When every slice has a piece, the delta is one ``cat`` of the slices' B outputs added to the
+    fused output: no slicing of activations, which XNNPACK cannot delegate under a dynamic
+    sequence length (each such slice would split the delegate partition and run as a portable
+    op). Otherwise the fused output is split and the covered slices get their delta.
     """
 
     def __init__(
@@ -200,59 +205,82 @@ class PackedLoRALinear(LinearWrapper):
         check_pieces(module or "fused layer", linear.output_sizes, linear.in_features, pieces)
         self.linear = linear
         self.layout = [(p.slices, p.rank, p.alpha, p.use_rslora, p.multiplier) for p in pieces]
-        total_rank = sum(p.rank for p in pieces)
         dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.float32
-        self.lora_a = nn.Linear(linear.in_features, total_rank, bias=False, dtype=dtype)
+        self.lora_a = nn.ModuleList()
         self.lora_b = nn.ModuleDict()
-        self._cols: dict[str, tuple[int, int]] = {}  # slice -> its piece's rank columns
-        scale = torch.empty(total_rank, dtype=dtype)
+        self._piece: dict[str, int] = {}  # slice -> index of its piece
+        self._cols: dict[str, tuple[int, int]] = {}  # slice -> its piece's stacked rank columns
+        self._scales = [p.scale for p in pieces]
+        scale = torch.empty(sum(p.rank for p in pieces), dtype=dtype)
         with torch.no_grad():
             col = 0
-            for p in pieces:
-                self.lora_a.weight[col : col + p.rank] = p.lora_a
+            for i, p in enumerate(pieces):
+                a = nn.Linear(linear.in_features, p.rank, bias=False, dtype=dtype)
+                a.weight.copy_(p.lora_a)
+                self.lora_a.append(a)
                 row = 0
                 for s in p.slices:
                     size = linear.output_sizes[s]
                     b = nn.Linear(p.rank, size, bias=False, dtype=dtype)
                     b.weight.copy_(p.lora_b[row : row + size])
                     self.lora_b[s] = b
+                    self._piece[s] = i
                     self._cols[s] = (col, col + p.rank)
                     row += size
                 scale[col : col + p.rank] = p.scale
                 col += p.rank
+        # Per stacked rank column (see stacked_a): the scales merging and run-time inputs use.
         self.register_buffer("lora_scale", scale, persistent=False)
 
+    @property
+    def rank(self) -> int:
+        """The total rank of the packed pieces (rows of :meth:`stacked_a`)."""
+        return self.lora_scale.shape[0]
+
+    def stacked_a(self) -> torch.Tensor:
+        """Every piece's A stacked along the rank: ``[total rank, in]``."""
+        return torch.cat([a.weight for a in self.lora_a])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.lora_a(x) * self.lora_scale
+        h = [a(x) * s for a, s in zip(self.lora_a, self._scales, strict=True)]
+        names = list(self.linear.output_sizes)
+        if all(s in self._piece for s in names):
+            delta = [self.lora_b[s](h[self._piece[s]]) for s in names]
+            return self.linear(x) + (delta[0] if len(delta) == 1 else torch.cat(delta, dim=-1))
         parts = []
-        slices = self.linear.split(self.linear(x))
-        for s, part in zip(self.linear.output_sizes, slices, strict=True):
-            if s in self._cols:
-                c0, c1 = self._cols[s]
-                part = part + self.lora_b[s](h[..., c0:c1])
+        for s, part in zip(names, self.linear.split(self.linear(x)), strict=True):
+            if s in self._piece:
+                part = part + self.lora_b[s](h[self._piece[s]])
             parts.append(part)
         return torch.cat(parts, dim=-1)
 
     def packed_b(self) -> torch.Tensor:
         """The block-structured B ``[out, total rank]`` (zero outside each slice's block), so
-        the layer's delta is ``packed_b() @ (lora_scale * (lora_a x))``."""
-        b = self.lora_a.weight.new_zeros(self.linear.out_features, self.lora_a.out_features)
+        the layer's delta is ``packed_b() @ (lora_scale * (stacked_a() x))``."""
+        b = self.lora_b[next(iter(self._cols))].weight.new_zeros(
+            self.linear.out_features, self.rank
+        )
         for s, (c0, c1) in self._cols.items():
             b[self.linear.rows(s), c0:c1] = self.lora_b[s].weight.detach()
         return b
 
     def pieces(self) -> list[LoRAPiece]:
         """The packed pieces, bit for bit as they were given."""
-        out, col = [], 0
-        for slices, rank, alpha, use_rslora, multiplier in self.layout:
+        out = []
+        for (slices, _, alpha, use_rslora, multiplier), a in zip(
+            self.layout, self.lora_a, strict=True
+        ):
             b = torch.cat([self.lora_b[s].weight for s in slices])
-            a = self.lora_a.weight[col : col + rank]
             out.append(
                 LoRAPiece(
-                    slices, a.detach().clone(), b.detach().clone(), alpha, use_rslora, multiplier
+                    slices,
+                    a.weight.detach().clone(),
+                    b.detach().clone(),
+                    alpha,
+                    use_rslora,
+                    multiplier,
                 )
             )
-            col += rank
         return out
 
     def extra_repr(self) -> str:

@@ -54,10 +54,11 @@ class Slot:
 def _effective_lora(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a [r, in], b [out, r])`` of an attached LoRA wrapper with every scale folded into
     ``b``, so the module's delta is ``x @ a.T @ b.T``."""
-    a = module.lora_a.weight.detach().float()
     if isinstance(module, LoRALinear):
+        a = module.lora_a.weight.detach().float()
         return a, module.lora_b.weight.detach().float() * module.scale
     if isinstance(module, PackedLoRALinear):
+        a = module.stacked_a().detach().float()
         return a, module.packed_b().float() * module.lora_scale.float()[None, :]
     raise TypeError(f"not a LoRA wrapper: {type(module).__name__}")
 
@@ -75,7 +76,7 @@ def adapter_slots(model: nn.Module, adapters: Sequence[Adapter]) -> list[Slot]:
     for adapter in adapters:
         with adapter_attached(model, adapter):
             for fqn, m in _attached_loras(model).items():
-                ranks[fqn] = max(ranks.get(fqn, 0), m.lora_a.weight.shape[0])
+                ranks[fqn] = max(ranks.get(fqn, 0), m.rank)
                 shapes[fqn] = (m.in_features, m.out_features)
     order = [fqn for fqn, _ in model.named_modules()]
     return [Slot(f, *shapes[f], ranks[f]) for f in sorted(ranks, key=order.index)]

@@ -42,6 +42,44 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def _exported_ops(module: nn.Module, x: torch.Tensor) -> list[str]:
+    seq = torch.export.Dim("seq", min=1, max=64)
+    ep = torch.export.export(module, (x,), dynamic_shapes=({0: seq},))
+    return [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+
+
+def test_packed_adapter_covering_every_slice_slices_no_activation():
+    """With every slice adapted, the delta is one cat added to the fused output: the exported
+    graph has no slice/split of activations (XNNPACK delegates none under a dynamic sequence
+    length, so each would split the partition and run outside it). It matches the per-slice
+    reference; with a slice left out, the fused output is split and that slice passes through."""
+    torch.manual_seed(0)
+    fused = FusedLinear(16, {"q": 32, "k": 8, "v": 8})
+    pieces = [
+        LoRAPiece(("q",), torch.randn(4, 16), torch.randn(32, 4), alpha=8.0),
+        LoRAPiece(("k", "v"), torch.randn(2, 16), torch.randn(16, 2), alpha=2.0),
+    ]
+    packed = PackedLoRALinear(fused, pieces, module="wqkv")
+    x = torch.randn(6, 16)
+    base = fused(x)
+    want = torch.cat(
+        [
+            base[:, :32] + pieces[0].scale * x @ pieces[0].lora_a.T @ pieces[0].lora_b.T,
+            base[:, 32:] + pieces[1].scale * x @ pieces[1].lora_a.T @ pieces[1].lora_b.T,
+        ],
+        -1,
+    )
+    torch.testing.assert_close(packed(x), want, atol=ATOL, rtol=0)
+    ops = _exported_ops(packed, x)
+    assert not [o for o in ops if "slice" in o or "split" in o], ops
+    assert sum("linear" in o for o in ops) == 1 + 2 + 3  # fused base, two A, three B
+    partial = PackedLoRALinear(fused, pieces[:1], module="wqkv")
+    y = partial(x)
+    torch.testing.assert_close(y[:, :32], want[:, :32], atol=ATOL, rtol=0)
+    torch.testing.assert_close(y[:, 32:], base[:, 32:], atol=0, rtol=0)
+    assert any("split" in o or "slice" in o for o in _exported_ops(partial, x))
+
+
 def test_fused_linear_maps_pieces_by_name_not_by_size():
     """output_sizes {a: 128, b: 128, c: 256}: a 256-row piece could be 'a+b' or 'c' by size;
     the declared slices decide, and each piece lands in its own rows."""
