@@ -1,19 +1,22 @@
 """Benchmark harness: our export against ExecuTorch's own Llama example and eager PyTorch.
 
     python bench/run.py --config stories15m|stories110m|mla-small|tiny [--rounds 3]
+        [--eager-rounds 1]
         [--variants split,fused] [--no-baseline] [--work DIR] [--results bench/results]
 
 For one named config, with the same random weights (written once as a Meta ``.pth``) and the
 same rank-16 adapter on every projection:
 
-1. exports with our ``export_llama`` (base + adapter, 8da4w g32; ``split``: unfused, fp32
-   embedding; ``fused``: ``--fuse all`` and a 4-bit embedding) and with ExecuTorch's example
+1. exports with our ``export_llama`` (base + adapter, 8da4w g32, ``--logits last`` as the
+   example's default; ``split``: unfused, fp32 embedding; ``fused``: ``--fuse all`` and a
+   4-bit embedding) and with ExecuTorch's example
    (``bench/et_baseline.py``: same checkpoint, 8da4w g32, XNNPACK, KV cache + custom SDPA, its
    LoRA and foundation-file options), recording wall time and peak RSS of each export process;
 2. runs every program on ``executorch.runtime`` in its own subprocess -- prefill of a 128-token
    prompt (median of 3) and decode (median of 64 steps after an 8-token prefill) -- for
    ``--rounds`` rounds in alternating order, so machine drift cancels in the ratios;
-3. measures eager PyTorch (fp32, and torchao 8da4w) the same way;
+3. measures eager PyTorch (fp32, and torchao 8da4w) the same way, in the first
+   ``--eager-rounds`` rounds (default 1: they are slow references, not A/B pairs);
 4. records every file's size and what each adapter adds;
 5. measures this machine's memory read bandwidth and shows each decode time as a multiple of
    the bound (weight bytes read per token / bandwidth);
@@ -41,10 +44,14 @@ from device import _measure  # noqa: E402
 from spine import CONFIGS  # noqa: E402
 
 ADAPTER = "a0"
+# Both return the last position's logits only, as the example's programs do by default.
 VARIANTS = {
-    "split": ["--fuse", "none"],
-    "fused": ["--fuse", "all", "--embedding-bits", "4", "--embedding-group-size", "32"],
-}
+    "split": ["--fuse", "none", "--logits", "last"],
+    "fused": [
+        "--fuse", "all", "--embedding-bits", "4", "--embedding-group-size", "32",
+        "--logits", "last",
+    ],
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- child processes
@@ -66,6 +73,7 @@ def _child_eager(work: str, config: str, qmode: str) -> dict:
         args, checkpoint=Path(work) / "model.pth", seed=0, qmode=qmode, group_size=32
     )
     model.eval()
+    model.last_logits_only = True  # as the programs compared with it
 
     class Eager:  # the LlamaProgram interface _measure uses
         def forward(self, tokens, start):
@@ -94,8 +102,21 @@ def _child_bandwidth() -> dict:
     return {"read_gb_per_s": x.numel() * 4 / best / 1e9, "threads": torch.get_num_threads()}
 
 
+def _child_profile(pte: str, ptd: str) -> dict:
+    """Where a decode step's time goes (ETDump): the XNNPACK 4-bit GEMMs are the floor the
+    delegate's kernels put under decode, whatever runs around them."""
+    from delegate_profile import profile_program
+
+    prof = profile_program(Path(pte), Path(ptd) if ptd else None, 32)
+    gemm = sum(r["ms"] for k, r in prof["xnnpack"].items() if "QB4W" in k or "QC4W" in k)
+    keys = ("step_ms", "delegate_ms", "delegate_calls", "portable_ms", "portable_ops")
+    return {**{k: prof[k] for k in keys}, "gemm_4bit_ms": gemm}
+
+
 def _child(argv: list[str]) -> dict:
     kind = argv[0]
+    if kind == "profile":
+        return _child_profile(argv[1], argv[2])
     if kind == "program":
         return _child_program(argv[1], argv[2], int(argv[3]))
     if kind == "eager":
@@ -226,6 +247,13 @@ def main() -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip ExecuTorch's example (tests)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager references")
     p.add_argument(
+        "--eager-rounds",
+        type=int,
+        default=1,
+        help="rounds that also measure the eager references (slow: torchao's eager 8da4w "
+        "dequantizes every weight at every call; they are references, not A/B pairs; default 1)",
+    )
+    p.add_argument(
         "--work",
         type=Path,
         default=None,
@@ -301,6 +329,8 @@ def main() -> None:
     for r in range(ns.rounds):
         order = list(runs) if r % 2 == 0 else list(runs)[::-1]
         for key in order:
+            if key.startswith("eager") and r >= ns.eager_rounds:
+                continue
             if key.startswith("eager"):
                 qmode = "none" if key == "eager-fp32" else "8da4w"
                 row = _run_child("eager", str(work), ns.config, qmode)
@@ -314,7 +344,18 @@ def main() -> None:
             )
 
     median = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in runs.items()}
+    log("== ETDump profile of each base program (32 decode steps)")
+    profiles = {}
+    for key, (pte, ptd) in programs.items():
+        if key.endswith("/base"):
+            profiles[key] = _run_child("profile", str(pte), str(ptd or ""))
+            log(f"  {key}: {json.dumps(profiles[key])}")
     figures = _figures(ns.config, params, exports, median, runs, bandwidth, adapter_bytes)
+    figures["profile"] = profiles
+    for name, b in figures["bound"].items():
+        if f"{name}/base" in profiles:
+            b["gemm_4bit_ms"] = profiles[f"{name}/base"]["gemm_4bit_ms"]
+            b["gemm_4bit_over_bound"] = b["gemm_4bit_ms"] / b["decode_bound_ms"]
     ns.results.mkdir(parents=True, exist_ok=True)
     stem = ns.results / ns.config
     stem.with_suffix(".json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
@@ -409,12 +450,33 @@ def _markdown(f: dict) -> str:
             label = f"{k}/{role}" if role else k
             lines.append(f"| {label} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | {files} |")
     lines += ["", *_bytes_for_k_adapters(f["exports"])]
-    lines += ["", "| ours | decode bound ms | base / bound | ratios |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| ours | decode bound ms | base / bound | 4-bit GEMMs ms (ETDump) / bound | ratios |",
+        "|---|---|---|---|---|",
+    ]
     for k, b in f["bound"].items():
         ratios = ", ".join(f"{n} {x:.3f}" for n, x in f["ratios"].get(k, {}).items())
-        lines.append(
-            f"| {k} | {b['decode_bound_ms']:.3f} | {b['base_over_bound']:.2f} | {ratios} |"
+        gemm = (
+            f"{b['gemm_4bit_ms']:.3f} / {b['gemm_4bit_over_bound']:.2f}"
+            if "gemm_4bit_ms" in b
+            else "-"
         )
+        lines.append(
+            f"| {k} | {b['decode_bound_ms']:.3f} | {b['base_over_bound']:.2f} | {gemm} | {ratios} |"
+        )
+    if f.get("profile"):
+        lines += [
+            "",
+            "| base program (ETDump, 32 steps) | step ms | delegate ms (calls) | 4-bit GEMMs ms "
+            "| outside delegates ms (ops) |",
+            "|---|---|---|---|---|",
+        ]
+        for k, r in f["profile"].items():
+            lines.append(
+                f"| {k} | {r['step_ms']:.3f} | {r['delegate_ms']:.3f} ({r['delegate_calls']}) "
+                f"| {r['gemm_4bit_ms']:.3f} | {r['portable_ms']:.3f} ({r['portable_ops']}) |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -130,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         "decode step copies the cache). MLA models always use plain (default custom)",
     )
     model.add_argument(
+        "--logits",
+        choices=["all", "last"],
+        default="all",
+        help="what forward returns: logits for every position of the input (all: what output "
+        "matching and evaluation need) or for the last one only (last: what a generating app "
+        "reads, as ExecuTorch's example exports by default; the output layer then runs on one "
+        "row, so prefill is faster) (default all)",
+    )
+    model.add_argument(
         "--bundle",
         action="store_true",
         help="also write bundle.pte: one program whose methods are base and each --lora "
@@ -227,6 +236,7 @@ def config_from_args(ns: argparse.Namespace, args: ModelArgs) -> ExportConfig:
         dtype=ns.dtype,
         fuse=ns.fuse,
         sdpa=ns.sdpa,
+        logits=ns.logits,
         bundle=ns.bundle,
         switchable=ns.switchable,
     )

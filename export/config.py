@@ -15,6 +15,7 @@ from edgelora.quant.linear import QMODES
 
 FUSE_MODES = ("none", "qkv", "gate_up", "mla", "all")
 SDPA_MODES = ("custom", "plain")
+LOGITS_MODES = ("all", "last")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -66,6 +67,7 @@ class ExportConfig:
     dtype: str = "fp32"
     fuse: str = "none"  # which projections run as one fused matmul
     sdpa: str = "custom"  # attention kernels: ExecuTorch's custom ops, or plain PyTorch ops
+    logits: str = "all"  # forward's logits: every position, or the last one only
     bundle: bool = False  # also write bundle.pte: base + every adapter as methods of one program
     switchable: bool = False  # also write switchable.pte: adapter weights as run-time inputs
 
@@ -114,6 +116,8 @@ class ExportConfig:
             raise ConfigError(f"fuse must be one of {FUSE_MODES}, got {self.fuse!r}")
         if self.sdpa not in SDPA_MODES:
             raise ConfigError(f"sdpa must be one of {SDPA_MODES}, got {self.sdpa!r}")
+        if self.logits not in LOGITS_MODES:
+            raise ConfigError(f"logits must be one of {LOGITS_MODES}, got {self.logits!r}")
         args = self.model_args
         if self.fuse == "qkv" and args.is_mla:
             raise ConfigError(

@@ -266,6 +266,7 @@ def run_export(
             fuse=config.fuse,
             log=log,
         )
+    model.last_logits_only = config.logits == "last"
     if config.sdpa == "custom":
         model.use_custom_ops()
         if args.is_mla:
@@ -354,6 +355,7 @@ def run_export(
                 "dtype": config.dtype,
                 "fuse": config.fuse,
                 "sdpa": config.sdpa,
+                "logits": config.logits,
                 "checkpoint": None if config.checkpoint is None else str(config.checkpoint),
                 "checkpoint_layout": None if checkpoint is None else checkpoint.layout,
                 "programs": programs,

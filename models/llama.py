@@ -122,7 +122,8 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The Llama decoder. ``forward`` returns logits ``[1, seq, vocab_size]`` (float32)."""
+    """The Llama decoder. ``forward`` returns logits ``[1, seq, vocab_size]`` (float32), or
+    ``[1, 1, vocab_size]`` for the last position only when ``last_logits_only`` is set."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -133,6 +134,10 @@ class Transformer(nn.Module):
             layer.attention.fqn = f"layers.{i}.attention"
             layer.feed_forward.fqn = f"layers.{i}.feed_forward"
         self.norm = RMSNorm(args.dim, args.norm_eps)
+        # A generating app reads only the last position's logits: computing the output layer
+        # (dim x vocab, the largest matmul of a small model) for that row alone halves a
+        # stories15M prefill. Full logits serve output matching and evaluation.
+        self.last_logits_only = False
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         cos, sin = rope_tables(args)
         self.register_buffer("freqs_cos", cos, persistent=False)
@@ -171,6 +176,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, start, cos, sin, mask)
+        if self.last_logits_only:
+            h = h[:, -1:, :]
         return self.output(self.norm(h)).float()
 
     def _blocks(self, kind: type) -> list[FusableProjections]:

@@ -229,7 +229,8 @@ class LlamaProgram:
         return int(self.metadata.get("get_max_seq_len", 128))
 
     def forward(self, tokens: list[int] | torch.Tensor, start: int) -> torch.Tensor:
-        """Logits ``[seq, vocab]`` for ``tokens`` placed at positions ``start...``."""
+        """Logits ``[seq, vocab]`` for ``tokens`` placed at positions ``start...`` (``[1, vocab]``,
+        the last position's, for a program exported with ``--logits last``)."""
         t = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
         if start + t.shape[1] > self.max_seq_len:
             raise ProgramError(
