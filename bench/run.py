@@ -509,11 +509,22 @@ def _plots(f: dict, stem: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(f["median"])
+    med = [f["median"][n]["decode_ms_per_token"] for n in names]
+    rounds = [[r["decode_ms_per_token"] for r in f["runs"][n]] for n in names]
+    spread = [
+        [m - min(r) for m, r in zip(med, rounds, strict=True)],
+        [max(r) - m for m, r in zip(med, rounds, strict=True)],
+    ]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
-    ax.barh(names, [f["median"][n]["decode_ms_per_token"] for n in names], color="#4878a8")
+    ax.barh(names, med, xerr=spread, color="#4878a8", ecolor="#333333", capsize=3)
+    for y, (m, r) in enumerate(zip(med, rounds, strict=True)):
+        ax.text(max(r) * 1.08, y, f"{m:.2f}", va="center", fontsize=8)
     for b in f["bound"].values():
         ax.axvline(b["decode_bound_ms"], ls="--", color="#a84848", lw=1)
-    ax.set_xlabel("decode ms/token (median; dashed: memory-bandwidth bound)")
+    ax.set_xscale("log")  # eager references are 10-100x the programs
+    ax.set_xlabel(
+        "decode ms/token, log scale (median of rounds, bars: min-max; dashed: bandwidth bound)"
+    )
     ax.set_title(f"{f['config']}: decode")
     ax.invert_yaxis()
     fig.tight_layout()
@@ -529,6 +540,8 @@ def _plots(f: dict, stem: Path) -> None:
                     rows.append((f"{k}{'/' + role if role else ''}: {n}", s / 1e6))
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.2))
     ax.barh([r[0] for r in rows], [r[1] for r in rows], color="#58a058")
+    for y, (_, mb) in enumerate(rows):
+        ax.text(mb, y, f" {mb:.2f}", va="center", fontsize=8)
     ax.set_xlabel("MB")
     ax.set_title(f"{f['config']}: files on device")
     ax.invert_yaxis()
