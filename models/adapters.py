@@ -224,7 +224,7 @@ def merge_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
                     a = module.scale * module.lora_a.weight.double()
                     b = module.lora_b.weight.double()
                 elif isinstance(module, PackedLoRALinear):
-                    a = module.lora_scale.double()[:, None] * module.stacked_a().double()
+                    a = module.stacked_scale().double()[:, None] * module.stacked_a().double()
                     b = module.packed_b().double()
                 else:
                     continue

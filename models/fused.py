@@ -3,13 +3,12 @@
 A :class:`FusedLinear` is one ``nn.Linear`` whose output rows are named slices (``wq``, ``wk``,
 ``wv`` with their GQA sizes; ``w1``, ``w3``), so one matmul replaces several and the 8da4w filter
 quantizes it like any linear. LoRA adapters attached to the pieces are packed onto it by
-:class:`PackedLoRALinear`: every piece's ``lora_A`` is stacked along the rank dimension (one A
-matmul for inputs they share) and each slice keeps its own ``lora_B`` rows over its piece's rank
-columns (the non-zero blocks of a block-structured B, so no zeros are stored). Each piece keeps
-its own rank and scale (a per-rank-column ``lora_scale``), so with ``h = lora_scale * (A x)``
-slice ``i`` of the output is::
+:class:`PackedLoRALinear`: each piece keeps its own ``lora_A`` and each slice its own ``lora_B``
+rows over its piece's rank (the non-zero blocks of a block-structured B, so no zeros are
+stored), with the piece's rank and scale ``s``; with ``h_p = s_p * (A_p x)`` for slice ``i``'s
+piece ``p``, slice ``i`` of the output is::
 
-    y_i = (W x)_i + B_i h[cols of i's piece]
+    y_i = (W x)_i + B_i h_p
 
 which equals the split model's ``W_i x + s_i B_i A_i x``.
 
@@ -188,7 +187,7 @@ class PackedLoRALinear(LinearWrapper):
 
     ``lora_a[i]`` is piece ``i``'s A (``[rank_i, in]``); ``lora_b[slice]`` is the B rows of that
     slice over its piece's rank -- the non-zero blocks of the block-structured B, so the program
-    carries the adapter's own bytes. ``lora_a``/``lora_b``/``lora_scale`` are adapter constants
+    carries the adapter's own bytes. ``lora_a``/``lora_b`` are adapter constants
     (excluded from quantization and from the foundation by FQN component); ``linear`` is the
     shared fused base layer.
 
@@ -209,11 +208,8 @@ class PackedLoRALinear(LinearWrapper):
         self.lora_a = nn.ModuleList()
         self.lora_b = nn.ModuleDict()
         self._piece: dict[str, int] = {}  # slice -> index of its piece
-        self._cols: dict[str, tuple[int, int]] = {}  # slice -> its piece's stacked rank columns
         self._scales = [p.scale for p in pieces]
-        scale = torch.empty(sum(p.rank for p in pieces), dtype=dtype)
         with torch.no_grad():
-            col = 0
             for i, p in enumerate(pieces):
                 a = nn.Linear(linear.in_features, p.rank, bias=False, dtype=dtype)
                 a.weight.copy_(p.lora_a)
@@ -225,26 +221,31 @@ class PackedLoRALinear(LinearWrapper):
                     b.weight.copy_(p.lora_b[row : row + size])
                     self.lora_b[s] = b
                     self._piece[s] = i
-                    self._cols[s] = (col, col + p.rank)
                     row += size
-                scale[col : col + p.rank] = p.scale
-                col += p.rank
-        # Per stacked rank column (see stacked_a): the scales merging and run-time inputs use.
-        self.register_buffer("lora_scale", scale, persistent=False)
+        self._covers_all = all(s in self._piece for s in linear.output_sizes)
 
     @property
     def rank(self) -> int:
         """The total rank of the packed pieces (rows of :meth:`stacked_a`)."""
-        return self.lora_scale.shape[0]
+        return sum(a.out_features for a in self.lora_a)
 
     def stacked_a(self) -> torch.Tensor:
         """Every piece's A stacked along the rank: ``[total rank, in]``."""
         return torch.cat([a.weight for a in self.lora_a])
 
+    def stacked_scale(self) -> torch.Tensor:
+        """Each stacked rank column's scale (its piece's): ``[total rank]``."""
+        return torch.cat(
+            [
+                a.weight.new_full((a.out_features,), s)
+                for a, s in zip(self.lora_a, self._scales, strict=True)
+            ]
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = [a(x) * s for a, s in zip(self.lora_a, self._scales, strict=True)]
         names = list(self.linear.output_sizes)
-        if all(s in self._piece for s in names):
+        if self._covers_all:
             delta = [self.lora_b[s](h[self._piece[s]]) for s in names]
             return self.linear(x) + (delta[0] if len(delta) == 1 else torch.cat(delta, dim=-1))
         parts = []
@@ -256,12 +257,13 @@ class PackedLoRALinear(LinearWrapper):
 
     def packed_b(self) -> torch.Tensor:
         """The block-structured B ``[out, total rank]`` (zero outside each slice's block), so
-        the layer's delta is ``packed_b() @ (lora_scale * (stacked_a() x))``."""
-        b = self.lora_b[next(iter(self._cols))].weight.new_zeros(
-            self.linear.out_features, self.rank
-        )
-        for s, (c0, c1) in self._cols.items():
-            b[self.linear.rows(s), c0:c1] = self.lora_b[s].weight.detach()
+        the layer's delta is ``packed_b() @ (stacked_scale() * (stacked_a() x))``."""
+        b = self.lora_a[0].weight.new_zeros(self.linear.out_features, self.rank)
+        col = 0
+        for slices, rank, *_ in self.layout:
+            for s in slices:
+                b[self.linear.rows(s), col : col + rank] = self.lora_b[s].weight.detach()
+            col += rank
         return b
 
     def pieces(self) -> list[LoRAPiece]:

@@ -59,7 +59,7 @@ def _effective_lora(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return a, module.lora_b.weight.detach().float() * module.scale
     if isinstance(module, PackedLoRALinear):
         a = module.stacked_a().detach().float()
-        return a, module.packed_b().float() * module.lora_scale.float()[None, :]
+        return a, module.packed_b().float() * module.stacked_scale().float()[None, :]
     raise TypeError(f"not a LoRA wrapper: {type(module).__name__}")
 
 
