@@ -1,7 +1,8 @@
-"""The exceptions edgelora raises on bad input.
+"""The exceptions edgelora raises.
 
 Every error a user can cause derives from :class:`EdgeLoraError`; the CLIs print its
 message (no traceback) and exit non-zero. Messages name the file, key and shapes involved.
+:class:`InternalError` is a bug in edgelora, not an input problem: it keeps its traceback.
 """
 
 
@@ -27,3 +28,11 @@ class OutputError(EdgeLoraError):
 
 class ProgramError(EdgeLoraError):
     """A ``.pte``/``.ptd`` file is missing, corrupt, or the pair does not fit together."""
+
+
+class DependencyError(EdgeLoraError):
+    """An option needs a library (or a part of one) this installation lacks (names both)."""
+
+
+class InternalError(RuntimeError):
+    """An invariant of edgelora itself broke (a bug to report, never caused by input)."""

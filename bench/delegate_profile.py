@@ -32,9 +32,9 @@ def profile_program(pte: Path, ptd: Path, steps: int) -> dict:
     from executorch.devtools import Inspector
     from executorch.runtime import Runtime
 
-    from edgelora.runtime.session import _register_kernels
+    from edgelora.runtime.program import register_kernels
 
-    _register_kernels()
+    register_kernels()
     program = Runtime.get().load_program(
         pte, data_path=ptd, enable_etdump=True, debug_buffer_size=0
     )

@@ -21,6 +21,7 @@ Targets (issue 6): adapter decode within 1.10x of base; RSS with 4 adapters <= R
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -61,15 +62,11 @@ def _measure(program, vocab: int) -> dict:
 def _child(kind: str, out: Path, vocab: int) -> dict:
     from executorch.runtime import Runtime
 
-    from edgelora.export.timing import peak_rss_mib
-    from edgelora.runtime.session import (
-        AdapterSession,
-        LlamaProgram,
-        _register_kernels,
-        resident_mib,
-    )
+    from edgelora._memory import peak_rss_mib, resident_mib
+    from edgelora.runtime.program import LlamaProgram, register_kernels
+    from edgelora.runtime.sessions import AdapterSession
 
-    _register_kernels()
+    register_kernels()
     Runtime.get()
     start = resident_mib()  # after torch/executorch imports: the figures are the program's
     if kind != "switchable":
@@ -110,13 +107,15 @@ def _run_child(kind: str, out: Path, vocab: int) -> dict:
 
 
 def _export(config: str, work: Path, log) -> tuple[Path, dict]:
-    from edgelora.export.config import ExportConfig
-    from edgelora.export.pipeline import build_foundation, run_export
-    from edgelora.models.adapter_files import load_adapter, save_peft_adapter
-    from edgelora.models.adapters import random_adapter
+    from edgelora.export.config import ExportConfig, FoundationSpec
+    from edgelora.export.foundation import build_foundation
+    from edgelora.export.pipeline import run_export
+    from edgelora.format.adapter_inputs import save_adapter_tensors
+    from edgelora.lora.slots import adapter_tensors
     from edgelora.models.args import ModelArgs
     from edgelora.models.llama import build_model
-    from edgelora.models.lora_inputs import Slot, adapter_tensors, save_adapter_tensors
+    from edgelora.weights.adapter_files import load_adapter, save_peft_adapter
+    from edgelora.weights.synthetic import random_adapter
 
     args = ModelArgs.from_dict(CONFIGS[config])
     model = build_model(args)
@@ -140,21 +139,20 @@ def _export(config: str, work: Path, log) -> tuple[Path, dict]:
     # fit all four adapters (same targets and rank), so a1..a3 only need their input files.
     result = run_export(cfg, adapters[:1], log=log)
     export_s = time.perf_counter() - t
-    foundation, _, _ = build_foundation(
-        args, checkpoint=None, seed=cfg.seed, qmode="none", group_size=32, fuse="all"
-    )
-    entry = result.manifest["switchable"]
-    slots = [Slot.from_dict(d) for d in entry["slots"]]
+    spec = FoundationSpec(seed=cfg.seed, qmode="none", fuse="all")
+    foundation, _, _ = build_foundation(args, spec)
+    switch = result.manifest.switchable
+    files = dict(switch.adapters)
     for a in adapters[1:]:
-        save_adapter_tensors(
-            out / f"{a.name}.lora.safetensors", adapter_tensors(foundation, a, slots), slots
-        )
-        entry["adapters"][a.name] = f"{a.name}.lora.safetensors"
-    (out / "manifest.json").write_text(json.dumps(result.manifest, indent=2))
+        files[a.name] = f"{a.name}.lora.safetensors"
+        tensors = adapter_tensors(foundation, a, switch.slots)
+        save_adapter_tensors(out / files[a.name], tensors, switch.slots)
+    switch = dataclasses.replace(switch, adapters=files)
+    dataclasses.replace(result.manifest, switchable=switch).write(out)
     info = {
         "export_s": export_s,
         "stages_s": result.timings,
-        "files_bytes": {n: e["size"] for n, e in result.manifest["files"].items()},
+        "files_bytes": {n: e.size for n, e in result.manifest.files.items()},
         "adapter_bytes_fp32": adapters[0].num_bytes,
         "adapter_input_file_bytes": (out / "a0.lora.safetensors").stat().st_size,
     }

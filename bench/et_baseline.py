@@ -47,11 +47,13 @@ import torch
 import yaml
 from torch import nn
 
-from edgelora.models.adapters import Adapter, adapter_attached, random_adapter
+from edgelora.lora.attach import adapter_attached
+from edgelora.lora.record import Adapter
 from edgelora.models.args import ModelArgs
-from edgelora.models.checkpoint import save_checkpoint
-from edgelora.models.hf import HF_PROJECTIONS
 from edgelora.models.llama import build_model
+from edgelora.weights.architectures import HF_PROJECTIONS
+from edgelora.weights.synthetic import random_adapter
+from edgelora.weights.tensor_files import save_checkpoint
 
 ET_EXPORT_MODULE = "executorch.examples.models.llama.export_llama"
 TIME_BIN = Path("/usr/bin/time")

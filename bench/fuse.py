@@ -30,10 +30,10 @@ def compare(config: str, variants: dict[str, dict], rounds: int) -> dict:
     quiet_third_party()
     from edgelora.export.config import ExportConfig
     from edgelora.export.pipeline import run_export
-    from edgelora.models.adapters import random_adapter
     from edgelora.models.args import ModelArgs
     from edgelora.models.llama import build_model
-    from edgelora.runtime.session import LlamaProgram
+    from edgelora.runtime.program import LlamaProgram
+    from edgelora.weights.synthetic import random_adapter
 
     work = Path(tempfile.mkdtemp(prefix="edgelora-bench-"))
     args = ModelArgs.from_dict(CONFIGS[config])

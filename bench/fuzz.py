@@ -113,12 +113,12 @@ def _child(target: str, seeds: dict, seconds: float, seed: int, last: Path) -> d
 
 
 def _feed(target: str, data: bytes, seeds: dict, args, work: Path) -> None:
-    from edgelora.backends.xnnpack.files import ptd_entries
-    from edgelora.models.adapter_files import load_adapter
+    from edgelora.format.checksums import verify_program
+    from edgelora.format.pte import ptd_entries
     from edgelora.models.args import ModelArgs
-    from edgelora.models.checkpoint import load_checkpoint, open_checkpoint
     from edgelora.models.llama import build_model
-    from edgelora.runtime.session import verify_program
+    from edgelora.weights.adapter_files import load_adapter
+    from edgelora.weights.checkpoint import load_checkpoint, open_checkpoint
 
     if target == "pte":
         path = work / "x.pte"
@@ -165,8 +165,8 @@ def main() -> None:
     ns = p.parse_args()
 
     from edgelora.models.args import ModelArgs
-    from edgelora.models.checkpoint import save_checkpoint
     from edgelora.models.llama import build_model
+    from edgelora.weights.tensor_files import save_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="edgelora-fuzz-seeds-"))
     ckpt = save_checkpoint(build_model(ModelArgs.from_json(ns.params)), tmp / "model.safetensors")

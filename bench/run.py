@@ -56,7 +56,7 @@ VARIANTS = {
 
 # --------------------------------------------------------------------------- child processes
 def _child_program(pte: str, ptd: str, vocab: int) -> dict:
-    from edgelora.runtime.session import LlamaProgram
+    from edgelora.runtime.program import LlamaProgram
 
     return _measure(LlamaProgram(pte, ptd or None), vocab)
 
@@ -64,16 +64,16 @@ def _child_program(pte: str, ptd: str, vocab: int) -> dict:
 def _child_eager(work: str, config: str, qmode: str) -> dict:
     import torch
 
-    from edgelora.export.pipeline import build_foundation
+    from edgelora.ci.output_match import eager_generate
+    from edgelora.export.config import FoundationSpec
+    from edgelora.export.foundation import build_foundation
     from edgelora.models.args import ModelArgs
-    from edgelora.runtime.session import eager_generate
 
     args = ModelArgs.from_dict(CONFIGS[config])
-    model, _, _ = build_foundation(
-        args, checkpoint=Path(work) / "model.pth", seed=0, qmode=qmode, group_size=32
-    )
+    # logits "last", as the programs compared with it
+    spec = FoundationSpec(checkpoint=Path(work) / "model.pth", qmode=qmode, logits="last")
+    model, _, _ = build_foundation(args, spec)
     model.eval()
-    model.last_logits_only = True  # as the programs compared with it
 
     class Eager:  # the LlamaProgram interface _measure uses
         def forward(self, tokens, start):
@@ -135,11 +135,11 @@ def _run_child(*argv: str) -> dict:
 
 # ------------------------------------------------------------------------------- the harness
 def _inputs(config: str, work: Path) -> tuple[dict, object, object]:
-    from edgelora.models.adapter_files import save_peft_adapter
-    from edgelora.models.adapters import random_adapter
     from edgelora.models.args import ModelArgs
-    from edgelora.models.checkpoint import save_checkpoint
     from edgelora.models.llama import build_model
+    from edgelora.weights.adapter_files import save_peft_adapter
+    from edgelora.weights.synthetic import random_adapter
+    from edgelora.weights.tensor_files import save_checkpoint
 
     params = CONFIGS[config]
     args = ModelArgs.from_dict(params)

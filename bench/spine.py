@@ -72,11 +72,11 @@ def main() -> None:
     from edgelora.ci.output_match import match_export
     from edgelora.export.config import ExportConfig
     from edgelora.export.pipeline import run_export
-    from edgelora.models.adapter_files import load_adapter, save_peft_adapter
-    from edgelora.models.adapters import random_adapter
     from edgelora.models.args import ModelArgs
     from edgelora.models.llama import build_model
-    from edgelora.runtime.session import LlamaProgram
+    from edgelora.runtime.program import LlamaProgram
+    from edgelora.weights.adapter_files import load_adapter, save_peft_adapter
+    from edgelora.weights.synthetic import random_adapter
 
     work = ns.work or Path(tempfile.mkdtemp(prefix="edgelora-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ def main() -> None:
         "model": args.to_dict(),
         "export_total_s": export_s,
         "stages_s": result.timings,
-        "files": result.manifest["files"],
+        "files": result.manifest.to_json()["files"],
         "adapter_weight_bytes_fp32": {a.name: a.num_bytes for a in adapters},
         "runs": {},
     }

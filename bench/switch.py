@@ -25,9 +25,9 @@ def _child(kind: str, data: str, paths: list[str]) -> dict:
     import psutil
     import torch
 
-    from edgelora.runtime.session import _register_kernels
+    from edgelora.runtime.program import register_kernels
 
-    _register_kernels()
+    register_kernels()
     from executorch.runtime import Runtime
 
     proc = psutil.Process()

@@ -6,10 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from edgelora.models.adapter_files import save_peft_adapter
-from edgelora.models.adapters import random_adapter
 from edgelora.models.args import ModelArgs
 from edgelora.models.llama import build_model
+from edgelora.weights.adapter_files import save_peft_adapter
+from edgelora.weights.synthetic import random_adapter
 
 PARAMS = {
     "dim": 64,

@@ -40,13 +40,15 @@ from pathlib import Path
 
 import torch
 
-from edgelora.export.config import DTYPES
-from edgelora.export.output import FOUNDATION_FILE, read_manifest
-from edgelora.export.pipeline import build_foundation
-from edgelora.models.adapter_files import load_adapter
-from edgelora.models.adapters import attach_adapter, detach_adapters
+from edgelora.export.config import FoundationSpec
+from edgelora.export.foundation import build_foundation
+from edgelora.format.layout import FOUNDATION_FILE
+from edgelora.format.manifest import AdapterEntry, Manifest, read_export
+from edgelora.generation import Generation, greedy_generate
+from edgelora.lora.attach import adapter_attached
 from edgelora.models.args import ModelArgs
-from edgelora.runtime.session import LlamaProgram, eager_generate
+from edgelora.runtime.program import LlamaProgram
+from edgelora.weights.adapter_files import load_adapter
 
 REL_TOL = {"none": 1e-4, "8da4w": 5e-2, "8da8w": 5e-2}
 MIN_AGREEMENT = {"none": 1.0, "8da4w": 0.8, "8da8w": 0.8}
@@ -102,6 +104,35 @@ class ProgramMatch:
         )
 
 
+def eager_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> Generation:
+    """The runtime's greedy loop on an eager ``Transformer`` (the reference of output matching)."""
+    model.reset_cache()
+
+    def forward(tokens: list[int], start: int) -> torch.Tensor:
+        with torch.no_grad():
+            return model(torch.tensor([tokens]), torch.tensor([start]))[0]
+
+    return greedy_generate(forward, prompt, max_new_tokens)
+
+
+def eager_reference(manifest: Manifest, merged=None):
+    """The eager model of an export's foundation: same seed or checkpoint, same quantization,
+    full logits and plain attention (the reference every program is compared with)."""
+    q = manifest.quantization
+    spec = FoundationSpec(
+        checkpoint=manifest.checkpoint,
+        seed=manifest.seed,
+        qmode=q.qmode,
+        group_size=q.group_size,
+        embedding_bits=q.embedding_bits,
+        embedding_group_size=q.embedding_group_size,
+        dtype=manifest.dtype,
+        fuse=manifest.fuse,
+    )
+    model, _, _ = build_foundation(ModelArgs.from_dict(manifest.model), spec, merge=merged)
+    return model
+
+
 def match_export(
     out_dir: str | Path,
     *,
@@ -111,50 +142,29 @@ def match_export(
 ) -> list[ProgramMatch]:
     """Compare every program of ``out_dir`` with its eager model; see the module docstring."""
     out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
-    if manifest is None:
-        raise FileNotFoundError(f"{out_dir}: no manifest.json")
-    args = ModelArgs.from_dict(manifest["model"])
-    q = manifest["quantization"]
-    dtype = manifest.get("dtype", "fp32")
+    manifest = read_export(out_dir)
+    args = ModelArgs.from_dict(manifest.model)
+    qmode, dtype = manifest.quantization.qmode, manifest.dtype
 
-    def adapter_of(entry: dict, name: str):
-        return load_adapter(entry["source"], args, name, scale=entry.get("scale", 1.0))
+    def adapter_of(entry: AdapterEntry, name: str):
+        return load_adapter(entry.source, args, name, scale=entry.scale)
 
     merged = next(
-        (
-            adapter_of(p["merged_adapter"], n)
-            for n, p in manifest["programs"].items()
-            if p.get("merged_adapter")
-        ),
+        (adapter_of(p.merged_adapter, n) for n, p in manifest.programs.items() if p.merged_adapter),
         None,
     )
-    model, _, _ = build_foundation(
-        args,
-        checkpoint=manifest["checkpoint"],
-        seed=manifest["seed"],
-        qmode=q["qmode"],
-        group_size=q["group_size"],
-        embedding_bits=q["embedding_bits"],
-        embedding_group_size=q["embedding_group_size"],
-        merge=merged,
-        dtype=DTYPES[dtype],
-        fuse=manifest.get("fuse", "none"),
-    )
+    model = eager_reference(manifest, merged)
     own_foundation = out_dir / FOUNDATION_FILE
     results, base_logits = [], None
-    for name, prog in manifest["programs"].items():
-        if prog["adapter"] is not None:
-            attach_adapter(model, adapter_of(prog["adapter"], name))
-        try:
+    for name, prog in manifest.programs.items():
+        adapter = None if prog.adapter is None else adapter_of(prog.adapter, name)
+        with adapter_attached(model, adapter):
             eager = eager_generate(model, prompt, max_new_tokens)
             seq = prompt + eager.tokens[:-1]  # positions whose next-token argmax we compare
             model.reset_cache()
             with torch.no_grad():
                 want = model(torch.tensor([seq]), torch.tensor([0]))[0]
-        finally:
-            detach_adapters(model)
-        program = LlamaProgram(out_dir / prog["file"], own_foundation)
+        program = LlamaProgram(out_dir / prog.file, own_foundation)
         got = program.forward(seq, 0)
         want = want[-got.shape[0] :]  # an --logits last program returns the last row only
         free = program.generate(prompt, max_new_tokens).tokens
@@ -168,20 +178,20 @@ def match_export(
         if name == "base":
             base_logits = got
         vs_base = None
-        if prog["adapter"] is not None and base_logits is not None:
+        if prog.adapter is not None and base_logits is not None:
             vs_base = (got - base_logits).abs().max().item()
         loads = True
         if foundation is not None:
-            other = LlamaProgram(out_dir / prog["file"], foundation).forward(seq, 0)
+            other = LlamaProgram(out_dir / prog.file, foundation).forward(seq, 0)
             loads = bool(torch.equal(other, got))
         results.append(
             ProgramMatch(
                 name,
                 diff,
                 diff / max(scale, 1e-12),
-                max(REL_TOL[q["qmode"]], DTYPE_REL_TOL[dtype]),
+                max(REL_TOL[qmode], DTYPE_REL_TOL[dtype]),
                 agree,
-                min(MIN_AGREEMENT[q["qmode"]], DTYPE_MIN_AGREEMENT[dtype]),
+                min(MIN_AGREEMENT[qmode], DTYPE_MIN_AGREEMENT[dtype]),
                 vs_base,
                 loads,
                 prefix,

@@ -10,7 +10,7 @@ from edgelora._quiet import quiet_third_party
 from edgelora.errors import ConfigError, EdgeLoraError
 from edgelora.export.config import AdapterSpec, ExportConfig
 from edgelora.models.args import ModelArgs
-from edgelora.models.checkpoint import Checkpoint, open_checkpoint
+from edgelora.weights.checkpoint import Checkpoint, open_checkpoint
 
 HF_DEFAULT_MAX_SEQ_LEN = 2048
 
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     try:
         from edgelora.export.pipeline import run_export
-        from edgelora.models.adapter_files import load_adapter
+        from edgelora.weights.adapter_files import load_adapter
 
         checkpoint = None
         if ns.checkpoint is not None:

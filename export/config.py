@@ -9,14 +9,34 @@ from pathlib import Path
 import torch
 
 from edgelora.errors import ConfigError
+from edgelora.lora.fusion import FUSE_MODES
 from edgelora.models.args import ModelArgs
+from edgelora.models.llama import LOGITS_MODES, SDPA_MODES
 from edgelora.quant.embedding import EMBEDDING_BITS
 from edgelora.quant.linear import QMODES
 
-FUSE_MODES = ("none", "qkv", "gate_up", "mla", "all")
-SDPA_MODES = ("custom", "plain")
-LOGITS_MODES = ("all", "last")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class FoundationSpec:
+    """What the foundation every program of an export shares is built from: the same spec
+    gives bit-identical weights (so the output-match check can rebuild the eager reference)."""
+
+    checkpoint: Path | str | None = None
+    seed: int = 0
+    qmode: str = "8da4w"
+    group_size: int = 32
+    embedding_bits: int = 0
+    embedding_group_size: int = 0
+    dtype: str = "fp32"
+    fuse: str = "none"
+    sdpa: str = "plain"  # attention kernels of the traced model
+    logits: str = "all"  # forward's logits: every position, or the last one only
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -150,3 +170,18 @@ class ExportConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def foundation(self) -> FoundationSpec:
+        return FoundationSpec(
+            checkpoint=self.checkpoint,
+            seed=self.seed,
+            qmode=self.qmode,
+            group_size=self.group_size,
+            embedding_bits=self.embedding_bits,
+            embedding_group_size=self.embedding_group_size,
+            dtype=self.dtype,
+            fuse=self.fuse,
+            sdpa=self.sdpa,
+            logits=self.logits,
+        )

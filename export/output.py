@@ -2,44 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
 
-from edgelora.errors import OutputError
-
-FOUNDATION_FILE = "foundation.ptd"
-MANIFEST_FILE = "manifest.json"
+from edgelora.errors import OutputError, ProgramError
+from edgelora.format.manifest import Manifest
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_entry(path: Path) -> dict:
-    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def read_manifest(directory: str | Path) -> dict | None:
-    path = Path(directory) / MANIFEST_FILE
-    if not path.is_file():
-        return None
+def _existing_manifest(out_dir: Path) -> Manifest | None:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OutputError(f"{path}: unreadable manifest ({e})") from None
-
-
-def write_manifest(directory: Path, manifest: dict) -> Path:
-    path = directory / MANIFEST_FILE
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    return path
+        return Manifest.read(out_dir)
+    except ProgramError as e:
+        raise OutputError(str(e)) from None
 
 
 def check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
@@ -48,7 +23,7 @@ def check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
         return
     if not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a directory")
-    if any(out_dir.iterdir()) and read_manifest(out_dir) is None:
+    if any(out_dir.iterdir()) and _existing_manifest(out_dir) is None:
         raise OutputError(
             f"{out_dir}: not empty and not an edgelora export; pass --overwrite to replace it"
         )
@@ -61,8 +36,10 @@ def commit_output(stage: Path, out_dir: Path, foundation_sha: str, *, overwrite:
     ``overwrite``): a directory holding another model's foundation is refused.
     """
     if out_dir.exists():
-        old = read_manifest(out_dir) if out_dir.is_dir() else None
-        old_sha = (old or {}).get("files", {}).get(FOUNDATION_FILE, {}).get("sha256")
+        old = None
+        if out_dir.is_dir() and not overwrite:
+            old = _existing_manifest(out_dir)
+        old_sha = None if old is None else old.foundation_sha256
         if not overwrite and any(out_dir.iterdir()) and old_sha != foundation_sha:
             raise OutputError(
                 f"{out_dir}: holds an export with a different foundation "

@@ -1,4 +1,4 @@
-"""Stage timing: every long step of an export prints its duration."""
+"""Stage timing: every long step of an export prints its duration and the peak memory so far."""
 
 from __future__ import annotations
 
@@ -6,22 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far, in MiB: ``VmHWM`` on Linux (``ru_maxrss``
-    would include a larger parent's peak, which it inherits across fork and exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+from edgelora._memory import peak_rss_mib
 
 
 class StageTimer:

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from edgelora.errors import DependencyError
 from edgelora.models.args import ModelArgs
 
 
@@ -76,14 +77,22 @@ class KVCache(nn.Module):
         return self.k_cache, self.v_cache
 
 
-def custom_ops_available() -> bool:
-    """True if ExecuTorch's LLM custom ops (``llama::custom_sdpa``, ``llama::update_cache``) can
-    be registered in this process."""
+def require_custom_ops() -> None:
+    """Register ExecuTorch's LLM custom ops (``llama::custom_sdpa``, ``llama::update_cache``) in
+    this process; :class:`DependencyError` naming the module if they cannot be."""
+    module = "executorch.extension.llm.custom_ops.custom_ops"
     try:
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
-    except (ImportError, OSError):
-        return False
-    return hasattr(torch.ops.llama, "custom_sdpa") and hasattr(torch.ops.llama, "update_cache")
+    except (ImportError, OSError) as e:
+        raise DependencyError(
+            f"--sdpa custom needs ExecuTorch's LLM custom ops, but import {module} failed "
+            f"({type(e).__name__}: {e}); use --sdpa plain or reinstall executorch"
+        ) from None
+    if not (hasattr(torch.ops.llama, "custom_sdpa") and hasattr(torch.ops.llama, "update_cache")):
+        raise DependencyError(
+            f"--sdpa custom: {module} registered no llama::custom_sdpa / llama::update_cache; "
+            "use --sdpa plain"
+        )
 
 
 class CustomKVCache(nn.Module):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgelora.errors import ConfigError
 from edgelora.models.args import ModelArgs
 from edgelora.models.fused import FusableProjections
 from edgelora.models.layers import (
@@ -19,7 +20,7 @@ from edgelora.models.layers import (
     KVCache,
     RMSNorm,
     apply_rope,
-    custom_ops_available,
+    require_custom_ops,
     rope_tables,
 )
 from edgelora.models.mla import MLAttention
@@ -39,7 +40,7 @@ class Attention(FusableProjections):
         "wqkv": ("wq", "wk", "wv"),
     }
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, custom_sdpa: bool = False) -> None:
         super().__init__()
         self.n_heads = args.n_heads
         self.n_kv_heads = args.kv_heads
@@ -48,7 +49,8 @@ class Attention(FusableProjections):
         self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.kv_cache = KVCache(args.kv_heads, args.max_seq_len, args.head_dim, args.head_dim)
+        cache = CustomKVCache if custom_sdpa else KVCache
+        self.kv_cache = cache(args.kv_heads, args.max_seq_len, args.head_dim, args.head_dim)
 
     def get_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The query, key and value projections of ``x`` (``[b, seq, out]`` each), from the
@@ -109,9 +111,9 @@ class FeedForward(FusableProjections):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, *, custom_sdpa: bool = False) -> None:
         super().__init__()
-        self.attention = MLAttention(args) if args.is_mla else Attention(args)
+        self.attention = MLAttention(args) if args.is_mla else Attention(args, custom_sdpa)
         self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
@@ -121,51 +123,52 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
-    """The Llama decoder. ``forward`` returns logits ``[1, seq, vocab_size]`` (float32), or
-    ``[1, 1, vocab_size]`` for the last position only when ``last_logits_only`` is set."""
+SDPA_MODES = ("plain", "custom")
+LOGITS_MODES = ("all", "last")
 
-    def __init__(self, args: ModelArgs) -> None:
+
+class Transformer(nn.Module):
+    """The Llama decoder: ``forward(tokens [1, seq], input_pos [1])`` returns float32 logits
+    ``[1, seq, vocab_size]``.
+
+    Settings that change the traced program are fixed at construction:
+
+    * ``sdpa="custom"`` runs GQA attention on ExecuTorch's ``llama::update_cache`` /
+      ``llama::custom_sdpa`` kernels (in-place cache, fused causal SDPA) instead of plain
+      PyTorch ops (MLA keeps the plain path: its value head size differs from the key's);
+      :class:`DependencyError` if the ops cannot be loaded;
+    * ``logits="last"`` returns the last position's logits only (``[1, 1, vocab_size]``): a
+      generating app reads only that row, and computing the output layer (the largest matmul of
+      a small model) for it alone halves a stories15M prefill.
+    """
+
+    def __init__(self, args: ModelArgs, *, sdpa: str = "plain", logits: str = "all") -> None:
         super().__init__()
+        if sdpa not in SDPA_MODES:
+            raise ConfigError(f"sdpa must be one of {SDPA_MODES}, got {sdpa!r}")
+        if logits not in LOGITS_MODES:
+            raise ConfigError(f"logits must be one of {LOGITS_MODES}, got {logits!r}")
+        if sdpa == "custom" and not args.is_mla:
+            require_custom_ops()
         self.args = args
+        self.sdpa = "plain" if args.is_mla else sdpa
+        self.logits = logits
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(
+            TransformerBlock(args, custom_sdpa=self.sdpa == "custom") for _ in range(args.n_layers)
+        )
         for i, layer in enumerate(self.layers):  # names for error messages
             layer.attention.fqn = f"layers.{i}.attention"
             layer.feed_forward.fqn = f"layers.{i}.feed_forward"
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        # A generating app reads only the last position's logits: computing the output layer
-        # (dim x vocab, the largest matmul of a small model) for that row alone halves a
-        # stories15M prefill. Full logits serve output matching and evaluation.
-        self.last_logits_only = False
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         cos, sin = rope_tables(args)
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
         causal = torch.full((args.max_seq_len, args.max_seq_len), float("-inf")).triu(1)
         self.register_buffer("mask", causal, persistent=False)
-        # Set while adapter slots are installed (edgelora.models.lora_inputs.switchable).
-        self.lora_inputs = None
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        input_pos: torch.Tensor,
-        lora: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """``lora``: the adapter inputs of a model with adapter slots installed (two tensors
-        per slot; see :mod:`edgelora.models.lora_inputs`)."""
-        if lora is None:
-            return self._forward(tokens, input_pos)
-        if self.lora_inputs is None:
-            raise ValueError("lora inputs given, but the model has no adapter slots installed")
-        self.lora_inputs.set(lora)
-        try:
-            return self._forward(tokens, input_pos)
-        finally:
-            self.lora_inputs.set(None)
-
-    def _forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         seq = tokens.size(1)
         start = input_pos[0].item()
         torch._check(start >= 0)
@@ -176,12 +179,9 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, start, cos, sin, mask)
-        if self.last_logits_only:
+        if self.logits == "last":
             h = h[:, -1:, :]
         return self.output(self.norm(h)).float()
-
-    def _blocks(self, kind: type) -> list[FusableProjections]:
-        return [m for m in self.modules() if isinstance(m, kind)]
 
     def projections(self) -> tuple[str, ...]:
         """Every adaptable projection of a layer, as paths inside a ``TransformerBlock``."""
@@ -193,78 +193,6 @@ class Transformer(nn.Module):
             attn = ("attention.wq", "attention.wk", "attention.wv", "attention.wo")
         return (*attn, "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")  # HF order
 
-    def fuse_qkv_projections(self, inplace: bool = False) -> None:
-        """Fuse every layer's ``wq``/``wk``/``wv`` into ``wqkv`` (see
-        :meth:`FusableProjections.fuse_projections`)."""
-        if self.args.is_mla:
-            raise ValueError(
-                "fuse_qkv_projections: an MLA model has no wq/wk/wv to fuse (use "
-                "fuse_mla_projections)"
-            )
-        for block in self._blocks(Attention):
-            block.fuse_projections(inplace)
-
-    def fuse_mla_projections(self, inplace: bool = False) -> None:
-        """Fuse every layer's MLA ``wq_a``/``wkv_a`` into ``wq_kv_a`` (``fused_mla_lora_proj``)."""
-        if not self.args.is_mla:
-            raise ValueError(
-                "fuse_mla_projections: the model uses attention_type='gqa', which has no "
-                "wq_a/wkv_a (use fuse_qkv_projections)"
-            )
-        for block in self._blocks(MLAttention):
-            block.fuse_projections(inplace)
-
-    def unfuse_mla_projections(self) -> None:
-        for block in self._blocks(MLAttention):
-            block.unfuse_projections()
-
-    def unfuse_qkv_projections(self) -> None:
-        for block in self._blocks(Attention):
-            block.unfuse_projections()
-
-    def fuse_gate_up_projections(self, inplace: bool = False) -> None:
-        """Fuse every layer's ``w1``/``w3`` (gate/up) into ``w13``."""
-        for block in self._blocks(FeedForward):
-            block.fuse_projections(inplace)
-
-    def unfuse_gate_up_projections(self) -> None:
-        for block in self._blocks(FeedForward):
-            block.unfuse_projections()
-
-    def restore_checkpoint_fusion_state(self) -> None:
-        """Put every block back in the layout its checkpoint had (``checkpoint_fused``): a
-        natively fused checkpoint's blocks fused, a split one's split.
-
-        Call it before attaching an adapter trained on the checkpoint's layout after fusing or
-        unfusing for speed, and before saving a state dict meant to match the checkpoint.
-        """
-        for block in self._blocks(FusableProjections):
-            if block.checkpoint_fused:
-                block.fuse_projections(inplace=True)
-            else:
-                block.unfuse_projections()
-
-    def use_custom_ops(self, enable: bool = True) -> None:
-        """Run GQA attention on ExecuTorch's ``llama::update_cache``/``llama::custom_sdpa``
-        kernels (in-place cache, fused causal SDPA) instead of the plain PyTorch path. The caches
-        are re-allocated (empty) in the kernels' layout. MLA keeps the plain path (its value head
-        size differs from the key's). Raises ``RuntimeError`` if the ops are not available."""
-        if enable and not custom_ops_available():
-            raise RuntimeError(
-                "ExecuTorch's LLM custom ops are not available "
-                "(import executorch.extension.llm.custom_ops.custom_ops failed)"
-            )
-        cache_type = CustomKVCache if enable else KVCache
-        for layer in self.layers:
-            attn = layer.attention
-            if isinstance(attn, Attention) and not isinstance(attn.kv_cache, cache_type):
-                heads, dim = attn.n_kv_heads, attn.head_dim
-                attn.kv_cache = cache_type(heads, self.args.max_seq_len, dim, dim)
-
-    @property
-    def uses_custom_ops(self) -> bool:
-        return any(isinstance(m, CustomKVCache) for m in self.modules())
-
     def reset_cache(self) -> None:
         """Zero every layer's KV cache (start a new sequence in eager mode)."""
         for layer in self.layers:
@@ -272,12 +200,15 @@ class Transformer(nn.Module):
             layer.attention.kv_cache.v_cache.zero_()
 
 
-def build_model(args: ModelArgs, *, seed: int | None = 0) -> Transformer:
-    """A ``Transformer`` in eval mode with deterministic random weights (``seed``)."""
+def build_model(
+    args: ModelArgs, *, seed: int | None = 0, sdpa: str = "plain", logits: str = "all"
+) -> Transformer:
+    """A ``Transformer`` in eval mode with deterministic random weights (``seed``); ``sdpa`` and
+    ``logits`` as :class:`Transformer` takes them."""
     with torch.random.fork_rng():
         if seed is not None:
             torch.manual_seed(seed)
-        model = Transformer(args)
+        model = Transformer(args, sdpa=sdpa, logits=logits)
         # Small init keeps a random deep model's logits in a sane range.
         for name, p in model.named_parameters():
             if p.dim() == 2:

@@ -8,9 +8,10 @@ touches only the rotary parts; the softmax scale is ``1/sqrt(qk_nope_head_dim +
 qk_rope_head_dim)``.
 
 ``wq_a`` and ``wkv_a`` read the same input, so they can run as one matmul ``wq_kv_a`` followed by
-a split (``fused_mla_lora_proj``, after MaxText): the block is a :class:`FusableProjections`, so
-fusing, unfusing, adapters packed onto ``wq_kv_a`` and checkpoint conversion are the same
-machinery as Llama's Q/K/V fusion.
+a split (``fused_mla_lora_proj``, after MaxText; the block is then built fused): the block is a
+:class:`FusableProjections`, so fusing, unfusing and adapters packed onto ``wq_kv_a`` are the
+same machinery as Llama's Q/K/V fusion (:mod:`edgelora.lora.fusion`), and checkpoints convert
+between the layouts with :mod:`edgelora.weights.mla_layout`.
 
 KV cache layout: the **expanded** per-head keys and values, ``[1, n_heads, max_seq_len,
 qk_nope+qk_rope]`` and ``[1, n_heads, max_seq_len, v_head_dim]``. That costs ``n_heads *
@@ -21,14 +22,12 @@ instead of the whole cache, and ``wkv_b`` stays an ordinary (quantizable, adapta
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from edgelora.models.args import ModelArgs
-from edgelora.models.fused import FusableProjections
+from edgelora.models.fused import FusableProjections, FusedLinear
 from edgelora.models.layers import KVCache, RMSNorm, apply_rope
 
 # DeepSeek's latent norms (q_a_layernorm, kv_a_layernorm) use RMSNorm's default eps, not the
@@ -62,34 +61,25 @@ class MLAttention(FusableProjections):
         self.qk_head_dim = args.qk_head_dim
         self.softmax_scale = self.qk_head_dim**-0.5
         q_out = args.n_heads * self.qk_head_dim
-        if self.q_lora_rank:
+        kv_a_out = self.kv_lora_rank + self.qk_rope
+        if args.fused_mla_lora_proj:  # the config's layout: one wq_kv_a, no split layers
+            self.wq_kv_a = FusedLinear(args.dim, {"wq_a": self.q_lora_rank, "wkv_a": kv_a_out})
+        elif self.q_lora_rank:
             self.wq_a = nn.Linear(args.dim, self.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
-            self.wq_b = nn.Linear(self.q_lora_rank, q_out, bias=False)
+            self.wkv_a = nn.Linear(args.dim, kv_a_out, bias=False)
         else:  # no query latent: nothing to fuse, wkv_a is a plain projection
             self.wq = nn.Linear(args.dim, q_out, bias=False)
+            self.wkv_a = nn.Linear(args.dim, kv_a_out, bias=False)
             self.SPLIT, self.PIECE_SLICES = (), {}
-        self.wkv_a = nn.Linear(args.dim, self.kv_lora_rank + self.qk_rope, bias=False)
+        if self.q_lora_rank:
+            self.q_norm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
+            self.wq_b = nn.Linear(self.q_lora_rank, q_out, bias=False)
         self.kv_norm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.wkv_b = nn.Linear(
             self.kv_lora_rank, args.n_heads * (self.qk_nope + self.v_head_dim), bias=False
         )
         self.wo = nn.Linear(args.n_heads * self.v_head_dim, args.dim, bias=False)
         self.kv_cache = KVCache(args.n_heads, args.max_seq_len, self.qk_head_dim, self.v_head_dim)
-        if args.fused_mla_lora_proj:
-            self.fuse_projections(inplace=True)
-
-    @property
-    def fusable(self) -> bool:
-        return bool(self.q_lora_rank)
-
-    def fuse_projections(self, inplace: bool = False) -> None:
-        if not self.fusable:
-            raise ValueError(
-                f"{self._label()}: cannot fuse wq_a and wkv_a: q_lora_rank is 0 (the query uses "
-                "a plain wq)"
-            )
-        super().fuse_projections(inplace)
 
     def get_q_kv_a(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The query (all heads, ``[b, seq, n_heads*qk_head_dim]``) and the ``wkv_a`` output
@@ -123,93 +113,3 @@ class MLAttention(FusableProjections):
         k, v = self.kv_cache.update(start, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, heads * self.v_head_dim))
-
-
-_LAYER_KEY = re.compile(r"^(layers\.\d+\.attention)\.(wq_a|wkv_a|wq_kv_a)\.weight$")
-
-
-def mla_state_dict_to_fused(
-    sd: dict[str, torch.Tensor], args: ModelArgs
-) -> dict[str, torch.Tensor]:
-    """Convert an MLA state dict to the fused layout: each layer's ``wq_a`` and ``wkv_a`` rows
-    are concatenated (in that order) into ``wq_kv_a``. Already-fused layers are kept; a layer
-    with only one of the two, or with the wrong row counts, is a ``ValueError`` naming the keys."""
-    sizes = _mla_sizes(args)
-    out, parts = {}, {}
-    for key, t in sd.items():
-        m = _LAYER_KEY.match(key)
-        if m is None or m.group(2) == "wq_kv_a":
-            out[key] = t
-        else:
-            parts.setdefault(m.group(1), {})[m.group(2)] = t
-    for prefix, pair in parts.items():
-        for name in sizes:
-            if name not in pair:
-                raise ValueError(
-                    f"{prefix}: has {', '.join(sorted(pair))} but no {name}.weight to fuse into "
-                    "wq_kv_a"
-                )
-            if pair[name].shape[0] != sizes[name]:
-                raise ValueError(
-                    f"{prefix}.{name}.weight has {pair[name].shape[0]} rows, expected "
-                    f"{sizes[name]} (sizes {sizes})"
-                )
-        out[f"{prefix}.wq_kv_a.weight"] = torch.cat([pair[n] for n in sizes], dim=0)
-    return out
-
-
-def mla_state_dict_to_split(
-    sd: dict[str, torch.Tensor], args: ModelArgs
-) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`mla_state_dict_to_fused`: ``wq_kv_a`` rows split into ``wq_a`` and
-    ``wkv_a`` (copies, bit-exact). ``ValueError`` if a fused weight's rows do not add up."""
-    sizes = _mla_sizes(args)
-    out = {}
-    for key, t in sd.items():
-        m = _LAYER_KEY.match(key)
-        if m is None or m.group(2) != "wq_kv_a":
-            out[key] = t
-            continue
-        if t.shape[0] != sum(sizes.values()):
-            raise ValueError(
-                f"{key} has {t.shape[0]} rows, expected {sum(sizes.values())} = "
-                f"{' + '.join(f'{n} {s}' for n, s in sizes.items())}"
-            )
-        for name, rows in zip(sizes, t.split(list(sizes.values()), dim=0), strict=True):
-            out[f"{m.group(1)}.{name}.weight"] = rows.clone()
-    return out
-
-
-def _mla_sizes(args: ModelArgs) -> dict[str, int]:
-    if not (args.is_mla and args.q_lora_rank):
-        raise ValueError(
-            "MLA checkpoint conversion needs attention_type='mla' and q_lora_rank > 0 "
-            f"(got attention_type={args.attention_type!r}, q_lora_rank={args.q_lora_rank})"
-        )
-    return {"wq_a": args.q_lora_rank, "wkv_a": args.kv_lora_rank + args.qk_rope_head_dim}
-
-
-def conform_mla_layout(model: nn.Module) -> list[str]:
-    """Put every MLA block in the layout ``model.args.fused_mla_lora_proj`` asks for (after a
-    checkpoint of the other layout was loaded); returns what was converted, for the log."""
-    args = model.args
-    if not (args.is_mla and args.q_lora_rank):
-        return []
-    blocks = [m for m in model.modules() if isinstance(m, MLAttention)]
-    wrong = [b for b in blocks if b.is_fused != args.fused_mla_lora_proj]
-    for block in wrong:
-        if args.fused_mla_lora_proj:
-            block.fuse_projections(inplace=True)
-        else:
-            block.unfuse_projections()
-    if not wrong:
-        return []
-    if args.fused_mla_lora_proj:
-        return [
-            f"converted {len(wrong)} layer(s) from split wq_a/wkv_a to fused wq_kv_a "
-            "(fused_mla_lora_proj=True)"
-        ]
-    return [
-        f"converted {len(wrong)} layer(s) from fused wq_kv_a to split wq_a/wkv_a "
-        "(fused_mla_lora_proj=False)"
-    ]

@@ -2,7 +2,8 @@
 
 Int8 dynamic activations with int4 (or int8) grouped, symmetric weights, through torchao's
 ``Int8DynamicActivationIntxWeightConfig``: the form XNNPACK lowers to its dynamically
-quantized fully-connected kernels. LoRA adapter matrices (``lora_a``/``lora_b``) stay float.
+quantized fully-connected kernels. LoRA adapter matrices stay float: which modules they are is
+read from the adapter wrappers attached to the model (:func:`edgelora.lora.attach.adapter_fqns`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import torch
 from torch import nn
 
 from edgelora.errors import ConfigError
+from edgelora.lora.attach import adapter_fqns
 
 QMODES = ("none", "8da4w", "8da8w")
-LORA_COMPONENTS = frozenset({"lora_a", "lora_b"})
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,19 @@ class QuantReport:
         return lines
 
 
-def decide_linear(fqn: str, module: nn.Module, group_size: int) -> LinearDecision | None:
+def decide_linear(
+    fqn: str, module: nn.Module, group_size: int, adapter_modules: frozenset[str] = frozenset()
+) -> LinearDecision | None:
     """The filter's decision for one module, or ``None`` if it is not an ``nn.Linear``.
 
-    LoRA matrices are recognised by FQN *components* (``...wq.lora_a``), never by substring,
-    so a base module that happens to contain "lora" in its name is still quantized.
+    ``adapter_modules`` are the FQNs of the attached adapters' modules (their ``lora_a`` /
+    ``lora_b``), taken from the wrappers themselves, never from substrings of names: a base
+    module that happens to contain "lora" in its name is still quantized.
     """
     if not isinstance(module, nn.Linear):
         return None
     shape = (module.out_features, module.in_features)
-    if LORA_COMPONENTS.intersection(fqn.split(".")):
+    if fqn in adapter_modules:
         return LinearDecision(fqn, False, "LoRA adapter matrix", shape)
     if type(module.weight) not in (torch.Tensor, nn.Parameter):  # a torchao tensor subclass
         return LinearDecision(fqn, False, "already quantized", shape)
@@ -100,8 +104,9 @@ def quantize_linears(model: nn.Module, qmode: str, group_size: int) -> QuantRepo
         raise ConfigError(f"group size must be an integer >= 0, got {group_size!r}")
     report = QuantReport(qmode, group_size)
     decisions = {}
+    adapters = adapter_fqns(model)
     for fqn, module in model.named_modules():
-        decision = decide_linear(fqn, module, group_size)
+        decision = decide_linear(fqn, module, group_size, adapters)
         if decision is not None:
             decisions[fqn] = decision
     report.decisions = list(decisions.values())

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print("edgelora-run: error: --prompt needs --tokenizer FILE", file=sys.stderr)
         return 2
     try:
-        from edgelora.runtime.session import LlamaProgram
+        from edgelora.runtime.program import LlamaProgram
         from edgelora.runtime.text import generate_text, resolve_program
 
         if ns.adapters is not None:
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _switch_demo(ns: argparse.Namespace) -> int:
     """``--adapters``: one session, the prompt under each adapter in turn."""
-    from edgelora.runtime.session import AdapterSession, resident_mib
+    from edgelora._memory import resident_mib
+    from edgelora.runtime.sessions import AdapterSession
 
     names = [n.strip() for n in ns.adapters.split(",") if n.strip()]
     if not ns.pte.is_dir() or ns.prompt_ids is None or ns.adapter or ns.data or not names:

@@ -34,15 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def inspect_files(paths: list[Path]) -> dict:
     """The report ``edgelora-inspect`` prints, as a dict."""
-    from edgelora.backends.xnnpack.files import ptd_entries, read_pte
-    from edgelora.runtime.session import file_sha256, recorded_checksums
+    from edgelora.format.checksums import recorded_checksums
+    from edgelora.format.layout import sha256_file
+    from edgelora.format.pte import ptd_entries, read_pte
 
     data, programs = {}, {}
     for path in paths:
         if path.suffix == ".ptd":
             entries = ptd_entries(path)
             data[str(path)] = {
-                "sha256": file_sha256(path),
+                "sha256": sha256_file(path),
                 "bytes": path.stat().st_size,
                 "keys": {
                     k: {"size": e.size, "dtype": e.dtype, "shape": e.shape}

@@ -5,11 +5,14 @@ uses on the device: our programs carry the metadata methods it reads and the
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgelora.errors import ProgramError
+from edgelora.format.checksums import verify_program
+from edgelora.format.layout import BASE_PROGRAM
+from edgelora.format.manifest import read_export
+from edgelora.runtime.program import register_kernels
 
 
 @dataclass
@@ -30,20 +33,14 @@ def resolve_program(export_dir: str | Path, adapter: str | None) -> tuple[Path, 
     """``(program, foundation)`` of ``adapter`` (or ``base``) in an export directory, by its
     manifest. Raises :class:`ProgramError` naming the programs it has."""
     export_dir = Path(export_dir)
-    manifest_path = export_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise ProgramError(f"{export_dir}: no manifest.json (not an export_llama directory)")
-    try:
-        programs = json.loads(manifest_path.read_text())["programs"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ProgramError(f"{manifest_path}: unreadable manifest ({e})") from None
-    name = adapter or ("base" if "base" in programs else None)
+    programs = read_export(export_dir).programs
+    name = adapter or (BASE_PROGRAM if BASE_PROGRAM in programs else None)
     if name not in programs:
         raise ProgramError(
             f"{export_dir}: no program {adapter or 'base'!r} (have: {', '.join(sorted(programs))})"
         )
     entry = programs[name]
-    return export_dir / entry["file"], export_dir / entry["foundation"]
+    return export_dir / entry.file, export_dir / entry.foundation
 
 
 def generate_text(
@@ -54,9 +51,7 @@ def generate_text(
     max_new_tokens: int,
 ) -> TextGeneration:
     """Greedy generation (temperature 0) with ``TextLLMRunner``; no BOS is added."""
-    from edgelora.runtime.session import _register_kernels, verify_program
-
-    _register_kernels()
+    register_kernels()
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     for path, kind in ((pte, "program"), (tokenizer, "tokenizer"), (data, "data")):

@@ -67,9 +67,9 @@ def params_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def adapter_dirs(tmp_path_factory, tiny_args) -> dict[str, Path]:
     """Two PEFT adapters: 'chat' on all seven projections (r=4), 'code' on q/v (r=8, rslora)."""
-    from edgelora.models.adapter_files import save_peft_adapter
-    from edgelora.models.adapters import random_adapter
     from edgelora.models.llama import build_model
+    from edgelora.weights.adapter_files import save_peft_adapter
+    from edgelora.weights.synthetic import random_adapter
 
     def make(root: Path) -> None:
         model = build_model(tiny_args)

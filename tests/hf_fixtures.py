@@ -98,7 +98,7 @@ def make_deepseek(seed=0, **overrides):
 
 def program_logits(out, name) -> torch.Tensor:
     """Logits of ``PROMPT`` from program ``name`` of export directory ``out`` on the runtime."""
-    from edgelora.export.output import FOUNDATION_FILE
-    from edgelora.runtime.session import LlamaProgram
+    from edgelora.format.layout import FOUNDATION_FILE
+    from edgelora.runtime.program import LlamaProgram
 
     return LlamaProgram(out / f"{name}.pte", out / FOUNDATION_FILE).forward(PROMPT[0].tolist(), 0)

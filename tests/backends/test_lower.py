@@ -5,7 +5,6 @@ import filecmp
 import pytest
 import torch
 
-from edgelora.backends.xnnpack.files import missing_keys, read_ptd, read_pte
 from edgelora.backends.xnnpack.lower import (
     DERIVED_PREFIX,
     FOUNDATION_TAG,
@@ -13,16 +12,20 @@ from edgelora.backends.xnnpack.lower import (
     tag_foundation_constants,
 )
 from edgelora.errors import ProgramError
-from edgelora.export.pipeline import build_foundation, export_program
-from edgelora.models.adapter_files import load_adapter
-from edgelora.models.adapters import attach_adapter, is_adapter_fqn
+from edgelora.export.config import FoundationSpec
+from edgelora.export.foundation import build_foundation
+from edgelora.export.programs import trace
+from edgelora.format.pte import missing_keys, read_ptd, read_pte
+from edgelora.lora.attach import adapter_fqns, attach_adapter
+from edgelora.weights.adapter_files import load_adapter
 
 
 def test_tagging_splits_by_module_tree(tiny_args, adapter_dirs):
-    model, _, _ = build_foundation(tiny_args, checkpoint=None, seed=0, qmode="8da4w", group_size=32)
+    model, _, _ = build_foundation(tiny_args, FoundationSpec())
     adapter = load_adapter(adapter_dirs["code"], tiny_args, "code")
     attach_adapter(model, adapter)
-    ep = export_program(model, tiny_args)
+    is_adapter_fqn = adapter_fqns(model).__contains__
+    ep = trace(model, tiny_args)
     split = tag_foundation_constants(ep, is_adapter_fqn)
     want_adapter = {f"{m}.{half}.weight" for m in adapter.modules for half in ("lora_a", "lora_b")}
     assert split.adapter == want_adapter

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from edgelora.export.cli import build_parser, main
-from edgelora.export.output import sha256_file
+from edgelora.format.layout import sha256_file
 
 
 def test_manifest_describes_the_files(export_8da4w, tiny_args):
@@ -44,7 +44,7 @@ def test_manifest_describes_the_files(export_8da4w, tiny_args):
 
 
 def test_adapter_program_size_is_close_to_adapter_bytes(export_8da4w, adapter_dirs, tiny_args):
-    from edgelora.models.adapter_files import load_adapter
+    from edgelora.weights.adapter_files import load_adapter
 
     base = (export_8da4w / "base.pte").stat().st_size
     for name in ("chat", "code"):
@@ -85,7 +85,7 @@ def test_last_logits_program_returns_the_last_position(
     and so the foundation, are the same bytes; decoding gives the same tokens; output match
     passes."""
     from edgelora.ci.output_match import match_export
-    from edgelora.runtime.session import LlamaProgram
+    from edgelora.runtime.program import LlamaProgram
 
     out = tmp_path / "last"
     argv = ["--params", str(params_file), "--output-dir", str(out), "--qmode", "none"]
@@ -165,34 +165,6 @@ def test_output_dir_with_other_files_is_refused(tmp_path, params_file, capsys):
     code, err = _run(["--params", str(params_file), "--output-dir", str(out)], capsys)
     assert code == 2 and "not an edgelora export" in err
     assert _no_leftovers(out) == ["notes.txt"]
-
-
-def test_different_foundation_is_refused_then_overwritten(
-    tmp_path, export_fp32, params_file, capsys
-):
-    import shutil
-
-    out = tmp_path / "out"
-    shutil.copytree(export_fp32, out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    argv = [
-        "--params",
-        str(params_file),
-        "--output-dir",
-        str(out),
-        "--qmode",
-        "none",
-        "--seed",
-        "7",
-    ]
-    code, err = _run(argv, capsys)
-    assert code == 2 and "different foundation" in err and "--overwrite" in err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
-    assert _no_leftovers(tmp_path) == ["out"]
-    code, _ = _run(argv + ["--overwrite"], capsys)
-    assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["base.pte", "foundation.ptd", "manifest.json"]
-    assert json.loads((out / "manifest.json").read_text())["seed"] == 7
 
 
 @pytest.mark.parametrize(

@@ -9,16 +9,16 @@ differ in order).
 
 import json
 
-from edgelora.backends.xnnpack.files import read_ptd, read_pte
 from edgelora.backends.xnnpack.lower import DERIVED_PREFIX
 from edgelora.ci.output_match import match_export
 from edgelora.export.cli import main
-from edgelora.export.output import FOUNDATION_FILE
-from edgelora.export.pipeline import apply_fusion
-from edgelora.models.adapter_files import load_adapter
-from edgelora.models.adapters import adapter_attached, is_adapter_fqn
+from edgelora.format.layout import FOUNDATION_FILE
+from edgelora.format.pte import read_ptd, read_pte
+from edgelora.lora.attach import adapter_attached, adapter_fqns
+from edgelora.lora.fusion import set_fusion
 from edgelora.models.llama import build_model
-from edgelora.runtime.session import LlamaProgram
+from edgelora.runtime.program import LlamaProgram
+from edgelora.weights.adapter_files import load_adapter
 
 PROMPT = [1, 5, 9, 14, 3, 27, 8, 2]
 
@@ -45,9 +45,10 @@ def test_fused_export_with_adapter_matches_split_export(
     chat = read_pte(out / "chat.pte")
     assert chat.needed <= set(ptd) and set(chat.inline).isdisjoint(ptd)
     model = build_model(tiny_args)
-    apply_fusion(model, "all")
+    set_fusion(model, "all")
     with adapter_attached(model, load_adapter(adapter_dirs["chat"], tiny_args, "chat")):
-        packed = {n: p for n, p in model.named_parameters() if is_adapter_fqn(n)}
+        fqns = adapter_fqns(model)
+        packed = {n: p for n, p in model.named_parameters() if n in fqns}
     assert sum(chat.inline.values()) == sum(p.numel() * 4 for p in packed.values())
     results = match_export(out)  # eager fused model with the packed adapter, same tolerances
     assert all(r.ok for r in results), [r.line() for r in results]

@@ -16,7 +16,7 @@ import torch
 
 from edgelora.ci.output_match import match_export
 from edgelora.export.cli import main
-from edgelora.export.output import FOUNDATION_FILE
+from edgelora.format.layout import FOUNDATION_FILE
 
 from ..hf_fixtures import ALL7, hf_logits, make_hf, peft_adapter, program_logits
 

@@ -11,14 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from edgelora.backends.xnnpack.files import read_ptd, read_pte
+from edgelora.errors import OutputError
 from edgelora.export.config import ExportConfig
+from edgelora.export.output import commit_output
 from edgelora.export.pipeline import run_export
-from edgelora.models.adapters import Adapter, LoRAWeights, adapter_attached
+from edgelora.format.manifest import Manifest
+from edgelora.format.pte import read_ptd, read_pte
+from edgelora.lora.attach import adapter_attached
+from edgelora.lora.record import Adapter, LoRAWeights
 from edgelora.models.llama import build_model
-from edgelora.runtime.session import LlamaProgram
+from edgelora.runtime.program import LlamaProgram
 
 
 def test_adapter_tensors_equal_to_foundation_tensors_live_in_one_file(tmp_path, tiny_args):
@@ -39,8 +44,8 @@ def test_adapter_tensors_equal_to_foundation_tensors_live_in_one_file(tmp_path, 
     cfg = ExportConfig(model_args=tiny_args, output_dir=tmp_path / "out", qmode="none")
     result = run_export(cfg, [twin], log=lambda _: None)  # checks base/twin foundations equal
     out = tmp_path / "out"
-    entry = result.manifest["programs"]["twin"]
-    assert entry["adapter_constants_in_foundation"] == [
+    entry = result.manifest.programs["twin"]
+    assert entry.adapter_constants_in_foundation == [
         "layers.0.attention.wo.lora_a.weight",
         "layers.0.attention.wq.lora_a.weight",
     ]
@@ -77,46 +82,63 @@ def _complete(out: Path) -> bool:
 def test_killed_export_leaves_previous_output_or_nothing(
     tmp_path, params_file, export_8da4w_base_only
 ):
-    """SIGKILL at several stages of an export over a previous complete output: the output
-    directory is always the previous export, complete, or (killed between the two renames
-    of the final swap) absent; never a partial file under a final name. (That a complete
-    re-run writes the same bytes is test_exports_are_deterministic.)"""
+    """An export over a previous complete output, stopped (SIGSTOP) as it starts each stage --
+    what a SIGKILL at that moment would leave on disk -- then killed at the last one: the output
+    directory is always the previous export, complete, never a partial file under a final name;
+    the staging directory is the only other entry. (That a complete re-run writes the same
+    bytes is test_exports_are_deterministic.)"""
     out = tmp_path / "out"
     shutil.copytree(export_8da4w_base_only, out)
     previous = {p.name: p.read_bytes() for p in out.iterdir()}
-    cmd = [
-        sys.executable,
-        "-u",
-        "-m",
-        "edgelora.export.cli",
-        "--params",
-        str(params_file),
-        "--output-dir",
-        str(out),
-        "--embedding-bits",
-        "4",
-        "--embedding-group-size",
-        "32",
-    ]
-    # Kill when the export prints the start of each of these stages.
+    cmd = [sys.executable, "-u", "-m", "edgelora.export.cli", "--params", str(params_file)]
+    cmd += ["--output-dir", str(out), "--embedding-bits", "4", "--embedding-group-size", "32"]
     stages = [
         "[build + quantize foundation] ...",
         "[base: torch.export] ...",
         "[base: lower to XNNPACK + serialise] ...",
         "[write manifest + move into place] ...",
     ]
-    for stage in stages:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        seen = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, todo = [], list(stages)
+    try:
         for line in proc.stdout:
             seen.append(line)
-            if line.strip() == stage:
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL, "".join(seen)
-        if out.exists():
+            if not todo or line.strip() != todo[0]:
+                continue
+            proc.send_signal(signal.SIGSTOP)
+            stage = todo.pop(0)
             assert _complete(out), stage
             assert {p.name: p.read_bytes() for p in out.iterdir()} == previous, stage
-        finals = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
-        assert finals == ([out] if out.exists() else []), stage
+            finals = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+            assert finals == [out], stage
+            if not todo:
+                proc.send_signal(signal.SIGKILL)
+                break
+            proc.send_signal(signal.SIGCONT)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not todo, f"stages not reached: {todo}\n{''.join(seen)}"
+    assert proc.returncode == -signal.SIGKILL
+    assert _complete(out) and {p.name: p.read_bytes() for p in out.iterdir()} == previous
+
+
+def test_commit_refuses_another_foundation_unless_overwrite(tmp_path, export_fp32):
+    """The last stage of an export replaces an existing export only if it holds the same
+    foundation, or with --overwrite; refused, the previous export is untouched."""
+    out = tmp_path / "out"
+    shutil.copytree(export_fp32, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "base.pte").write_bytes(b"new")
+    with pytest.raises(OutputError, match=r"different foundation .*--overwrite"):
+        commit_output(stage, out, "0" * 64, overwrite=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    same = Manifest.read(out).foundation_sha256
+    commit_output(stage, out, same, overwrite=False)  # the same foundation: replaced
+    assert [p.name for p in out.iterdir()] == ["base.pte"] and not stage.exists()
+    stage.mkdir()
+    (stage / "x.pte").write_bytes(b"x")
+    commit_output(stage, out, "1" * 64, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["x.pte"]

@@ -5,17 +5,12 @@ import torch
 from safetensors.torch import save_file
 
 from edgelora.errors import AdapterError
-from edgelora.models.adapter_files import load_adapter, save_peft_adapter, save_torchtune_adapter
-from edgelora.models.adapters import (
-    Adapter,
-    LoRAWeights,
-    attach_adapter,
-    detach_adapters,
-    merge_adapter,
-    random_adapter,
-)
+from edgelora.lora.attach import attach_adapter, detach_adapters, merge_adapter
+from edgelora.lora.modules import LoRALinear
+from edgelora.lora.record import Adapter, LoRAWeights
 from edgelora.models.llama import build_model
-from edgelora.models.lora import LoRALinear
+from edgelora.weights.adapter_files import load_adapter, save_peft_adapter, save_torchtune_adapter
+from edgelora.weights.synthetic import random_adapter
 
 
 def test_round_trip_and_attach_all_seven(tiny_args, tmp_path):

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from edgelora.errors import CheckpointError
-from edgelora.models.checkpoint import load_checkpoint, save_checkpoint
 from edgelora.models.llama import build_model
+from edgelora.weights.checkpoint import load_checkpoint
+from edgelora.weights.tensor_files import save_checkpoint
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])

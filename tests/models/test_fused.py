@@ -12,20 +12,22 @@ import torch
 from torch import nn
 
 from edgelora.errors import AdapterError
-from edgelora.models.adapters import (
-    Adapter,
-    LoRAWeights,
-    attach_adapter,
-    detach_adapters,
-    merge_adapter,
-    random_adapter,
+from edgelora.lora.attach import attach_adapter, detach_adapters, merge_adapter
+from edgelora.lora.fusion import (
+    fuse_gate_up_projections,
+    fuse_qkv_projections,
+    restore_checkpoint_fusion_state,
+    unfuse_gate_up_projections,
+    unfuse_qkv_projections,
 )
+from edgelora.lora.modules import LoRALinear, LoRAPiece, PackedLoRALinear
+from edgelora.lora.record import Adapter, LoRAWeights
 from edgelora.models.args import ModelArgs
-from edgelora.models.checkpoint import load_checkpoint
-from edgelora.models.fused import FusedLinear, LoRAPiece, PackedLoRALinear
+from edgelora.models.fused import FusedLinear
 from edgelora.models.llama import build_model
-from edgelora.models.lora import LoRALinear
 from edgelora.quant.linear import quantize_linears
+from edgelora.weights.checkpoint import load_checkpoint
+from edgelora.weights.synthetic import random_adapter
 
 ATOL = 1e-5
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, max_seq_len=32)
@@ -132,21 +134,21 @@ def test_fuse_unfuse_memory_storage_and_idempotence():
     attn = model.layers[0].attention
     wq_storage = attn.wq.weight.data_ptr()
 
-    model.fuse_qkv_projections(inplace=False)  # both kept: unfuse gives back the same storage
-    model.fuse_gate_up_projections(inplace=False)
+    fuse_qkv_projections(model, inplace=False)  # both kept: unfuse gives back the same storage
+    fuse_gate_up_projections(model, inplace=False)
     assert attn.is_fused and hasattr(attn, "wq") and hasattr(attn, "wqkv")
     torch.testing.assert_close(run(model), ref, atol=ATOL, rtol=0)
     fused_obj = attn.wqkv
-    model.fuse_qkv_projections()  # idempotent
+    fuse_qkv_projections(model)  # idempotent
     assert attn.wqkv is fused_obj
-    model.unfuse_qkv_projections()
-    model.unfuse_gate_up_projections()
-    model.unfuse_qkv_projections()  # idempotent
+    unfuse_qkv_projections(model)
+    unfuse_gate_up_projections(model)
+    unfuse_qkv_projections(model)  # idempotent
     assert not hasattr(attn, "wqkv") and attn.wq.weight.data_ptr() == wq_storage
     assert n_params(model) == params
 
-    model.fuse_qkv_projections(inplace=True)
-    model.fuse_gate_up_projections(inplace=True)
+    fuse_qkv_projections(model, inplace=True)
+    fuse_gate_up_projections(model, inplace=True)
     for layer in model.layers:
         for gone in ("wq", "wk", "wv"):
             assert not hasattr(layer.attention, gone)
@@ -155,8 +157,8 @@ def test_fuse_unfuse_memory_storage_and_idempotence():
     assert n_params(model) == params  # the split weights are gone, not duplicated
     assert all(p.data_ptr() != wq_storage for p in model.parameters())
     torch.testing.assert_close(run(model), ref, atol=ATOL, rtol=0)
-    model.unfuse_qkv_projections()
-    model.unfuse_gate_up_projections()
+    unfuse_qkv_projections(model)
+    unfuse_gate_up_projections(model)
     assert isinstance(attn.wq, nn.Linear) and not hasattr(attn, "wqkv")
     torch.testing.assert_close(run(model), ref, atol=ATOL, rtol=0)
 
@@ -175,19 +177,19 @@ def test_per_slice_adapters_survive_fusion(order):
     assert (ref - base).abs().max() > 1e-2
     if order == "fuse_then_attach":
         detach_adapters(model)
-        model.fuse_qkv_projections(inplace=True)
-        model.fuse_gate_up_projections(inplace=True)
+        fuse_qkv_projections(model, inplace=True)
+        fuse_gate_up_projections(model, inplace=True)
         attach_adapter(model, adapter)
     else:
-        model.fuse_qkv_projections(inplace=True)
-        model.fuse_gate_up_projections(inplace=True)
+        fuse_qkv_projections(model, inplace=True)
+        fuse_gate_up_projections(model, inplace=True)
     packed = model.layers[1].attention.wqkv
     assert isinstance(packed, PackedLoRALinear)
     assert [(s, r) for s, r, *_ in packed.layout] == [(("wq",), 4), (("wk",), 6), (("wv",), 4)]
     torch.testing.assert_close(run(model), ref, atol=ATOL, rtol=0)
 
-    model.unfuse_qkv_projections()  # the packed adapters come back per slice, exactly
-    model.unfuse_gate_up_projections()
+    unfuse_qkv_projections(model)  # the packed adapters come back per slice, exactly
+    unfuse_gate_up_projections(model)
     for fqn, w in adapter.modules.items():
         wrapped = model.get_submodule(fqn)
         assert isinstance(wrapped, LoRALinear), fqn
@@ -232,8 +234,8 @@ def test_fused_layout_adapter_on_split_and_fused_models():
     assert isinstance(model.layers[1].attention.wk, LoRALinear)
     split_out = run(model)
     detach_adapters(model)
-    model.fuse_qkv_projections(inplace=True)
-    model.fuse_gate_up_projections(inplace=True)
+    fuse_qkv_projections(model, inplace=True)
+    fuse_gate_up_projections(model, inplace=True)
     attach_adapter(model, adapter)  # fused model: packed, each piece in its declared rows
     layout = [(s, r) for s, r, *_ in model.layers[1].attention.wqkv.layout]
     assert layout == [(("wq",), 2), (("wk", "wv"), 3)]
@@ -256,7 +258,7 @@ def test_conflicting_and_misfit_adapters_are_errors():
     )
     for fuse in (False, True):
         if fuse:
-            model.fuse_qkv_projections(inplace=True)
+            fuse_qkv_projections(model, inplace=True)
         with pytest.raises(
             ValueError, match=r"layers.0.attention: slice 'wk' is covered by LoRA pieces"
         ):
@@ -270,7 +272,7 @@ def test_conflicting_and_misfit_adapters_are_errors():
 def test_restore_checkpoint_fusion_state_from_fused_and_split_checkpoints(tmp_path):
     src = build_model(ARGS, seed=3)
     split_sd = {k: v.clone() for k, v in src.state_dict().items()}
-    src.fuse_qkv_projections(inplace=True)  # a natively fused checkpoint (qkv only)
+    fuse_qkv_projections(src, inplace=True)  # a natively fused checkpoint (qkv only)
     fused_sd = {k: v.clone() for k, v in src.state_dict().items()}
     assert (
         "layers.0.attention.wqkv.weight" in fused_sd
@@ -281,9 +283,9 @@ def test_restore_checkpoint_fusion_state_from_fused_and_split_checkpoints(tmp_pa
 
     model = load_checkpoint(build_model(ARGS, seed=9), tmp_path / "fused.pth")
     ref = run(model)
-    model.unfuse_qkv_projections()
-    model.fuse_gate_up_projections(inplace=True)
-    model.restore_checkpoint_fusion_state()
+    unfuse_qkv_projections(model)
+    fuse_gate_up_projections(model, inplace=True)
+    restore_checkpoint_fusion_state(model)
     for i, layer in enumerate(model.layers):
         assert layer.attention.is_fused and not hasattr(layer.attention, "wq")
         want = fused_sd[f"layers.{i}.attention.wqkv.weight"]
@@ -292,8 +294,8 @@ def test_restore_checkpoint_fusion_state_from_fused_and_split_checkpoints(tmp_pa
     torch.testing.assert_close(run(model), ref, atol=ATOL, rtol=0)
 
     model = load_checkpoint(build_model(ARGS, seed=9), tmp_path / "split.pth")
-    model.fuse_qkv_projections(inplace=True)
-    model.restore_checkpoint_fusion_state()
+    fuse_qkv_projections(model, inplace=True)
+    restore_checkpoint_fusion_state(model)
     assert not model.layers[0].attention.is_fused
     assert torch.equal(
         model.layers[0].attention.wk.weight, split_sd["layers.0.attention.wk.weight"]
@@ -302,8 +304,8 @@ def test_restore_checkpoint_fusion_state_from_fused_and_split_checkpoints(tmp_pa
 
 def test_fused_layers_are_quantized_and_adapters_are_not():
     model = build_model(ARGS)
-    model.fuse_qkv_projections(inplace=True)
-    model.fuse_gate_up_projections(inplace=True)
+    fuse_qkv_projections(model, inplace=True)
+    fuse_gate_up_projections(model, inplace=True)
     attach_adapter(model, random_adapter(build_model(ARGS), "a", rank=4, seed=2))
     report = quantize_linears(model, "8da4w", 32)
     quantized = {d.fqn for d in report.quantized}

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edgelora.errors import AdapterError, CheckpointError, ConfigError
-from edgelora.models.adapter_files import load_adapter
-from edgelora.models.adapters import attach_adapter, detach_adapters, merge_adapter
+from edgelora.lora.attach import attach_adapter, detach_adapters, merge_adapter
 from edgelora.models.args import ModelArgs
-from edgelora.models.checkpoint import load_checkpoint, open_checkpoint
 from edgelora.models.llama import build_model
+from edgelora.weights.adapter_files import load_adapter
+from edgelora.weights.checkpoint import load_checkpoint, open_checkpoint
 
 from ..hf_fixtures import ALL7, ATOL, hf_logits, make_hf, our_logits, peft_adapter
 

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from edgelora.models.args import ModelArgs
+from edgelora.models.layers import CustomKVCache
 from edgelora.models.llama import build_model
 
 ARGS = ModelArgs(
@@ -98,18 +99,18 @@ def test_custom_ops_attention_matches_plain():
     """ExecuTorch's llama::update_cache + llama::custom_sdpa kernels, eager, against the plain
     path: one pass and incremental decode within 1e-6 (the same math; measured ~3e-8)."""
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=32)
-    model = build_model(args, seed=4)
+    plain_model = build_model(args, seed=4)
+    model = build_model(args, seed=4, sdpa="custom")
+    assert all(isinstance(m.attention.kv_cache, CustomKVCache) for m in model.layers)
     tokens = torch.arange(3, 13).view(1, -1)
     with torch.no_grad():
-        plain = model(tokens, torch.tensor([0]))
-        model.use_custom_ops()
-        assert model.uses_custom_ops
-        model.reset_cache()
+        plain = plain_model(tokens, torch.tensor([0]))
         one_pass = model(tokens, torch.tensor([0]))
         model.reset_cache()
         steps = [model(tokens[:, :4], torch.tensor([0]))]
         steps += [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(4, 10)]
     assert (one_pass - plain).abs().max() < 1e-6
     assert (torch.cat(steps, 1) - plain).abs().max() < 1e-6
-    model.use_custom_ops(False)
-    assert not model.uses_custom_ops
+    last = build_model(args, seed=4, logits="last")
+    with torch.no_grad():
+        assert torch.equal(last(tokens, torch.tensor([0])), plain[:, -1:])

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from edgelora.lora.modules import LoRALinear
 from edgelora.models.args import ModelArgs
 from edgelora.models.llama import build_model
-from edgelora.models.lora import LoRALinear
 
 
 def _lora(rank=4, alpha=8.0, rslora=False, bias=True):

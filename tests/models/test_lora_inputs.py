@@ -1,4 +1,4 @@
-"""Adapter slots (``edgelora.models.lora_inputs``) in eager PyTorch: a model with the adapter's
+"""Adapter slots (``edgelora.lora.slots``) in eager PyTorch: a model with the adapter's
 tensors passed as inputs computes what the model with the adapter attached computes.
 
 Tolerance 1e-5 absolute on fp32 logits of magnitude ~1: the same products summed in another
@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from edgelora.errors import AdapterError
-from edgelora.models.adapters import adapter_attached, random_adapter
+from edgelora.lora.attach import adapter_attached
+from edgelora.lora.fusion import fuse_gate_up_projections, fuse_qkv_projections
+from edgelora.lora.slots import adapter_slots, adapter_tensors, switchable
 from edgelora.models.args import ModelArgs
 from edgelora.models.llama import build_model
-from edgelora.models.lora_inputs import adapter_slots, adapter_tensors, switchable
+from edgelora.weights.synthetic import random_adapter
 
 ARGS = dict(
     dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=32, max_seq_len=32
@@ -22,10 +24,10 @@ ARGS = dict(
 TOKENS = torch.tensor([[1, 7, 3, 9, 4]])
 
 
-def _logits(model, lora=None):
+def _logits(model, *lora):
     model.reset_cache()
     with torch.no_grad():
-        return model(TOKENS, torch.tensor([0]), lora)
+        return model(TOKENS, torch.tensor([0]), *lora)
 
 
 @pytest.mark.parametrize("fuse", [False, True])
@@ -37,8 +39,8 @@ def test_inputs_equal_attached_adapter(fuse):
         w.use_rslora = True
     qv.scale = 0.5
     if fuse:  # adapters on wq/wk/wv are packed onto wqkv; the slots are the fused layers
-        model.fuse_qkv_projections(inplace=True)
-        model.fuse_gate_up_projections(inplace=True)
+        fuse_qkv_projections(model, inplace=True)
+        fuse_gate_up_projections(model, inplace=True)
     slots = adapter_slots(model, [wide, qv])
     names = {s.module.split(".", 2)[2]: s.rank for s in slots if s.module.startswith("layers.0")}
     if fuse:  # packed ranks add up on the fused layer: wide 4 (q, k, v) = 12; qv 8 + 8 = 16
@@ -54,13 +56,13 @@ def test_inputs_equal_attached_adapter(fuse):
         with adapter_attached(model, adapter):
             want = _logits(model)
         tensors = adapter_tensors(model, adapter, slots)
-        with switchable(model, slots):
-            got = _logits(model, tensors)
+        with switchable(model, slots) as program:
+            got = _logits(program, tensors)
         assert (got - want).abs().max().item() < 1e-5
     assert (_logits(model) - want).abs().max().item() == 0  # slots removed again
     want_n = 2 * len(slots)
-    with switchable(model, slots), pytest.raises(ValueError, match=f"expected {want_n} lora"):
-        _logits(model, tensors[:-1])
+    with switchable(model, slots) as program, pytest.raises(ValueError, match=f"{want_n} lora"):
+        _logits(program, tensors[:-1])
 
 
 def test_adapter_must_fit_slots():

@@ -16,17 +16,18 @@ import pytest
 import torch
 
 from edgelora.errors import ConfigError
-from edgelora.models.adapter_files import load_adapter, save_peft_adapter
-from edgelora.models.adapters import attach_adapter, detach_adapters, random_adapter
+from edgelora.lora.attach import attach_adapter, detach_adapters
+from edgelora.lora.fusion import fuse_mla_projections, fuse_qkv_projections, unfuse_mla_projections
+from edgelora.lora.modules import PackedLoRALinear
 from edgelora.models.args import ModelArgs
-from edgelora.models.checkpoint import load_checkpoint, open_checkpoint, save_checkpoint
-from edgelora.models.fused import FusedLinear, PackedLoRALinear
+from edgelora.models.fused import FusedLinear
 from edgelora.models.llama import build_model
-from edgelora.models.mla import (
-    cache_floats_per_token,
-    mla_state_dict_to_fused,
-    mla_state_dict_to_split,
-)
+from edgelora.models.mla import cache_floats_per_token
+from edgelora.weights.adapter_files import load_adapter, save_peft_adapter
+from edgelora.weights.checkpoint import load_checkpoint, open_checkpoint
+from edgelora.weights.layout import mla_state_dict_to_fused, mla_state_dict_to_split
+from edgelora.weights.synthetic import random_adapter
+from edgelora.weights.tensor_files import save_checkpoint
 
 from ..hf_fixtures import ATOL, MLA_TARGETS, PROMPT, make_deepseek, our_logits, peft_adapter
 
@@ -117,7 +118,7 @@ def test_fuse_with_adapter_attached_packs_it(inplace):
     adapted = logits(model)
     assert (adapted - base).abs().max() > 0.01  # the adapter changes the output >> FUSED_ATOL
     split_weight = model.layers[0].attention.wq_a.linear.weight
-    model.fuse_mla_projections(inplace=inplace)
+    fuse_mla_projections(model, inplace=inplace)
     attn = model.layers[0].attention
     assert isinstance(attn.wq_kv_a, PackedLoRALinear)
     assert hasattr(attn, "wq_a") != inplace
@@ -126,7 +127,7 @@ def test_fuse_with_adapter_attached_packs_it(inplace):
         assert not any(".attention.wq_a." in n or ".attention.wkv_a." in n for n in names)
         assert all(p is not split_weight for p in model.parameters())
     assert (logits(model) - adapted).abs().max() < FUSED_ATOL
-    model.unfuse_mla_projections()
+    unfuse_mla_projections(model)
     assert not hasattr(attn, "wq_kv_a")
     assert (logits(model) - adapted).abs().max() < FUSED_ATOL
     # The per-slice adapters come back exactly.
@@ -153,7 +154,7 @@ def test_fused_layout_adapter_on_split_model():
         attn.wkv_a.lora_b.weight, b[24:]
     )
     detach_adapters(model)
-    model.fuse_mla_projections(inplace=True)
+    fuse_mla_projections(model, inplace=True)
     attach_adapter(model, adapter)
     assert (logits(model) - split_out).abs().max() < FUSED_ATOL
 
@@ -161,11 +162,11 @@ def test_fused_layout_adapter_on_split_model():
 def test_mla_fusion_errors():
     no_q_latent = build_model(dataclasses.replace(MLA, q_lora_rank=0))
     with pytest.raises(ValueError, match="q_lora_rank is 0"):
-        no_q_latent.fuse_mla_projections()
+        fuse_mla_projections(no_q_latent)
     with pytest.raises(ValueError, match="no wq/wk/wv"):
-        build_model(MLA).fuse_qkv_projections()
+        fuse_qkv_projections(build_model(MLA))
     with pytest.raises(ValueError, match="attention_type='gqa'"):
-        build_model(ModelArgs()).fuse_mla_projections()
+        fuse_mla_projections(build_model(ModelArgs()))
 
 
 def test_state_dict_conversion_round_trip_is_bit_exact():
@@ -251,7 +252,7 @@ def test_peft_adapter_on_deepseek(deepseek_dir, tmp_path):
     attach_adapter(ours, adapter)
     assert (ref - base).abs().max() > 0.1
     assert (our_logits(ours) - ref).abs().max() < ATOL
-    ours.fuse_mla_projections(inplace=True)  # packed onto wq_kv_a
+    fuse_mla_projections(ours, inplace=True)  # packed onto wq_kv_a
     assert isinstance(ours.layers[0].attention.wq_kv_a, PackedLoRALinear)
     assert (our_logits(ours) - ref).abs().max() < ATOL
     # Our PEFT writer round-trips MLA adapters (MLP projections too).

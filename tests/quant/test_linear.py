@@ -3,8 +3,9 @@ import torch
 from torch import nn
 
 from edgelora.errors import ConfigError
+from edgelora.lora.attach import adapter_fqns
+from edgelora.lora.modules import LoRALinear
 from edgelora.models.llama import build_model
-from edgelora.models.lora import LoRALinear
 from edgelora.quant.linear import decide_linear, quantize_linears
 
 
@@ -21,7 +22,8 @@ class Odd(nn.Module):
 
 def test_filter_decisions_use_fqn_components():
     m = Odd()
-    decisions = {f: decide_linear(f, mod, 32) for f, mod in m.named_modules()}
+    adapters = adapter_fqns(m)
+    decisions = {f: decide_linear(f, mod, 32, adapters) for f, mod in m.named_modules()}
     decisions = {f: d for f, d in decisions.items() if d is not None}
     assert decisions["lora_ab"].quantize and decisions["flora_a"].quantize
     assert decisions["proj.linear"].quantize

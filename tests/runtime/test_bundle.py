@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from edgelora.errors import ProgramError
-from edgelora.runtime.session import AdapterSession, LlamaProgram
+from edgelora.runtime.program import LlamaProgram
+from edgelora.runtime.sessions import AdapterSession
 
 PROMPT = [3, 9, 27, 4, 11]
 

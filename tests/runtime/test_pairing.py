@@ -9,14 +9,15 @@ import json
 import pytest
 
 from edgelora.errors import ProgramError
+from edgelora.format.layout import sha256_file
 from edgelora.runtime.cli import main as run_main
-from edgelora.runtime.session import LlamaProgram, file_sha256, required_foundation_sha
+from edgelora.runtime.program import LlamaProgram, required_foundation_sha
 
 
 def test_program_records_its_foundation(export_8da4w):
     manifest = json.loads((export_8da4w / "manifest.json").read_text())
     sha = manifest["files"]["foundation.ptd"]["sha256"]
-    assert file_sha256(export_8da4w / "foundation.ptd") == sha
+    assert sha256_file(export_8da4w / "foundation.ptd") == sha
     for pte in ("base.pte", "chat.pte", "bundle.pte", "switchable.pte"):
         program = LlamaProgram(
             export_8da4w / pte,
@@ -25,19 +26,19 @@ def test_program_records_its_foundation(export_8da4w):
         )
         assert required_foundation_sha(program._program) == sha, pte
         # the stamped program is what the manifest hashes
-        assert manifest["files"][pte]["sha256"] == file_sha256(export_8da4w / pte)
+        assert manifest["files"][pte]["sha256"] == sha256_file(export_8da4w / pte)
 
 
 def test_wrong_foundation_is_refused_naming_both_hashes(
     export_8da4w, export_fp32, tmp_path, capsys
 ):
-    want = file_sha256(export_8da4w / "foundation.ptd")
+    want = sha256_file(export_8da4w / "foundation.ptd")
     # Same keys, other bytes: flip one byte near the end (tensor data, not the header).
     blob = bytearray((export_8da4w / "foundation.ptd").read_bytes())
     blob[-10] ^= 0xFF
     forged = tmp_path / "foundation.ptd"
     forged.write_bytes(bytes(blob))
-    got = file_sha256(forged)
+    got = sha256_file(forged)
     for data in (forged, export_fp32 / "foundation.ptd"):
         with pytest.raises(ProgramError, match=rf"sha256 {want[:16]}\.\.\., but .* has sha256"):
             LlamaProgram(export_8da4w / "chat.pte", data)

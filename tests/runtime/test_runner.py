@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 from edgelora.errors import ProgramError
 from edgelora.runtime.cli import main as run_main
-from edgelora.runtime.session import LlamaProgram
+from edgelora.runtime.program import LlamaProgram
 from edgelora.runtime.text import generate_text, resolve_program
 from edgelora.runtime.tokenizer import write_char_tokenizer
 

@@ -8,7 +8,7 @@ import pytest
 from edgelora.ci.output_match import match_export
 from edgelora.errors import ProgramError
 from edgelora.runtime.cli import main as run_main
-from edgelora.runtime.session import LlamaProgram
+from edgelora.runtime.program import LlamaProgram
 
 
 @pytest.mark.parametrize("fixture", ["export_8da4w", "export_fp32"])

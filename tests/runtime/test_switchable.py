@@ -14,10 +14,11 @@ import json
 
 import pytest
 
-from edgelora.backends.xnnpack.files import missing_keys, read_pte
 from edgelora.errors import ProgramError
-from edgelora.models.lora_inputs import Slot, load_adapter_tensors
-from edgelora.runtime.session import AdapterSession, LlamaProgram
+from edgelora.format.adapter_inputs import Slot, load_adapter_tensors
+from edgelora.format.pte import missing_keys, read_pte
+from edgelora.runtime.program import LlamaProgram
+from edgelora.runtime.sessions import AdapterSession
 
 PROMPT = [3, 9, 27, 4, 11]
 

@@ -1,4 +1,4 @@
-"""Read what a ``.pte`` program and a ``.ptd`` data file hold, by named key.
+"""Read what a ``.pte`` program and a ``.ptd`` data file hold, by named key (our own parser).
 
 A ``.ptd`` (ExecuTorch FlatTensor) maps keys to byte blobs. A ``.pte`` needs keys from a data
 file in two ways: non-delegated tensors marked EXTERNAL (keyed by FQN) and XNNPACK delegate

@@ -43,16 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     quiet_third_party()
 
+    from edgelora._memory import resident_mib
     from edgelora.ci.output_match import match_export
     from edgelora.export.config import ExportConfig
     from edgelora.export.pipeline import run_export
-    from edgelora.models.adapter_files import load_adapter, save_peft_adapter
-    from edgelora.models.adapters import random_adapter
     from edgelora.models.args import ModelArgs
     from edgelora.models.llama import build_model
-    from edgelora.runtime.session import AdapterSession, LlamaProgram, resident_mib
+    from edgelora.runtime.program import LlamaProgram
+    from edgelora.runtime.sessions import AdapterSession
     from edgelora.runtime.text import generate_text
     from edgelora.runtime.tokenizer import write_char_tokenizer
+    from edgelora.weights.adapter_files import load_adapter, save_peft_adapter
+    from edgelora.weights.synthetic import random_adapter
 
     work = Path(tempfile.mkdtemp(prefix="edgelora-demo-"))
     out = ns.output_dir or work / "out"
@@ -76,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run_export(config, [adapter])
 
     print("\nfiles:")
-    for name, entry in result.manifest["files"].items():
-        print(f"  {name:16s} {entry['size'] / 1024:9.1f} KiB")
+    for name, entry in result.manifest.files.items():
+        print(f"  {name:16s} {entry.size / 1024:9.1f} KiB")
     print(f"  (adapter weights: {adapter.num_bytes / 1024:.1f} KiB fp32)")
     print("\nruntime (ExecuTorch, XNNPACK):")
     separate = {}

@@ -5,7 +5,7 @@
 * a Hugging Face Llama directory: ``config.json`` + ``model.safetensors``, sharded
   ``model-0000N-of-0000M.safetensors`` with ``model.safetensors.index.json``, or
   ``pytorch_model.bin`` (q/k rows are un-permuted to Meta's rotary layout, see
-  :mod:`edgelora.models.hf`; a missing ``lm_head.weight`` means tied embeddings);
+  :mod:`edgelora.weights.hf_keys`; a missing ``lm_head.weight`` means tied embeddings);
 * a Meta directory: ``params.json`` + ``consolidated.00.pth``;
 * a single file in Meta/ExecuTorch naming (``layers.0.attention.wq.weight``, this tool's own),
   torchtune naming (``layers.0.attn.q_proj.weight``, ``sa_norm.scale``) or HF naming (with a
@@ -17,7 +17,6 @@ beyond tensors. Every result is in the model's own key names.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,46 +27,15 @@ from torch import nn
 
 from edgelora._jsonfile import read_json
 from edgelora.errors import CheckpointError
-from edgelora.models import hf
-from edgelora.models.mla import conform_mla_layout
+from edgelora.weights import hf_keys
+from edgelora.weights.architectures import args_from_hf_config
+from edgelora.weights.layout import to_model_layout
+from edgelora.weights.tensor_files import read_state_dict
 
 HF_CONFIG = "config.json"
 META_PARAMS = "params.json"
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` or ``.pth``/``.pt`` file, by key."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    if path.suffix in (".pth", ".pt", ".bin"):
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"{path}: refused to load: the file holds pickled objects other than tensors "
-                f"(loaded with weights_only=True; {str(e).splitlines()[0]})"
-            ) from None
-        except (RuntimeError, OSError, EOFError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
-        if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
-            sd = sd["model"]
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
-        return sd
-    raise CheckpointError(
-        f"{path}: unknown checkpoint format {path.suffix!r} (use .safetensors or .pth)"
-    )
 
 
 @dataclass
@@ -135,11 +103,11 @@ def _hf_checkpoint(root: Path, sd: dict[str, torch.Tensor], path: Path) -> Check
     cfg = read_json(cfg_path, CheckpointError, "Hugging Face config")
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object")
-    params = hf.args_from_hf_config(cfg, str(cfg_path))
+    params = args_from_hf_config(cfg, str(cfg_path))
     heads = params["n_heads"]
     kv_heads = params.get("n_kv_heads") or heads
     tied = "lm_head.weight" not in sd
-    ours = hf.hf_state_dict_to_ours(
+    ours = hf_keys.hf_state_dict_to_ours(
         sd,
         n_heads=heads,
         n_kv_heads=kv_heads,
@@ -168,15 +136,15 @@ def _meta_params(path: Path, sd: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def _file_checkpoint(path: Path, sd: dict[str, torch.Tensor]) -> Checkpoint:
-    if hf.is_hf_state_dict(sd):
+    if hf_keys.is_hf_state_dict(sd):
         if not (path.parent / HF_CONFIG).is_file():
             raise CheckpointError(
                 f"{path}: Hugging Face key names but no {HF_CONFIG} beside it (pass the model "
                 "directory)"
             )
         return _hf_checkpoint(path.parent, sd, path)
-    if hf.is_torchtune_state_dict(sd):
-        ours = hf.torchtune_state_dict_to_ours(sd, source=str(path))
+    if hf_keys.is_torchtune_state_dict(sd):
+        ours = hf_keys.torchtune_state_dict_to_ours(sd, source=str(path))
         return Checkpoint(path, "torchtune", ours, None, ["torchtune key names renamed"])
     return Checkpoint(path, "meta", sd)
 
@@ -208,20 +176,6 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return _file_checkpoint(path, read_state_dict(path))
 
 
-def adopt_fusion_layout(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Give each fusable block the layout of ``sd`` (fused ``wqkv``/``w13`` keys or split ones)
-    and record it as the block's ``checkpoint_fused``."""
-    from edgelora.models.fused import FusableProjections
-
-    for fqn, block in model.named_modules():
-        if isinstance(block, FusableProjections):
-            block.checkpoint_fused = f"{fqn}.{block.FUSED}.weight" in sd
-            if block.checkpoint_fused:
-                block.fuse_projections(inplace=True)
-            else:
-                block.unfuse_projections()
-
-
 def load_checkpoint(
     model: nn.Module,
     path: str | Path | Checkpoint,
@@ -230,16 +184,20 @@ def load_checkpoint(
 ) -> nn.Module:
     """Load a checkpoint into ``model`` strictly: every key must exist with the same shape.
 
-    An MLA checkpoint in the other ``wq_a``/``wkv_a`` vs ``wq_kv_a`` layout than the model's
-    ``fused_mla_lora_proj`` is converted (and ``log`` is told so).
+    Tensors of fusable blocks are converted to the layout the model has (fused ``wqkv`` rows
+    split for a split model, split ``wq_a``/``wkv_a`` concatenated for a fused MLA one, ...; see
+    :mod:`edgelora.weights.layout`), and ``log`` is told so.
 
     ``path`` is anything :func:`open_checkpoint` reads, or its result. Tensors are cast to the
     model's dtype (a bf16/fp16 checkpoint computes in fp32 unless the model is built otherwise).
     Raises :class:`CheckpointError` naming the missing/unexpected keys or the mismatched shapes.
     """
     ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
-    path, sd = ckpt.path, ckpt.state_dict
-    adopt_fusion_layout(model, sd)
+    path, sd = ckpt.path, dict(ckpt.state_dict)
+    try:
+        notes = to_model_layout(model, sd)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -261,21 +219,8 @@ def load_checkpoint(
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: key {key!r} holds NaN or infinite values")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()})
-    for note in conform_mla_layout(model):
+    for note in notes:
         ckpt.notes.append(note)
         if log is not None:
             log(f"  checkpoint: {note}")
     return model
-
-
-def save_checkpoint(model: nn.Module, path: str | Path) -> Path:
-    """Write ``model``'s state dict as ``.safetensors`` or ``.pth`` (by suffix)."""
-    path = Path(path)
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(sd, str(path))
-    else:
-        torch.save(sd, str(path))
-    return path

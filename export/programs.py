@@ -1,0 +1,101 @@
+"""One program writer for every kind of program an export makes: base, adapter, bundle and
+switchable programs are all traced with :func:`trace` and written by :class:`ProgramWriter`."""
+
+from __future__ import annotations
+
+import filecmp
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgelora.errors import InternalError
+from edgelora.export.timing import StageTimer
+from edgelora.format.checksums import program_methods
+from edgelora.format.layout import FOUNDATION_FILE
+from edgelora.models.args import ModelArgs
+
+
+def trace(
+    module: nn.Module, args: ModelArgs, *, extra_inputs: list[torch.Tensor] | None = None
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``forward(tokens [1, seq], input_pos [1])`` with dynamic ``seq``;
+    with ``extra_inputs``, of ``forward(tokens, input_pos, extra_inputs)`` (static shapes)."""
+    # max_seq_len - 1, as ExecuTorch's example does: with the full length the symbolic shape
+    # solver emits a guard (seq != max_seq_len) that contradicts the range.
+    seq = torch.export.Dim("seq", min=1, max=args.max_seq_len - 1)
+    # Two tokens, not one: a length-1 example would let export specialise the sequence dim.
+    inputs = (torch.tensor([[1, 2]], dtype=torch.long), torch.tensor([0], dtype=torch.long))
+    dynamic: tuple = ({1: seq}, None)
+    if extra_inputs is not None:
+        inputs, dynamic = (*inputs, extra_inputs), (*dynamic, [None] * len(extra_inputs))
+    with torch.no_grad():
+        ep = torch.export.export(module, inputs, dynamic_shapes=dynamic, strict=False)
+        return ep.run_decompositions({})
+
+
+class ProgramWriter:
+    """Lowers programs to XNNPACK and writes ``.pte`` files into ``stage``.
+
+    The first program written (the base) writes ``stage/foundation.ptd``; every later one
+    writes its foundation into ``scratch`` and must produce the same bytes (checked), so one
+    ``foundation.ptd`` serves them all. Constants ExecuTorch's passes derive from foundation
+    weights in the base program are sent to the foundation by every later program too.
+    """
+
+    def __init__(self, stage: Path, scratch: Path, args: ModelArgs, timer: StageTimer) -> None:
+        self.stage, self.scratch, self.args, self.timer = stage, scratch, args, timer
+        self._methods = dict(
+            max_seq_len=args.max_seq_len, vocab_size=args.vocab_size, n_layers=args.n_layers
+        )
+        self._base_derived: frozenset[str] | None = None
+
+    def trace(self, module: nn.Module, label: str, **kw) -> torch.export.ExportedProgram:
+        with self.timer(f"{label}: torch.export"):
+            return trace(module, self.args, **kw)
+
+    def write(
+        self,
+        file: str,
+        programs: torch.export.ExportedProgram | dict[str, torch.export.ExportedProgram],
+        *,
+        is_adapter: Callable[[str], bool],
+        label: str,
+    ):
+        """Lower ``programs`` (one, or method name -> program) into ``stage/file``; constants
+        for which ``is_adapter(fqn)`` stay in the program, all others go to the foundation.
+        Returns the lowered program (its constant split)."""
+        from edgelora.backends.xnnpack.lower import lower_to_xnnpack
+
+        first = self._base_derived is None
+        with self.timer(f"{label}: lower to XNNPACK + serialise"):
+            lowered = lower_to_xnnpack(
+                programs,
+                is_adapter=is_adapter,
+                constant_methods=program_methods(**self._methods),
+                foundation_derived=self._base_derived,
+            )
+            lowered.write_pte(self.stage / file)
+            data_dir = self.stage if first else self.scratch / label
+            data_dir.mkdir(exist_ok=True)
+            written = lowered.write_data_files(data_dir)
+        self._check_foundation(written, label, compare=not first)
+        if first:
+            self._base_derived = lowered.derived_foundation
+        return lowered
+
+    def _check_foundation(self, written: list[Path], label: str, *, compare: bool) -> None:
+        if [p.name for p in written] != [FOUNDATION_FILE]:
+            raise InternalError(
+                f"{label}: expected the lowering to write only {FOUNDATION_FILE}, got "
+                f"{[p.name for p in written]}"
+            )
+        if compare and not filecmp.cmp(written[0], self.stage / FOUNDATION_FILE, shallow=False):
+            raise InternalError(
+                f"the foundation written for {label!r} differs from the base program's; "
+                "programs would not share one foundation.ptd"
+            )
+
+    def size_mb(self, file: str) -> float:
+        return (self.stage / file).stat().st_size / 1e6

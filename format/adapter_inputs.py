@@ -1,0 +1,89 @@
+"""A switchable program's adapter slots, and the files holding each adapter's run-time inputs.
+
+``switchable.pte`` is ``forward(tokens, input_pos, lora)`` where ``lora`` holds two tensors per
+slot (one adapted projection): ``a_t [1, in, rank]`` and ``b_t [1, rank, out]``, the adapter's
+scale folded into ``b_t``. ``NAME.lora.safetensors`` stores one adapter's list under the keys
+:func:`tensor_names`; the slots themselves are recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgelora.errors import AdapterError
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One adapted projection of a switchable program: ``module`` is its FQN."""
+
+    module: str
+    in_features: int
+    out_features: int
+    rank: int
+
+    def shapes(self) -> dict[str, tuple[int, int, int]]:
+        return {"a_t": (1, self.in_features, self.rank), "b_t": (1, self.rank, self.out_features)}
+
+    def to_dict(self) -> dict:
+        return {
+            "module": self.module,
+            "in": self.in_features,
+            "out": self.out_features,
+            "rank": self.rank,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Slot:
+        return cls(str(d["module"]), int(d["in"]), int(d["out"]), int(d["rank"]))
+
+
+def tensor_names(slots: Sequence[Slot]) -> list[str]:
+    """Names of the ``lora`` inputs in order (the keys of an adapter's tensor file)."""
+    return [f"{s.module}.{part}" for s in slots for part in ("a_t", "b_t")]
+
+
+def zero_inputs(slots: Sequence[Slot], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """The ``lora`` inputs of no adapter (the base model): zeros of every slot's shapes."""
+    return [torch.zeros(shape, dtype=dtype) for s in slots for shape in s.shapes().values()]
+
+
+def save_adapter_tensors(path, tensors: Sequence[torch.Tensor], slots: Sequence[Slot]) -> None:
+    """Write one adapter's ``lora`` inputs as safetensors (keys :func:`tensor_names`)."""
+    from safetensors.torch import save_file
+
+    names = tensor_names(slots)
+    save_file({n: t.contiguous() for n, t in zip(names, tensors, strict=True)}, str(path))
+
+
+def load_adapter_tensors(path: str | Path, slots: Sequence[Slot]) -> list[torch.Tensor]:
+    """Read an adapter's ``lora`` inputs back, checking every key and shape against the slots.
+    Raises :class:`AdapterError` naming the file and the first mismatch."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        found = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise AdapterError(f"{path}: cannot read adapter tensors ({e})") from None
+    out = []
+    for slot in slots:
+        for part, shape in slot.shapes().items():
+            key = f"{slot.module}.{part}"
+            t = found.get(key)
+            if t is None:
+                raise AdapterError(f"{path}: missing tensor {key}")
+            if tuple(t.shape) != shape:
+                raise AdapterError(
+                    f"{path}: {key} has shape {list(t.shape)}, the program's slot needs "
+                    f"{list(shape)}"
+                )
+            out.append(t)
+    extra = set(found) - set(tensor_names(slots))
+    if extra:
+        raise AdapterError(f"{path}: tensors the program has no slot for: {sorted(extra)[:3]}")
+    return out

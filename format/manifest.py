@@ -1,0 +1,203 @@
+"""``manifest.json``: what an export directory holds and how it was made, as typed records.
+
+One writer (:meth:`Manifest.write`, called by the export's last stage) and one reader
+(:meth:`Manifest.read`, used by the runtime, the output-match check and the export itself
+when it replaces a directory). :data:`FORMAT` versions the schema; a manifest of another
+version is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgelora.errors import ProgramError
+from edgelora.format.adapter_inputs import Slot
+from edgelora.format.layout import FOUNDATION_FILE, MANIFEST_FILE, sha256_file
+
+FORMAT = "edgelora-export/1"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path) -> FileEntry:
+        return cls(path.stat().st_size, sha256_file(path))
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """An adapter as exported: where it was read from and what it adapts."""
+
+    source: str
+    scale: float
+    ranks: list[int]
+    modules: list[str]
+    bytes_fp32: int
+
+
+@dataclass(frozen=True)
+class ProgramEntry:
+    """One ``NAME.pte``: its adapter (``None`` for the base), or the adapter merged into it."""
+
+    file: str
+    foundation: str = FOUNDATION_FILE
+    adapter: AdapterEntry | None = None
+    merged_adapter: AdapterEntry | None = None
+    adapter_constants: list[str] = field(default_factory=list)
+    # adapter tensors byte-identical to a foundation tensor: one key, served by foundation.ptd
+    adapter_constants_in_foundation: list[str] = field(default_factory=list)
+    foundation_sha256: str = ""
+
+
+@dataclass(frozen=True)
+class BundleEntry:
+    """``bundle.pte``: the base and every adapter as methods of one program."""
+
+    file: str
+    methods: list[str]
+    foundation: str = FOUNDATION_FILE
+
+
+@dataclass(frozen=True)
+class SwitchableEntry:
+    """``switchable.pte`` and each adapter's input file (adapter name -> file name)."""
+
+    file: str
+    slots: list[Slot]
+    dtype: str
+    adapters: dict[str, str]
+    foundation: str = FOUNDATION_FILE
+
+
+@dataclass(frozen=True)
+class QuantizationEntry:
+    qmode: str
+    group_size: int
+    embedding_bits: int
+    embedding_group_size: int
+    quantized_linears: int = 0
+    float_linears: dict[str, str] = field(default_factory=dict)  # fqn -> why it stayed float
+    max_weight_abs_err: float = 0.0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: dict[str, Any]  # ModelArgs.to_dict()
+    quantization: QuantizationEntry
+    programs: dict[str, ProgramEntry]
+    files: dict[str, FileEntry]
+    seed: int = 0
+    dtype: str = "fp32"
+    fuse: str = "none"
+    sdpa: str = "plain"
+    logits: str = "all"
+    checkpoint: str | None = None
+    checkpoint_layout: str | None = None
+    bundle: BundleEntry | None = None
+    switchable: SwitchableEntry | None = None
+    format: str = FORMAT
+
+    @property
+    def foundation_sha256(self) -> str | None:
+        entry = self.files.get(FOUNDATION_FILE)
+        return None if entry is None else entry.sha256
+
+    def to_json(self) -> dict[str, Any]:
+        def program(p: ProgramEntry) -> dict:
+            d = vars(p).copy()
+            for key in ("adapter", "merged_adapter"):
+                d[key] = None if d[key] is None else vars(d[key]).copy()
+            return d
+
+        sw = self.switchable
+        return {
+            "format": self.format,
+            "model": self.model,
+            "quantization": vars(self.quantization).copy(),
+            "seed": self.seed,
+            "dtype": self.dtype,
+            "fuse": self.fuse,
+            "sdpa": self.sdpa,
+            "logits": self.logits,
+            "checkpoint": self.checkpoint,
+            "checkpoint_layout": self.checkpoint_layout,
+            "programs": {n: program(p) for n, p in self.programs.items()},
+            "bundle": None if self.bundle is None else vars(self.bundle).copy(),
+            "switchable": None
+            if sw is None
+            else {**vars(sw), "slots": [s.to_dict() for s in sw.slots]},
+            "files": {n: vars(e).copy() for n, e in self.files.items()},
+        }
+
+    @classmethod
+    def from_json(cls, d: Any, source: str = MANIFEST_FILE) -> Manifest:
+        """Parse a manifest dict; :class:`ProgramError` naming ``source`` and the field if it
+        is not one this version wrote."""
+        if not isinstance(d, dict):
+            raise ProgramError(f"{source}: expected a JSON object")
+        if d.get("format") != FORMAT:
+            raise ProgramError(
+                f"{source}: manifest format {d.get('format')!r} is not {FORMAT!r} (re-export "
+                "with this version of edgelora)"
+            )
+        try:
+
+            def adapter(a):
+                return None if a is None else AdapterEntry(**a)
+
+            def program(p):
+                halves = {k: adapter(p.get(k)) for k in ("adapter", "merged_adapter")}
+                return ProgramEntry(**{**p, **halves})
+
+            sw = d.get("switchable")
+            return cls(
+                model=dict(d["model"]),
+                quantization=QuantizationEntry(**d["quantization"]),
+                programs={n: program(p) for n, p in d["programs"].items()},
+                files={n: FileEntry(**e) for n, e in d["files"].items()},
+                seed=d.get("seed", 0),
+                dtype=d.get("dtype", "fp32"),
+                fuse=d.get("fuse", "none"),
+                sdpa=d.get("sdpa", "plain"),
+                logits=d.get("logits", "all"),
+                checkpoint=d.get("checkpoint"),
+                checkpoint_layout=d.get("checkpoint_layout"),
+                bundle=None if d.get("bundle") is None else BundleEntry(**d["bundle"]),
+                switchable=None
+                if sw is None
+                else SwitchableEntry(**{**sw, "slots": [Slot.from_dict(s) for s in sw["slots"]]}),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ProgramError(f"{source}: malformed manifest ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def read(cls, directory: str | Path) -> Manifest | None:
+        """The manifest of an export directory, ``None`` if it has none; :class:`ProgramError`
+        if it is unreadable."""
+        path = Path(directory) / MANIFEST_FILE
+        if not path.is_file():
+            return None
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ProgramError(f"{path}: unreadable manifest ({e})") from None
+        return cls.from_json(d, str(path))
+
+    def write(self, directory: Path) -> Path:
+        path = directory / MANIFEST_FILE
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+
+def read_export(directory: str | Path) -> Manifest:
+    """The manifest of an export directory; :class:`ProgramError` if there is none."""
+    manifest = Manifest.read(directory)
+    if manifest is None:
+        raise ProgramError(f"{directory}: no {MANIFEST_FILE} (not an export_llama directory)")
+    return manifest
