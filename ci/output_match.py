@@ -209,20 +209,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("out_dir", type=Path, help="an export_llama output directory")
     p.add_argument(
-        "--foundation",
+        "--base-export",
         type=Path,
         default=None,
-        help="also load every program with this foundation.ptd (e.g. a base-only "
-        "export's) and require identical logits",
+        metavar="DIR",
+        help="a base-only export of the same foundation settings: its foundation.ptd must be "
+        "byte-identical to OUT_DIR's, and every program must give identical logits with it",
     )
     p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     ns = p.parse_args(argv)
-    results = match_export(ns.out_dir, foundation=ns.foundation)
+    ok = True
+    foundation = None
+    if ns.base_export is not None:
+        foundation = ns.base_export / FOUNDATION_FILE
+        same = foundation.read_bytes() == (ns.out_dir / FOUNDATION_FILE).read_bytes()
+        ok = same
+        print(
+            f"{'PASS' if same else 'FAIL'} {FOUNDATION_FILE} "
+            f"{'byte-identical' if same else 'differs'} between {ns.base_export} and "
+            f"{ns.out_dir} ({foundation.stat().st_size} bytes)"
+        )
+    results = match_export(ns.out_dir, foundation=foundation)
     for r in results:
         print(r.line())
     if ns.json:
         ns.json.write_text(json.dumps([asdict(r) | {"ok": r.ok} for r in results], indent=2))
-    return 0 if all(r.ok for r in results) else 1
+    return 0 if ok and all(r.ok for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -1,32 +1,31 @@
-"""Shared fixtures: a tiny model config, PEFT adapters on disk, and a few exports.
+"""Shared fixtures: the tiny model config, adapters and checkpoints on disk, and the matrix of
+exports every test that needs one reuses.
 
-Lowering to XNNPACK costs ~40 s per program even for one layer, so each export below is made
-once per test run and shared by the tests that inspect it -- also across pytest-xdist workers
-(ci/setup.sh runs two): the first worker to need one makes it under a file lock, the other
-waits for it and reads the same files.
+Lowering costs seconds per program even for one layer, so each export in :data:`EXPORTS` is
+made once per test run and read by every test that needs it -- also across pytest-xdist
+workers (ci/setup.sh runs two): exports live in a directory the workers share, each made
+under its own file lock. A worker that needs an export another worker is making does not sit
+idle: it makes one of the others this session needs first (work stealing), so both cores
+lower programs until the matrix is done.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from edgelora.models.args import ModelArgs
 
-TINY = {
-    "dim": 64,
-    "n_layers": 1,
-    "n_heads": 4,
-    "n_kv_heads": 2,
-    "vocab_size": 96,
-    "multiple_of": 32,
-    "max_seq_len": 48,
-}
+from .tiny import TINY
 
 
 @pytest.fixture(scope="session")
@@ -34,26 +33,39 @@ def tiny_args() -> ModelArgs:
     return ModelArgs.from_dict(TINY)
 
 
-def _once(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Path:
-    """A directory ``make(dir)`` filled once per test run: per session without xdist; with
-    xdist, in the directory the workers' base temps share, under a lock, so a second worker
-    waits for the first one's result instead of making it again."""
+def _shared_root(tmp_path_factory) -> Path:
     if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        path = tmp_path_factory.mktemp(name)
-        make(path)
-        return path
-    from filelock import FileLock
+        return tmp_path_factory.getbasetemp() / "shared"
+    return tmp_path_factory.getbasetemp().parent / "shared"
 
-    root = tmp_path_factory.getbasetemp().parent / "shared"
-    root.mkdir(exist_ok=True)
-    path = root / name
-    with FileLock(str(path) + ".lock"):
+
+def _try_make(root: Path, name: str, make: Callable[[Path], object], *, wait: bool) -> bool:
+    """Make ``root/name`` once (under ``root/name.lock``); False if another process holds the
+    lock and ``wait`` is not set."""
+    from filelock import FileLock, Timeout
+
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / f"{name}.lock"))
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        return False
+    try:
         if not (root / f"{name}.done").exists():
-            shutil.rmtree(path, ignore_errors=True)  # a worker that failed half-way
-            path.mkdir()
-            make(path)
+            shutil.rmtree(root / name, ignore_errors=True)  # a worker that failed half-way
+            (root / name).mkdir()
+            make(root / name)
             (root / f"{name}.done").touch()
-    return path
+    finally:
+        lock.release()
+    return True
+
+
+def _once(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Path:
+    """A directory ``make(dir)`` fills once per test run, whichever worker asks first."""
+    root = _shared_root(tmp_path_factory)
+    _try_make(root, name, make, wait=True)
+    return root / name
 
 
 @pytest.fixture(scope="session")
@@ -84,36 +96,200 @@ def adapter_dirs(tmp_path_factory, tiny_args) -> dict[str, Path]:
     return {"chat": root / "chat", "code": root / "code"}
 
 
-def _export(out: Path, params: Path, adapters: dict[str, Path], *extra: str) -> Path:
-    from edgelora.export.cli import main
+@pytest.fixture(scope="session")
+def hf_llama(tmp_path_factory) -> Path:
+    """A 1-layer ``LlamaForCausalLM`` (transformers) with PEFT adapters 'qv' (q/v, r=4) and
+    'rs' (all seven, rslora), and the reference logits of transformers + PEFT in ``refs.pt``:
+    base, qv, rs with its scale halved (``:scale=0.5``), and qv merged (``merge_and_unload``)."""
+    from .hf_fixtures import ALL7, hf_logits, make_hf, peft_adapter
 
-    argv = ["--params", str(params), "--output-dir", str(out), *extra]
-    for name, path in adapters.items():
-        argv += ["--lora", f"{name}={path}"]
-    assert main(argv) == 0
-    return out
+    def make(root: Path) -> None:
+        hf = make_hf(seed=3, num_hidden_layers=1, max_position_embeddings=32)
+        hf.save_pretrained(root / "llama")
+        refs = {"base": hf_logits(hf)}
+        qv = peft_adapter(hf, root / "qv", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        refs["qv"] = hf_logits(qv)
+        rs = peft_adapter(
+            hf, root / "rs", seed=1, r=4, lora_alpha=8, target_modules=ALL7, use_rslora=True
+        )
+        for module in rs.modules():  # the reference for ':scale=0.5'
+            if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+                module.scaling["default"] *= 0.5
+        refs["rs"] = hf_logits(rs)
+        refs["qv_merged"] = hf_logits(qv.merge_and_unload())
+        torch.save(refs, root / "refs.pt")
+
+    return _once(tmp_path_factory, "hf-llama", make)
 
 
 @pytest.fixture(scope="session")
-def export_8da4w(tmp_path_factory, params_file, adapter_dirs) -> Path:
-    """8da4w g32 + int4 embedding: base.pte, chat.pte, code.pte, bundle.pte (methods base,
-    chat, code), switchable.pte with chat/code.lora.safetensors, foundation.ptd."""
-    argv = ("--embedding-bits", "4", "--embedding-group-size", "32", "--bundle", "--switchable")
-    make = lambda d: _export(d / "q", params_file, adapter_dirs, *argv)  # noqa: E731
-    return _once(tmp_path_factory, "exp-q", make) / "q"
+def hf_deepseek(tmp_path_factory) -> Path:
+    """A 1-layer dense ``DeepseekV3ForCausalLM`` with a PEFT adapter 'lora' on the MLA
+    projections, and transformers + PEFT reference logits in ``refs.pt``."""
+    from .hf_fixtures import MLA_TARGETS, PROMPT, make_deepseek, peft_adapter
+
+    def make(root: Path) -> None:
+        # Latent ranks of 32 and v_head_dim 16 so 8da4w (group 32) quantizes wq_b, wkv_b, wo.
+        hf = make_deepseek(
+            seed=4,
+            num_hidden_layers=1,
+            first_k_dense_replace=1,
+            q_lora_rank=32,
+            v_head_dim=16,
+            kv_lora_rank=32,
+            max_position_embeddings=32,
+        )
+        hf.save_pretrained(root / "ds")
+        lora = peft_adapter(
+            hf, root / "lora", seed=5, r=4, lora_alpha=8, target_modules=MLA_TARGETS
+        )
+        with torch.no_grad():
+            refs = {"base": hf(PROMPT).logits[0], "lora": lora(PROMPT).logits[0]}
+        torch.save(refs, root / "refs.pt")
+
+    return _once(tmp_path_factory, "hf-deepseek", make)
+
+
+# --- The export matrix ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """``export_llama`` arguments of one shared export, from the inputs it needs."""
+
+    inputs: tuple[str, ...]  # session fixtures the arguments refer to
+    argv: Callable[..., list[str]]
+    doc: str = ""
+
+
+_Q = ["--embedding-bits", "4", "--embedding-group-size", "32"]
+
+
+def _tiny(params: Path, adapters: dict[str, Path], *names: str) -> list[str]:
+    return ["--params", str(params)] + [f"--lora={n}={adapters[n]}" for n in names]
+
+
+EXPORTS: dict[str, Recipe] = {
+    "8da4w": Recipe(
+        ("params_file", "adapter_dirs"),
+        lambda p, a: _tiny(p, a, "chat", "code") + _Q + ["--bundle", "--switchable"],
+        "8da4w g32 + int4 embedding, custom SDPA: base, chat, code, bundle (methods base, chat, "
+        "code), switchable with chat/code.lora.safetensors",
+    ),
+    "8da4w_base_only": Recipe(
+        ("params_file", "adapter_dirs"), lambda p, a: _tiny(p, a) + _Q, "the same, no adapters"
+    ),
+    "fp32": Recipe(
+        ("params_file", "adapter_dirs"),
+        lambda p, a: _tiny(p, a, "chat") + ["--qmode", "none", "--sdpa", "plain"],
+        "fp32 with the plain PyTorch attention path: base, chat",
+    ),
+    "fp32_last": Recipe(
+        ("params_file", "adapter_dirs"),
+        lambda p, a: _tiny(p, a) + ["--qmode", "none", "--sdpa", "plain", "--logits", "last"],
+        "as fp32 with --logits last, base only",
+    ),
+    "fused": Recipe(
+        ("params_file", "adapter_dirs"),
+        lambda p, a: _tiny(p, a, "chat") + _Q + ["--fuse", "all"],
+        "as 8da4w with --fuse all: base, chat (packed)",
+    ),
+    "hf_fp32": Recipe(
+        ("hf_llama",),
+        lambda r: (
+            ["--checkpoint", str(r / "llama"), "--qmode", "none"]
+            + [f"--lora=qv={r / 'qv'}", f"--lora=rs={r / 'rs'}:scale=0.5"]
+        ),
+        "the HF Llama, fp32: base, qv, rs (scale 0.5)",
+    ),
+    "hf_8da4w": Recipe(("hf_llama",), lambda r: ["--checkpoint", str(r / "llama")], "8da4w, base"),
+    "hf_merged": Recipe(
+        ("hf_llama",),
+        lambda r: (
+            ["--checkpoint", str(r / "llama"), "--qmode", "none"]
+            + [f"--lora=qv={r / 'qv'}", "--merge", "qv"]
+        ),
+        "fp32 with qv merged: qv.pte only",
+    ),
+    "hf_fp16": Recipe(
+        ("hf_llama",),
+        lambda r: ["--checkpoint", str(r / "llama"), "--qmode", "none", "--dtype", "fp16"],
+        "fp16 compute, base",
+    ),
+    "mla_fused": Recipe(
+        ("hf_deepseek",),
+        lambda r: (
+            ["--checkpoint", str(r / "ds"), "--qmode", "none", "--fuse", "mla"]
+            + [f"--lora=lora={r / 'lora'}"]
+        ),
+        "the HF DeepSeek-V3, fp32, wq_a/wkv_a fused: base, lora (packed)",
+    ),
+    "mla_8da4w": Recipe(
+        ("hf_deepseek",),
+        lambda r: ["--checkpoint", str(r / "ds"), f"--lora=lora={r / 'lora'}"],
+        "8da4w, split: base, lora",
+    ),
+}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Which shared exports this session's tests need (for the work stealing above)."""
+    needed = []
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            name = fixture.removeprefix("export_")
+            if fixture.startswith("export_") and name in EXPORTS and name not in needed:
+                needed.append(name)
+    config.stash[_NEEDED] = needed
+
+
+_NEEDED = pytest.StashKey[list]()
+
+
+class SharedExports:
+    def __init__(self, root: Path, needed: list[str]) -> None:
+        self.root, self.needed = root, needed
+
+    def _make(self, name: str, request) -> Callable[[Path], None]:
+        from edgelora.export.cli import main
+
+        recipe = EXPORTS[name]
+
+        def make(d: Path) -> None:
+            inputs = [request.getfixturevalue(f) for f in recipe.inputs]
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                code = main([*recipe.argv(*inputs), "--output-dir", str(d / "out")])
+            (d / "log.txt").write_text(log.getvalue())
+            assert code == 0, f"export {name} failed:\n{log.getvalue()}"
+
+        return make
+
+    def get(self, name: str, request) -> Path:
+        """The output directory of export ``name`` (its log is ``../log.txt``); ``request``
+        (of the fixture asking) provides the inputs of whatever this worker makes meanwhile."""
+        while not (self.root / f"{name}.done").exists():
+            if _try_make(self.root, name, self._make(name, request), wait=False):
+                continue
+            others = [n for n in self.needed if not (self.root / f"{n}.done").exists()]
+            if not any(_try_make(self.root, n, self._make(n, request), wait=False) for n in others):
+                _try_make(self.root, name, self._make(name, request), wait=True)
+        return self.root / name / "out"
 
 
 @pytest.fixture(scope="session")
-def export_8da4w_base_only(tmp_path_factory, params_file) -> Path:
-    """The same foundation settings as ``export_8da4w`` with no adapters."""
-    argv = ("--embedding-bits", "4", "--embedding-group-size", "32")
-    make = lambda d: _export(d / "q-base", params_file, {}, *argv)  # noqa: E731
-    return _once(tmp_path_factory, "exp-q-base", make) / "q-base"
+def shared_exports(request, tmp_path_factory) -> SharedExports:
+    needed = request.config.stash.get(_NEEDED, [])
+    return SharedExports(_shared_root(tmp_path_factory) / "exports", needed)
 
 
-@pytest.fixture(scope="session")
-def export_fp32(tmp_path_factory, params_file, adapter_dirs) -> Path:
-    """fp32 with the plain PyTorch attention path (``export_8da4w`` uses the custom ops)."""
-    argv = ("--qmode", "none", "--sdpa", "plain")
-    make = lambda d: _export(d / "fp32", params_file, {"chat": adapter_dirs["chat"]}, *argv)  # noqa: E731
-    return _once(tmp_path_factory, "exp-fp32", make) / "fp32"
+def _export_fixture(name: str):
+    def fixture(shared_exports: SharedExports, request) -> Path:
+        return shared_exports.get(name, request)
+
+    fixture.__doc__ = EXPORTS[name].doc
+    return pytest.fixture(scope="session", name=f"export_{name}")(fixture)
+
+
+for _name in EXPORTS:
+    globals()[f"export_{_name}"] = _export_fixture(_name)

@@ -11,7 +11,6 @@ import json
 
 from edgelora.backends.xnnpack.lower import DERIVED_PREFIX
 from edgelora.ci.output_match import match_export
-from edgelora.export.cli import main
 from edgelora.format.layout import FOUNDATION_FILE
 from edgelora.format.pte import read_ptd, read_pte
 from edgelora.lora.attach import adapter_attached, adapter_fqns
@@ -24,13 +23,9 @@ PROMPT = [1, 5, 9, 14, 3, 27, 8, 2]
 
 
 def test_fused_export_with_adapter_matches_split_export(
-    tmp_path, params_file, adapter_dirs, export_8da4w, tiny_args
+    export_fused, adapter_dirs, export_8da4w, tiny_args
 ):
-    out = tmp_path / "fused"
-    argv = ["--params", str(params_file), "--fuse", "all"]
-    argv += ["--embedding-bits", "4", "--embedding-group-size", "32"]
-    argv += ["--lora", f"chat={adapter_dirs['chat']}", "--output-dir", str(out)]
-    assert main(argv) == 0
+    out = export_fused
     assert json.loads((out / "manifest.json").read_text())["fuse"] == "all"
     for name in ("base", "chat"):
         fused = LlamaProgram(out / f"{name}.pte", out / FOUNDATION_FILE).forward(PROMPT, 0)

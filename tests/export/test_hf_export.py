@@ -18,37 +18,19 @@ from edgelora.ci.output_match import match_export
 from edgelora.export.cli import main
 from edgelora.format.layout import FOUNDATION_FILE
 
-from ..hf_fixtures import ALL7, hf_logits, make_hf, peft_adapter, program_logits
+from ..hf_fixtures import program_logits
 
 RUNTIME_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def hf_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hfexp")
-    hf = make_hf(seed=3, num_hidden_layers=1, max_position_embeddings=32)
-    hf.save_pretrained(root / "llama")
-    refs = {"base": hf_logits(hf)}
-    qv = peft_adapter(hf, root / "qv", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    refs["qv"] = hf_logits(qv)
-    rs = peft_adapter(
-        hf, root / "rs", seed=1, r=4, lora_alpha=8, target_modules=ALL7, use_rslora=True
-    )
-    for module in rs.modules():  # the reference for ':scale=0.5'
-        if hasattr(module, "scaling") and isinstance(module.scaling, dict):
-            module.scaling["default"] *= 0.5
-    refs["rs"] = hf_logits(rs)
-    refs["qv_merged"] = hf_logits(qv.merge_and_unload())
-    return root, refs
+def refs(hf_llama):
+    return torch.load(hf_llama / "refs.pt")
 
 
-def test_fp32_export_matches_transformers_and_peft(hf_setup, tmp_path, capsys):
-    root, refs = hf_setup
-    out = tmp_path / "fp32"
-    argv = ["--checkpoint", str(root / "llama"), "--qmode", "none", "--output-dir", str(out)]
-    argv += ["--lora", f"qv={root / 'qv'}", "--lora", f"rs={root / 'rs'}:scale=0.5"]
-    assert main(argv) == 0
-    log = capsys.readouterr().out
+def test_fp32_export_matches_transformers_and_peft(export_hf_fp32, refs):
+    out = export_hf_fp32
+    log = (out.parent / "log.txt").read_text()
     assert "hf layout" in log and "un-permuted" in log
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["checkpoint_layout"] == "hf" and manifest["model"]["max_seq_len"] == 32
@@ -61,16 +43,13 @@ def test_fp32_export_matches_transformers_and_peft(hf_setup, tmp_path, capsys):
     assert all(r.ok for r in match_export(out)), [r.line() for r in match_export(out)]
 
 
-def test_8da4w_export_agrees_on_greedy_tokens(hf_setup, tmp_path):
+def test_8da4w_export_agrees_on_greedy_tokens(export_hf_8da4w, refs):
     """On a random model the top-2 logit gaps (0.02-0.9 here) are as small as 4-bit weight
     noise, so greedy agreement with the fp32 reference is reported, not required to be high;
     what is required: the program matches the eager quantized model built from the same HF
     checkpoint (``match_export``: stated tolerance, identical greedy tokens), and agreement with
     the fp32 reference is far above chance. (Adapters under 8da4w: tests/runtime.)"""
-    root, refs = hf_setup
-    out = tmp_path / "q"
-    argv = ["--checkpoint", str(root / "llama"), "--output-dir", str(out)]
-    assert main(argv) == 0
+    out = export_hf_8da4w
     results = match_export(out)  # against the eager quantized model
     assert all(r.ok for r in results), [r.line() for r in results]
     for name, r in zip(("base",), results, strict=True):
@@ -85,11 +64,8 @@ def test_8da4w_export_agrees_on_greedy_tokens(hf_setup, tmp_path):
         assert agreement >= 0.3, (name, agreement)  # far above chance (1/128)
 
 
-def test_merged_export_matches_peft_merge_and_unload(hf_setup, tmp_path):
-    root, refs = hf_setup
-    out = tmp_path / "merged"
-    argv = ["--checkpoint", str(root / "llama"), "--qmode", "none", "--output-dir", str(out)]
-    assert main(argv + ["--lora", f"qv={root / 'qv'}", "--merge", "qv"]) == 0
+def test_merged_export_matches_peft_merge_and_unload(export_hf_merged, hf_llama, refs):
+    root, out = hf_llama, export_hf_merged
     assert sorted(p.name for p in out.iterdir()) == [FOUNDATION_FILE, "manifest.json", "qv.pte"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["programs"]["qv"]["adapter"] is None  # no LoRA left at run time
@@ -100,8 +76,8 @@ def test_merged_export_matches_peft_merge_and_unload(hf_setup, tmp_path):
     assert all(r.ok for r in match_export(out))
 
 
-def test_checkpoint_errors_exit_cleanly(hf_setup, tmp_path, capsys):
-    root, _ = hf_setup
+def test_checkpoint_errors_exit_cleanly(hf_llama, tmp_path, capsys):
+    root = hf_llama
     out = tmp_path / "o"
     bad_cfg = tmp_path / "mistral"
     bad_cfg.mkdir()
@@ -128,17 +104,14 @@ def test_checkpoint_errors_exit_cleanly(hf_setup, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_fp16_export_and_bf16_refusal(hf_setup, tmp_path):
+def test_fp16_export_and_bf16_refusal(export_hf_fp16, refs, tmp_path):
     """fp16 compute: within 1e-2 of the logits' scale of transformers fp32 (fp16 eps is 9.8e-4
     per rounding; a 1-layer model accumulates a few). bf16 compute is refused up front."""
     from edgelora.errors import ConfigError
     from edgelora.export.config import ExportConfig
     from edgelora.models.args import ModelArgs
 
-    root, refs = hf_setup
-    out = tmp_path / "fp16"
-    argv = ["--checkpoint", str(root / "llama"), "--qmode", "none", "--dtype", "fp16"]
-    assert main(argv + ["--output-dir", str(out)]) == 0
+    out = export_hf_fp16
     assert json.loads((out / "manifest.json").read_text())["dtype"] == "fp16"
     got = program_logits(out, "base")
     assert (got - refs["base"]).abs().max() < 1e-2 * refs["base"].abs().max()

@@ -1,28 +1,38 @@
 """Exported programs on the ExecuTorch runtime vs their eager models, and edgelora-run."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 
+from edgelora.ci.output_match import main as output_match_main
 from edgelora.ci.output_match import match_export
 from edgelora.errors import ProgramError
 from edgelora.runtime.cli import main as run_main
 from edgelora.runtime.program import LlamaProgram
 
 
-@pytest.mark.parametrize("fixture", ["export_8da4w", "export_fp32"])
-def test_programs_match_eager(request, fixture, export_8da4w_base_only):
-    out = request.getfixturevalue(fixture)
-    foundation = export_8da4w_base_only / "foundation.ptd" if fixture == "export_8da4w" else None
-    results = match_export(out, foundation=foundation)
-    assert [r.name for r in results][0] == "base" and len(results) >= 2
-    for r in results:
-        assert r.ok, r.line()
-        if r.diff_from_base is not None:
-            assert r.diff_from_base > 1e-2  # the adapter changes the logits
-    if fixture == "export_fp32":
-        assert max(r.max_abs_diff for r in results) < 1e-4
+def test_programs_match_eager(export_8da4w, export_8da4w_base_only, export_fp32, tmp_path, capsys):
+    """Every program against its eager model (``ci/output_match``, the check ``ci/test_lora.sh``
+    runs, through its CLI for the 8da4w export: the base-only export's foundation is
+    byte-identical and every adapter program gives identical logits with it)."""
+    figures = tmp_path / "match.json"
+    argv = [str(export_8da4w), "--base-export", str(export_8da4w_base_only), "--json", str(figures)]
+    assert output_match_main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("PASS foundation.ptd byte-identical")
+    assert sum(line.startswith("PASS ") and "max abs diff" in line for line in lines) == 3
+    assert not any(line.startswith("FAIL") for line in lines)
+    quantized = json.loads(figures.read_text())
+    fp32 = [asdict(r) | {"ok": r.ok} for r in match_export(export_fp32)]
+    for results, n in ((quantized, 3), (fp32, 2)):
+        assert [r["name"] for r in results][0] == "base" and len(results) == n
+        for r in results:
+            assert r["ok"] and r["loads_with_foundation"], r
+            if r["diff_from_base"] is not None:
+                assert r["diff_from_base"] > 1e-2  # the adapter changes the logits
+    assert max(r["max_abs_diff"] for r in fp32) < 1e-4
 
 
 def test_attention_kernels_in_programs(export_8da4w, export_fp32):
