@@ -105,6 +105,14 @@ class CustomKVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(1, max_seq_len, heads, k_dim), persistent=False)
         self.register_buffer("v_cache", torch.zeros(1, max_seq_len, heads, v_dim), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # The kernels take an fp32 cache whatever the model's dtype (as ExecuTorch's example:
+        # an fp16 model runs its attention in fp32), so model.to(fp16) leaves it fp32.
+        super()._apply(fn, recurse)
+        for name in ("k_cache", "v_cache"):
+            self._buffers[name] = self._buffers[name].float()
+        return self
+
     def update(
         self, start: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

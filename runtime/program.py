@@ -8,7 +8,11 @@ from pathlib import Path
 import torch
 
 from edgelora.errors import ProgramError
-from edgelora.format.checksums import RUNNER_METADATA_METHODS, verify_program
+from edgelora.format.checksums import (
+    FOUNDATION_SHA_METHOD,
+    RUNNER_METADATA_METHODS,
+    verify_program,
+)
 from edgelora.generation import Generation, greedy_generate
 
 
@@ -99,6 +103,14 @@ class LlamaProgram:
             out = self._program.load_method(name).execute([])
             meta[name] = out[0] if len(out) == 1 else list(out)
         return meta
+
+    def recorded_foundation_sha(self) -> str | None:
+        """The foundation sha256 the program records, as the runtime reads it (constant method
+        ``get_foundation_sha256``), or ``None`` for programs without the method."""
+        if FOUNDATION_SHA_METHOD not in set(self._program.method_names):
+            return None
+        out = self._program.load_method(FOUNDATION_SHA_METHOD).execute([])[0]
+        return bytes(out.numpy().tobytes()).hex()
 
     @property
     def max_seq_len(self) -> int:

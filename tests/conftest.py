@@ -172,9 +172,9 @@ def _tiny(params: Path, adapters: dict[str, Path], *names: str) -> list[str]:
 EXPORTS: dict[str, Recipe] = {
     "8da4w": Recipe(
         ("params_file", "adapter_dirs"),
-        lambda p, a: _tiny(p, a, "chat", "code") + _Q + ["--bundle", "--switchable"],
-        "8da4w g32 + int4 embedding, custom SDPA: base, chat, code, bundle (methods base, chat, "
-        "code), switchable with chat/code.lora.safetensors",
+        lambda p, a: _tiny(p, a, "chat", "code") + _Q + ["--switchable"],
+        "8da4w g32 + int4 embedding, custom SDPA: base, chat, code, switchable with "
+        "chat/code.lora.safetensors",
     ),
     "8da4w_base_only": Recipe(
         ("params_file", "adapter_dirs"), lambda p, a: _tiny(p, a) + _Q, "the same, no adapters"
@@ -191,8 +191,8 @@ EXPORTS: dict[str, Recipe] = {
     ),
     "fused": Recipe(
         ("params_file", "adapter_dirs"),
-        lambda p, a: _tiny(p, a, "chat") + _Q + ["--fuse", "all"],
-        "as 8da4w with --fuse all: base, chat (packed)",
+        lambda p, a: _tiny(p, a, "chat", "code") + _Q + ["--fuse", "all", "--bundle"],
+        "as 8da4w with --fuse all: base, chat, code (packed), bundle (methods base, chat, code)",
     ),
     "hf_fp32": Recipe(
         ("hf_llama",),
@@ -226,8 +226,8 @@ EXPORTS: dict[str, Recipe] = {
     ),
     "mla_8da4w": Recipe(
         ("hf_deepseek",),
-        lambda r: ["--checkpoint", str(r / "ds"), f"--lora=lora={r / 'lora'}"],
-        "8da4w, split: base, lora",
+        lambda r: ["--checkpoint", str(r / "ds")],
+        "8da4w, split: base (adapters under 8da4w: the Llama exports; on MLA: mla_fused)",
     ),
 }
 

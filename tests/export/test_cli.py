@@ -15,7 +15,6 @@ def test_manifest_describes_the_files(export_8da4w, tiny_args):
     on_disk = sorted(p.name for p in export_8da4w.iterdir())
     assert on_disk == [
         "base.pte",
-        "bundle.pte",
         "chat.lora.safetensors",
         "chat.pte",
         "code.lora.safetensors",
@@ -24,7 +23,7 @@ def test_manifest_describes_the_files(export_8da4w, tiny_args):
         "manifest.json",
         "switchable.pte",
     ]
-    assert manifest["bundle"]["methods"] == ["base", "chat", "code"]
+    assert manifest["bundle"] is None
     assert manifest["switchable"]["adapters"] == {
         "chat": "chat.lora.safetensors",
         "code": "code.lora.safetensors",

@@ -45,7 +45,7 @@ def test_split_8da4w_export_output_matches(export_mla_8da4w):
     assert manifest["fuse"] == "none" and manifest["quantization"]["float_linears"] == {}
     results = match_export(out)
     assert all(r.ok for r in results), [r.line() for r in results]
-    assert [r.name for r in results] == ["base", "lora"]
+    assert [r.name for r in results] == ["base"]
 
 
 def test_fuse_mode_must_fit_the_attention(hf_deepseek, tmp_path, capsys):

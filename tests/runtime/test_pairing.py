@@ -11,22 +11,27 @@ import pytest
 from edgelora.errors import ProgramError
 from edgelora.format.layout import sha256_file
 from edgelora.runtime.cli import main as run_main
-from edgelora.runtime.program import LlamaProgram, required_foundation_sha
+from edgelora.runtime.program import LlamaProgram
 
 
-def test_program_records_its_foundation(export_8da4w):
-    manifest = json.loads((export_8da4w / "manifest.json").read_text())
+@pytest.mark.parametrize(
+    "export, programs",
+    [
+        ("export_8da4w", ("base.pte", "chat.pte", "switchable.pte")),
+        ("export_fused", ("bundle.pte",)),
+    ],
+)
+def test_program_records_its_foundation(request, export, programs):
+    out = request.getfixturevalue(export)
+    manifest = json.loads((out / "manifest.json").read_text())
     sha = manifest["files"]["foundation.ptd"]["sha256"]
-    assert sha256_file(export_8da4w / "foundation.ptd") == sha
-    for pte in ("base.pte", "chat.pte", "bundle.pte", "switchable.pte"):
-        program = LlamaProgram(
-            export_8da4w / pte,
-            export_8da4w / "foundation.ptd",
-            method="base" if pte == "bundle.pte" else "forward",
-        )
-        assert required_foundation_sha(program._program) == sha, pte
+    assert sha256_file(out / "foundation.ptd") == sha
+    for pte in programs:
+        method = "base" if pte == "bundle.pte" else "forward"
+        program = LlamaProgram(out / pte, out / "foundation.ptd", method=method)
+        assert program.recorded_foundation_sha() == sha, pte
         # the stamped program is what the manifest hashes
-        assert manifest["files"][pte]["sha256"] == sha256_file(export_8da4w / pte)
+        assert manifest["files"][pte]["sha256"] == sha256_file(out / pte)
 
 
 def test_wrong_foundation_is_refused_naming_both_hashes(
