@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgelora.runtime.sessions import AdapterSession
     from edgelora.runtime.text import generate_text
     from edgelora.runtime.tokenizer import write_char_tokenizer
-    from edgelora.weights.adapter_files import load_adapter, save_peft_adapter
-    from edgelora.weights.synthetic import random_adapter
+    from edgelora.weights.synthetic import random_peft_adapter
 
     work = Path(tempfile.mkdtemp(prefix="edgelora-demo-"))
     out = ns.output_dir or work / "out"
@@ -63,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         f"model: {args.n_layers} layers, dim {args.dim}, {args.n_heads} heads "
         f"({args.kv_heads} kv), vocab {args.vocab_size}; demo adapter: rank 16 on all 7 projections"
     )
-    demo = random_adapter(build_model(args), "demo", rank=16, alpha=32, seed=1)
-    adapter = load_adapter(save_peft_adapter(demo, work / "demo_adapter", args), args, "demo")
+    model = build_model(args)
+    adapter = random_peft_adapter(model, work / "demo", args, "demo", rank=16, alpha=32, seed=1)
     config = ExportConfig(
         model_args=args,
         output_dir=out,

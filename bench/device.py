@@ -114,16 +114,16 @@ def _export(config: str, work: Path, log) -> tuple[Path, dict]:
     from edgelora.lora.slots import adapter_tensors
     from edgelora.models.args import ModelArgs
     from edgelora.models.llama import build_model
-    from edgelora.weights.adapter_files import load_adapter, save_peft_adapter
-    from edgelora.weights.synthetic import random_adapter
+    from edgelora.weights.synthetic import random_peft_adapter
 
     args = ModelArgs.from_dict(CONFIGS[config])
     model = build_model(args)
     adapters = []
     for i, name in enumerate(ADAPTERS):
-        a = random_adapter(model, name, rank=16, alpha=32, seed=10 + i)
-        save_peft_adapter(a, work / "adapters" / name, args)
-        adapters.append(load_adapter(work / "adapters" / name, args, name))
+        path = work / "adapters" / name
+        adapters.append(
+            random_peft_adapter(model, path, args, name, rank=16, alpha=32, seed=10 + i)
+        )
     out = work / "out"
     cfg = ExportConfig(
         model_args=args,

@@ -75,8 +75,7 @@ def main() -> None:
     from edgelora.models.args import ModelArgs
     from edgelora.models.llama import build_model
     from edgelora.runtime.program import LlamaProgram
-    from edgelora.weights.adapter_files import load_adapter, save_peft_adapter
-    from edgelora.weights.synthetic import random_adapter
+    from edgelora.weights.synthetic import random_peft_adapter
 
     work = ns.work or Path(tempfile.mkdtemp(prefix="edgelora-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -84,9 +83,10 @@ def main() -> None:
     model = build_model(args)
     adapters = []
     for i, name in enumerate(("chat", "code")):
-        a = random_adapter(model, name, rank=16, alpha=32, seed=10 + i)
-        save_peft_adapter(a, work / "adapters" / name, args)
-        adapters.append(load_adapter(work / "adapters" / name, args, name))
+        path = work / "adapters" / name
+        adapters.append(
+            random_peft_adapter(model, path, args, name, rank=16, alpha=32, seed=10 + i)
+        )
     config = ExportConfig(
         model_args=args,
         output_dir=work / "out",

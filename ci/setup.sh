@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: create .venv, install edgelora with the pinned stack, then
 #   bash ci/setup.sh demo   -> export + run the embedded tiny model and demo adapter, print figures
-#   bash ci/setup.sh test   -> ruff (lint + format check), pytest (which runs ci/test_lora.sh)
+#   bash ci/setup.sh test   -> ruff (lint + format check), lint-imports, pytest
 # torch is installed first with its exact pin: an unpinned torch pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import edgelora, torch, executorch, torchao, pytest, xdist, ruff, peft, matplotlib" 2>/dev/null; then
+# (edgelora.format etc.: an editable install made before a package was added must be redone)
+if ! "$VENV/bin/python" -c "import edgelora.format, edgelora.lora, edgelora.weights, torch, \
+    executorch, torchao, pytest, xdist, ruff, importlinter, peft, matplotlib" 2>/dev/null; then
   echo "== installing (torch==2.13.0 CPU, executorch==1.5.1, torchao==0.18.0, ...)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
@@ -29,9 +31,11 @@ case "${1:-demo}" in
     echo "== ruff"
     ruff check .
     ruff format --check .
+    echo "== lint-imports (layer contracts in pyproject.toml)"
+    lint-imports
     echo "== pytest"
-    # includes ci/test_lora.sh for 8da4w (tests/ci/test_test_lora.py). Two workers: exports
-    # are single-threaded; the shared exports are made once for both (tests/conftest.py).
+    # Two workers: exports are single-threaded; the shared export matrix is made once for both
+    # (tests/conftest.py).
     exec python -m pytest tests -p no:cacheprovider --durations=15 -n 2
     ;;
   *)

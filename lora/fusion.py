@@ -88,50 +88,59 @@ def _blocks(model: nn.Module, kind: type) -> list[FusableProjections]:
     return [m for m in model.modules() if isinstance(m, kind)]
 
 
-def _is_mla(model: nn.Module) -> bool:
-    return bool(_blocks(model, MLAttention))
+# Which blocks each kind of fusion touches, and what a model without them is told.
+_KINDS: dict[str, tuple[type, str]] = {
+    "qkv": (Attention, "an MLA model has no wq/wk/wv to fuse (use fuse_mla_projections)"),
+    "gate_up": (FeedForward, "the model has no w1/w3"),
+    "mla": (
+        MLAttention,
+        "the model uses attention_type='gqa', which has no wq_a/wkv_a (use "
+        "fuse_qkv_projections)",
+    ),
+}
 
 
-def fuse_qkv_projections(model: nn.Module, inplace: bool = False) -> None:
-    """Fuse every layer's ``wq``/``wk``/``wv`` into ``wqkv`` (see :func:`fuse_block`)."""
-    if _is_mla(model):
-        raise ValueError(
-            "fuse_qkv_projections: an MLA model has no wq/wk/wv to fuse (use fuse_mla_projections)"
-        )
-    for block in _blocks(model, Attention):
+def fuse(model: nn.Module, kind: str, inplace: bool = False) -> None:
+    """Fuse every block of ``kind`` (``qkv``: ``wq``/``wk``/``wv`` -> ``wqkv``; ``gate_up``:
+    ``w1``/``w3`` -> ``w13``; ``mla``: ``wq_a``/``wkv_a`` -> ``wq_kv_a``); see
+    :func:`fuse_block`. ``ValueError`` if the model has no such blocks."""
+    cls, missing = _KINDS[kind]
+    blocks = _blocks(model, cls)
+    if not blocks:
+        raise ValueError(f"fuse_{kind}_projections: {missing}")
+    for block in blocks:
         fuse_block(block, inplace)
 
 
-def unfuse_qkv_projections(model: nn.Module) -> None:
-    for block in _blocks(model, Attention):
+def unfuse(model: nn.Module, kind: str) -> None:
+    """Split every block of ``kind`` back (see :func:`unfuse_block`)."""
+    for block in _blocks(model, _KINDS[kind][0]):
         unfuse_block(block)
+
+
+# The seeds' API (diffusers' fuse_qkv_projections and friends), as functions of the model.
+def fuse_qkv_projections(model: nn.Module, inplace: bool = False) -> None:
+    fuse(model, "qkv", inplace)
 
 
 def fuse_gate_up_projections(model: nn.Module, inplace: bool = False) -> None:
-    """Fuse every layer's ``w1``/``w3`` (gate/up) into ``w13``."""
-    for block in _blocks(model, FeedForward):
-        fuse_block(block, inplace)
-
-
-def unfuse_gate_up_projections(model: nn.Module) -> None:
-    for block in _blocks(model, FeedForward):
-        unfuse_block(block)
+    fuse(model, "gate_up", inplace)
 
 
 def fuse_mla_projections(model: nn.Module, inplace: bool = False) -> None:
-    """Fuse every layer's MLA ``wq_a``/``wkv_a`` into ``wq_kv_a`` (``fused_mla_lora_proj``)."""
-    if not _is_mla(model):
-        raise ValueError(
-            "fuse_mla_projections: the model uses attention_type='gqa', which has no "
-            "wq_a/wkv_a (use fuse_qkv_projections)"
-        )
-    for block in _blocks(model, MLAttention):
-        fuse_block(block, inplace)
+    fuse(model, "mla", inplace)
+
+
+def unfuse_qkv_projections(model: nn.Module) -> None:
+    unfuse(model, "qkv")
+
+
+def unfuse_gate_up_projections(model: nn.Module) -> None:
+    unfuse(model, "gate_up")
 
 
 def unfuse_mla_projections(model: nn.Module) -> None:
-    for block in _blocks(model, MLAttention):
-        unfuse_block(block)
+    unfuse(model, "mla")
 
 
 def restore_checkpoint_fusion_state(model: nn.Module) -> None:
@@ -147,22 +156,18 @@ def restore_checkpoint_fusion_state(model: nn.Module) -> None:
             unfuse_block(block)
 
 
-def set_fusion(model: nn.Module, fuse: str) -> None:
+def set_fusion(model: nn.Module, fuse_mode: str) -> None:
     """``--fuse``: fuse Q/K/V (``qkv``), gate/up (``gate_up``), MLA's wq_a/wkv_a (``mla``) or
     all that the model has (``all``) in place (the split weights are freed). Q/K/V and gate/up
     not named are split, whatever layout the checkpoint had; MLA not named keeps the layout its
     config asks for (``fused_mla_lora_proj``)."""
-    if fuse not in FUSE_MODES:
-        raise ValueError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
+    if fuse_mode not in FUSE_MODES:
+        raise ValueError(f"fuse must be one of {FUSE_MODES}, got {fuse_mode!r}")
+    wanted = {"qkv", "gate_up", "mla"} if fuse_mode == "all" else {fuse_mode}
     mla = _blocks(model, MLAttention)
-    if not mla:
-        if fuse in ("qkv", "all"):
-            fuse_qkv_projections(model, inplace=True)
-        else:
-            unfuse_qkv_projections(model)
-    elif fuse in ("mla", "all") and all(b.fusable for b in mla):
-        fuse_mla_projections(model, inplace=True)
-    if fuse in ("gate_up", "all"):
-        fuse_gate_up_projections(model, inplace=True)
-    else:
-        unfuse_gate_up_projections(model)
+    for kind, (cls, _) in _KINDS.items():
+        blocks = _blocks(model, cls)
+        if kind in wanted and blocks and all(b.fusable for b in blocks):
+            fuse(model, kind, inplace=True)
+        elif kind != "mla" and not (kind == "qkv" and mla):
+            unfuse(model, kind)

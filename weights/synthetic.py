@@ -38,3 +38,12 @@ def random_adapter(
             b = torch.randn(lin.out_features, rank, generator=gen) * std
             adapter.modules[fqn] = LoRAWeights(a, b, alpha)
     return adapter
+
+
+def random_peft_adapter(model: nn.Module, path, args, name: str, **kwargs) -> Adapter:
+    """:func:`random_adapter` written as a PEFT directory at ``path`` and read back from it --
+    the adapter as a user's ``--lora`` would give it (``kwargs`` as for :func:`random_adapter`)."""
+    from edgelora.weights.adapter_files import load_adapter, save_peft_adapter
+
+    adapter = random_adapter(model, name, **kwargs)
+    return load_adapter(save_peft_adapter(adapter, path, args), args, name)

@@ -10,13 +10,13 @@ from edgelora.lora.modules import LoRALinear
 from edgelora.lora.record import Adapter, LoRAWeights
 from edgelora.models.llama import build_model
 from edgelora.weights.adapter_files import load_adapter, save_peft_adapter, save_torchtune_adapter
-from edgelora.weights.synthetic import random_adapter
+from edgelora.weights.synthetic import random_adapter, random_peft_adapter
 
 
 def test_round_trip_and_attach_all_seven(tiny_args, tmp_path):
     model = build_model(tiny_args)
     adapter = random_adapter(model, "x", rank=3, alpha=6, seed=0)
-    loaded = load_adapter(save_peft_adapter(adapter, tmp_path / "x", tiny_args), tiny_args)
+    loaded = random_peft_adapter(model, tmp_path / "x", tiny_args, "x", rank=3, alpha=6, seed=0)
     assert loaded.name == "x" and set(loaded.modules) == set(adapter.modules)
     assert len(loaded.modules) == 7 * tiny_args.n_layers
     for fqn, w in adapter.modules.items():

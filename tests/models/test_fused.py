@@ -29,8 +29,10 @@ from edgelora.quant.linear import quantize_linears
 from edgelora.weights.checkpoint import load_checkpoint
 from edgelora.weights.synthetic import random_adapter
 
+from ..tiny import TINY_2L
+
 ATOL = 1e-5
-ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, max_seq_len=32)
+ARGS = ModelArgs.from_dict(TINY_2L)
 TOKENS, POS = torch.tensor([[1, 7, 3, 9, 22, 5]]), torch.tensor([0])
 
 

@@ -7,6 +7,8 @@ from edgelora.models.args import ModelArgs
 from edgelora.models.layers import CustomKVCache
 from edgelora.models.llama import build_model
 
+from ..tiny import TINY_2L
+
 ARGS = ModelArgs(
     dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=16, rope_theta=500.0
 )
@@ -98,7 +100,7 @@ def test_build_model_is_deterministic():
 def test_custom_ops_attention_matches_plain():
     """ExecuTorch's llama::update_cache + llama::custom_sdpa kernels, eager, against the plain
     path: one pass and incremental decode within 1e-6 (the same math; measured ~3e-8)."""
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=32)
+    args = ModelArgs.from_dict(TINY_2L)
     plain_model = build_model(args, seed=4)
     model = build_model(args, seed=4, sdpa="custom")
     assert all(isinstance(m.attention.kv_cache, CustomKVCache) for m in model.layers)

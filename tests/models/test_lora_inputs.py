@@ -18,9 +18,9 @@ from edgelora.models.args import ModelArgs
 from edgelora.models.llama import build_model
 from edgelora.weights.synthetic import random_adapter
 
-ARGS = dict(
-    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=32, max_seq_len=32
-)
+from ..tiny import TINY_2L
+
+ARGS = TINY_2L
 TOKENS = torch.tensor([[1, 7, 3, 9, 4]])
 
 

@@ -23,10 +23,10 @@ from edgelora.models.args import ModelArgs
 from edgelora.models.fused import FusedLinear
 from edgelora.models.llama import build_model
 from edgelora.models.mla import cache_floats_per_token
-from edgelora.weights.adapter_files import load_adapter, save_peft_adapter
+from edgelora.weights.adapter_files import load_adapter
 from edgelora.weights.checkpoint import load_checkpoint, open_checkpoint
 from edgelora.weights.layout import mla_state_dict_to_fused, mla_state_dict_to_split
-from edgelora.weights.synthetic import random_adapter
+from edgelora.weights.synthetic import random_adapter, random_peft_adapter
 from edgelora.weights.tensor_files import save_checkpoint
 
 from ..hf_fixtures import ATOL, MLA_TARGETS, PROMPT, make_deepseek, our_logits, peft_adapter
@@ -257,8 +257,9 @@ def test_peft_adapter_on_deepseek(deepseek_dir, tmp_path):
     assert (our_logits(ours) - ref).abs().max() < ATOL
     # Our PEFT writer round-trips MLA adapters (MLP projections too).
     full = random_adapter(build_model(args), "all", rank=2, alpha=4, seed=3)
-    save_peft_adapter(full, tmp_path / "again", args)
-    back = load_adapter(tmp_path / "again", args)
+    back = random_peft_adapter(
+        build_model(args), tmp_path / "again", args, "all", rank=2, alpha=4, seed=3
+    )
     assert back.modules.keys() == full.modules.keys()
     assert all(torch.equal(back.modules[k].lora_b, w.lora_b) for k, w in full.modules.items())
 
