@@ -80,7 +80,7 @@ def test_last_logits_program_returns_the_last_position(export_fp32_last, export_
     """``--logits last``: forward returns the last position's logits, equal (fp32, 1e-5: the
     same XNNPACK kernels on the same row) to that row of the full-logits program; the weights,
     and so the foundation, are the same bytes; decoding gives the same tokens; output match
-    passes."""
+    passes. (Adapter programs are built the same way: the logits mode is a model setting.)"""
     from edgelora.ci.output_match import match_export
     from edgelora.runtime.program import LlamaProgram
 

@@ -62,7 +62,7 @@ def test_adapter_tensors_equal_to_foundation_tensors_live_in_one_file(tmp_path, 
 
 def test_exports_are_deterministic(export_8da4w, export_8da4w_base_only):
     """Two runs with the same foundation settings write byte-identical base programs and
-    foundations (the other export also had adapters, --bundle and --switchable)."""
+    foundations (the other export also had adapters and --switchable)."""
     for name in ("base.pte", "foundation.ptd"):
         a, b = (export_8da4w / name).read_bytes(), (export_8da4w_base_only / name).read_bytes()
         assert a == b, name
