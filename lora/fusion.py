@@ -94,8 +94,7 @@ _KINDS: dict[str, tuple[type, str]] = {
     "gate_up": (FeedForward, "the model has no w1/w3"),
     "mla": (
         MLAttention,
-        "the model uses attention_type='gqa', which has no wq_a/wkv_a (use "
-        "fuse_qkv_projections)",
+        "the model uses attention_type='gqa', which has no wq_a/wkv_a (use fuse_qkv_projections)",
     ),
 }
 

@@ -11,6 +11,9 @@ import copy
 import torch
 
 ATOL = 1e-5
+# Exported fp32 programs on the runtime vs transformers: XNNPACK's fp32 GEMMs sum in another
+# order than PyTorch (measured ~1e-6 here; logits are O(1)).
+RUNTIME_ATOL = 1e-4
 PROMPT = torch.tensor([[1, 5, 9, 14, 3, 27, 8, 2, 77, 100]])
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HF_CONFIG = dict(

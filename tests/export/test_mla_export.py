@@ -16,9 +16,7 @@ import torch
 from edgelora.ci.output_match import match_export
 from edgelora.export.cli import main
 
-from ..hf_fixtures import program_logits
-
-RUNTIME_ATOL = 1e-4
+from ..hf_fixtures import RUNTIME_ATOL, program_logits
 
 
 @pytest.fixture(scope="module")
