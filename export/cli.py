@@ -183,6 +183,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="embedding quantization group size; 0 = per row (default 32)",
     )
+    tok = p.add_argument_group("tokenizer and special tokens")
+    tok.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a Hugging Face tokenizer.json to ship with the export (default: the checkpoint "
+        "directory's tokenizer.json and tokenizer_config.json, if any); checked with "
+        "ExecuTorch's own parser at export time",
+    )
+    tok.add_argument(
+        "--bos-id",
+        type=int,
+        default=None,
+        help="the id the runner prepends (default: the checkpoint's bos_token_id from "
+        "generation_config.json / config.json, else 1)",
+    )
+    tok.add_argument(
+        "--eos-id",
+        type=int,
+        action="append",
+        default=None,
+        help="an id that ends generation; repeat for several (default: the checkpoint's "
+        "eos_token_id, all of them if it is a list, else 2)",
+    )
     out = p.add_argument_group("output")
     out.add_argument(
         "--output-dir",
@@ -220,8 +245,20 @@ def resolve_model_args(
     return ModelArgs.from_dict(params, source=source)
 
 
-def config_from_args(ns: argparse.Namespace, args: ModelArgs) -> ExportConfig:
+def config_from_args(
+    ns: argparse.Namespace, args: ModelArgs, checkpoint: Checkpoint | None = None
+) -> ExportConfig:
+    special = {} if checkpoint is None else checkpoint.special_tokens
+    tokenizer = (ns.tokenizer,) if ns.tokenizer is not None else ()
+    if ns.tokenizer is None and checkpoint is not None:
+        tokenizer = tuple(checkpoint.tokenizer_files)
+    for path in tokenizer:
+        if not path.is_file():
+            raise ConfigError(f"{path}: tokenizer file not found")
     return ExportConfig(
+        bos_id=ns.bos_id if ns.bos_id is not None else special.get("bos_id", 1),
+        eos_ids=tuple(ns.eos_id or special.get("eos_ids", [2])),
+        tokenizer_files=tokenizer,
         model_args=args,
         output_dir=ns.output_dir,
         checkpoint=ns.checkpoint,
@@ -257,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"checkpoint {ns.checkpoint}: {checkpoint.layout} layout, {checkpoint.dtype}")
             for note in checkpoint.notes:
                 print(f"  {note}")
-        config = config_from_args(ns, resolve_model_args(ns.params, checkpoint, ns.max_seq_len))
+        args = resolve_model_args(ns.params, checkpoint, ns.max_seq_len)
+        config = config_from_args(ns, args, checkpoint)
         # Read every adapter before the long steps, so a bad one fails in seconds.
         adapters = [
             load_adapter(a.path, config.model_args, a.name, scale=a.scale) for a in config.adapters

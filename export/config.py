@@ -90,6 +90,9 @@ class ExportConfig:
     logits: str = "all"  # forward's logits: every position, or the last one only
     bundle: bool = False  # also write bundle.pte: base + every adapter as methods of one program
     switchable: bool = False  # also write switchable.pte: adapter weights as run-time inputs
+    bos_id: int = 1  # what the runner prepends (from the checkpoint, or --bos-id)
+    eos_ids: tuple[int, ...] = (2,)  # every id that ends generation
+    tokenizer_files: tuple[Path, ...] = ()  # copied into the export (tokenizer.json first)
 
     def __post_init__(self) -> None:
         if self.qmode not in QMODES:
@@ -155,6 +158,13 @@ class ExportConfig:
             raise ConfigError(
                 "--dtype bf16 is not supported: XNNPACK in executorch 1.5.1 does not delegate "
                 "bf16 linears; use fp32 (the default; bf16 checkpoints are upcast) or fp16"
+            )
+        vocab = self.model_args.vocab_size
+        bad = [t for t in (self.bos_id, *self.eos_ids) if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad or not self.eos_ids:
+            raise ConfigError(
+                f"special token ids must be in [0, {vocab}) and eos_ids not empty: bos_id "
+                f"{self.bos_id}, eos_ids {list(self.eos_ids)}"
             )
         if self.merge is not None:
             if self.merge not in names:

@@ -98,7 +98,10 @@ def run_export(
             pass
 
     with _staging(out_dir) as (stage, scratch):
-        writer = ProgramWriter(stage, scratch, args, timer)
+        writer = ProgramWriter(
+            stage, scratch, args, timer, bos_id=config.bos_id, eos_ids=config.eos_ids
+        )
+        tokenizer = _ship_tokenizer(config, stage, log)
         # 3. Base and adapter programs.
         programs = {}
         for adapter in [None, *adapters]:
@@ -142,6 +145,9 @@ def run_export(
                 checkpoint_layout=None if checkpoint is None else checkpoint.layout,
                 bundle=bundle,
                 switchable=switch,
+                bos_id=config.bos_id,
+                eos_ids=list(config.eos_ids),
+                tokenizer=tokenizer,
             )
             manifest.write(stage)
             commit_output(stage, out_dir, foundation_sha, overwrite=config.overwrite)
@@ -159,8 +165,20 @@ def _log_foundation(
 ) -> None:
     if model.args.is_mla:
         log("  attention: MLA keeps the plain PyTorch SDPA path (custom_sdpa needs v = k size)")
-    elif model.sdpa == "custom":
-        log("  attention: ExecuTorch custom ops (llama::update_cache, llama::custom_sdpa)")
+    else:
+        kinds: dict[tuple[str, bool], int] = {}
+        for i, layer in enumerate(model.layers):
+            key = (layer.kind, model.uses_custom_sdpa(i))
+            kinds[key] = kinds.get(key, 0) + 1
+        for (kind, custom), n in kinds.items():
+            how = (
+                "ExecuTorch custom ops (llama::update_cache, llama::custom_sdpa)"
+                if custom
+                else "plain PyTorch SDPA"
+                + (" (sliding window)" if kind == "sliding" else "")
+                + (" (soft-capped scores)" if model.args.attn_logit_softcap else "")
+            )
+            log(f"  attention, {n} {kind} layer(s): {how}")
     if merged is not None:
         log(f"  merged adapter {merged.name} into the base weights (scale {merged.scale:g})")
     for line in [ereport.summary_line(), *qreport.summary_lines()]:
@@ -177,6 +195,27 @@ def _staging(out_dir: Path):
         stage.mkdir()
         scratch.mkdir()
         yield stage, scratch
+
+
+def _ship_tokenizer(config: ExportConfig, stage: Path, log) -> str | None:
+    """Copy the tokenizer files into the export after checking that ExecuTorch's runner can
+    parse ``tokenizer.json``; the name of that file, or ``None`` when none is given."""
+    import shutil
+
+    from edgelora.export.tokenizer import check_tokenizer
+
+    shipped = None
+    for path in config.tokenizer_files:
+        if path.name.endswith(".json") and path.name != "tokenizer_config.json":
+            check_tokenizer(path, config.model_args.vocab_size)
+            shipped = shipped or path.name
+        shutil.copyfile(path, stage / path.name)
+    if shipped:
+        log(
+            f"  tokenizer {shipped} (checked with ExecuTorch's parser), bos {config.bos_id}, "
+            f"eos {list(config.eos_ids)}"
+        )
+    return shipped
 
 
 def _adapter_entry(adapter: Adapter) -> AdapterEntry:

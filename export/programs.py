@@ -44,10 +44,23 @@ class ProgramWriter:
     weights in the base program are sent to the foundation by every later program too.
     """
 
-    def __init__(self, stage: Path, scratch: Path, args: ModelArgs, timer: StageTimer) -> None:
+    def __init__(
+        self,
+        stage: Path,
+        scratch: Path,
+        args: ModelArgs,
+        timer: StageTimer,
+        *,
+        bos_id: int = 1,
+        eos_ids: tuple[int, ...] = (2,),
+    ) -> None:
         self.stage, self.scratch, self.args, self.timer = stage, scratch, args, timer
         self._methods = dict(
-            max_seq_len=args.max_seq_len, vocab_size=args.vocab_size, n_layers=args.n_layers
+            max_seq_len=args.max_seq_len,
+            vocab_size=args.vocab_size,
+            n_layers=args.n_layers,
+            bos_id=bos_id,
+            eos_ids=eos_ids,
         )
         self._base_derived: frozenset[str] | None = None
 

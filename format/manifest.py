@@ -101,6 +101,9 @@ class Manifest:
     checkpoint_layout: str | None = None
     bundle: BundleEntry | None = None
     switchable: SwitchableEntry | None = None
+    bos_id: int = 1
+    eos_ids: list[int] = field(default_factory=lambda: [2])
+    tokenizer: str | None = None  # the tokenizer.json shipped in the export, if any
     format: str = FORMAT
 
     @property
@@ -132,6 +135,9 @@ class Manifest:
             "switchable": None
             if sw is None
             else {**vars(sw), "slots": [s.to_dict() for s in sw.slots]},
+            "bos_id": self.bos_id,
+            "eos_ids": list(self.eos_ids),
+            "tokenizer": self.tokenizer,
             "files": {n: vars(e).copy() for n, e in self.files.items()},
         }
 
@@ -169,6 +175,9 @@ class Manifest:
                 checkpoint=d.get("checkpoint"),
                 checkpoint_layout=d.get("checkpoint_layout"),
                 bundle=None if d.get("bundle") is None else BundleEntry(**d["bundle"]),
+                bos_id=d.get("bos_id", 1),
+                eos_ids=list(d.get("eos_ids", [2])),
+                tokenizer=d.get("tokenizer"),
                 switchable=None
                 if sw is None
                 else SwitchableEntry(**{**sw, "slots": [Slot.from_dict(s) for s in sw["slots"]]}),

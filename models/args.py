@@ -11,6 +11,8 @@ from edgelora._jsonfile import read_json
 from edgelora.errors import ConfigError
 
 ATTENTION_TYPES = ("gqa", "mla")
+HIDDEN_ACTS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full", "sliding")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,32 @@ class ModelArgs:
     v_head_dim: int = 0
     # MLA only: run wq_a and wkv_a as one matmul wq_kv_a (needs q_lora_rank > 0).
     fused_mla_lora_proj: bool = False
+    # --- Features of the Hugging Face families (defaults: Llama) -------------------------
+    # Per-head size when it is not dim / n_heads (Qwen3, Gemma 3); None: dim / n_heads.
+    head_dim_override: int | None = None
+    attention_bias: bool = False  # q/k/v projections have a bias (Qwen2)
+    attention_out_bias: bool = False  # the output projection too (Granite attention_bias)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + w): Gemma's 1 + w
+    sandwich_norms: bool = False  # Gemma 3: norms after attention and MLP too (4 per layer)
+    hidden_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) or gelu_tanh
+    embedding_scale: float = 1.0  # Gemma sqrt(dim), Granite embedding_multiplier
+    attention_scale: float | None = None  # softmax scale; None: 1/sqrt(head_dim)
+    residual_scale: float = 1.0  # Granite residual_multiplier
+    logits_scaling: float = 1.0  # logits are divided by it (Granite)
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    attn_logit_softcap: float | None = None  # the same on attention scores
+    partial_rotary_factor: float = 1.0  # fraction of each head rotary embeddings touch
+    # Per layer: "full" or "sliding" (attention over the last sliding_window positions).
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None
+    rope_local_theta: float | None = None  # rotary base of sliding layers (Gemma 3)
+    rope_linear_factor: float = 1.0  # "linear" rope scaling of full layers: positions / factor
+    nope_layers: tuple[int, ...] = ()  # layers without rotary embeddings (SmolLM3)
+    # The family's Hugging Face layers are fused qkv_proj / gate_up_proj (Phi-3): how its
+    # checkpoints and PEFT adapters name the projections (the model may run either layout).
+    hf_fused_projections: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
@@ -59,6 +87,7 @@ class ModelArgs:
         if kv is not None and (not isinstance(kv, int) or kv <= 0):
             raise ConfigError(f"ModelArgs.n_kv_heads must be a positive integer, got {kv!r}")
         self._check_attention()
+        self._check_features()
         if self.hidden_dim is not None and (
             not isinstance(self.hidden_dim, int) or self.hidden_dim <= 0
         ):
@@ -113,7 +142,7 @@ class ModelArgs:
                     f"ModelArgs.{', '.join(used)}: MLA field(s) set with attention_type='gqa' "
                     "(set attention_type='mla' or leave them 0)"
                 )
-            if self.dim % self.n_heads:
+            if self.dim % self.n_heads and self.head_dim_override is None:
                 raise ConfigError(
                     f"ModelArgs.n_heads={self.n_heads} does not divide ModelArgs.dim={self.dim}"
                 )
@@ -149,6 +178,69 @@ class ModelArgs:
                 "(DeepSeek's yarn rope scaling is not implemented)"
             )
 
+    def _check_features(self) -> None:
+        if self.head_dim_override is not None and (
+            not isinstance(self.head_dim_override, int) or self.head_dim_override <= 0
+        ):
+            raise ConfigError(
+                f"ModelArgs.head_dim_override must be a positive integer, got "
+                f"{self.head_dim_override!r}"
+            )
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ConfigError(
+                f"ModelArgs.hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}"
+            )
+        for name in ("embedding_scale", "residual_scale", "logits_scaling"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
+                raise ConfigError(f"ModelArgs.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("attention_scale", "final_logit_softcap", "attn_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"ModelArgs.{name} must be > 0 or null, got {value!r}")
+        if not (0 < self.partial_rotary_factor <= 1):
+            raise ConfigError(
+                f"ModelArgs.partial_rotary_factor must be in (0, 1], got "
+                f"{self.partial_rotary_factor!r}"
+            )
+        if self.rope_dim % 2:
+            raise ConfigError(f"rotary dims per head ({self.rope_dim}) must be even")
+        if self.layer_types is not None:
+            types = tuple(self.layer_types)
+            object.__setattr__(self, "layer_types", types)
+            if len(types) != self.n_layers or not set(types) <= set(LAYER_TYPES):
+                raise ConfigError(
+                    f"ModelArgs.layer_types must give one of {LAYER_TYPES} for each of the "
+                    f"{self.n_layers} layers, got {list(types)}"
+                )
+            if "sliding" in types and not (
+                isinstance(self.sliding_window, int) and self.sliding_window > 0
+            ):
+                raise ConfigError(
+                    "ModelArgs.layer_types has sliding layers but sliding_window is "
+                    f"{self.sliding_window!r}"
+                )
+        nope = tuple(self.nope_layers)
+        object.__setattr__(self, "nope_layers", nope)
+        if any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in nope):
+            raise ConfigError(
+                f"ModelArgs.nope_layers must be layer indices < {self.n_layers}, got {list(nope)}"
+            )
+        if self.is_mla and (
+            self.qk_norm
+            or self.attention_bias
+            or self.layer_types
+            or nope
+            or self.attn_logit_softcap
+        ):
+            raise ConfigError(
+                "ModelArgs: qk_norm, attention_bias, layer_types, nope_layers and "
+                "attn_logit_softcap are not supported with attention_type='mla'"
+            )
+
+    def layer_type(self, i: int) -> str:
+        """``"full"`` or ``"sliding"`` for layer ``i``."""
+        return "full" if self.layer_types is None else self.layer_types[i]
+
     @property
     def is_mla(self) -> bool:
         return self.attention_type == "mla"
@@ -160,8 +252,11 @@ class ModelArgs:
 
     @property
     def rope_dim(self) -> int:
-        """Rotary dimensions per head: all of ``head_dim`` (GQA), ``qk_rope_head_dim`` (MLA)."""
-        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+        """Rotary dimensions per head: ``head_dim`` times ``partial_rotary_factor`` (GQA),
+        ``qk_rope_head_dim`` (MLA)."""
+        if self.is_mla:
+            return self.qk_rope_head_dim
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def kv_heads(self) -> int:
@@ -169,7 +264,7 @@ class ModelArgs:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_dim_override or self.dim // self.n_heads
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -195,6 +290,7 @@ class ModelArgs:
             raise ConfigError(
                 f"{source}: unsupported field(s) {unknown}; known fields are {sorted(known)}"
             )
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
         try:
             return cls(**params)
         except TypeError as e:  # wrong value types that dataclass construction trips on

@@ -27,32 +27,38 @@ class FusedLinear(nn.Linear):
         in_features: int,
         output_sizes: Mapping[str, int],
         *,
+        bias: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
     ) -> None:
         sizes = dict(output_sizes)
         if not sizes or any(not isinstance(s, int) or s <= 0 for s in sizes.values()):
             raise ValueError(f"output_sizes must be positive integers by name, got {sizes}")
-        super().__init__(in_features, sum(sizes.values()), bias=False, dtype=dtype, device=device)
+        super().__init__(in_features, sum(sizes.values()), bias=bias, dtype=dtype, device=device)
         self.output_sizes = sizes
 
     @classmethod
     def from_linears(cls, parts: Mapping[str, nn.Linear]) -> FusedLinear:
-        """Concatenate bias-free linears with the same input into one fused layer (a copy)."""
+        """Concatenate linears with the same input (all with a bias, or none) into one fused
+        layer (a copy)."""
         ins = {name: lin.in_features for name, lin in parts.items()}
         if len(set(ins.values())) != 1:
             raise ValueError(f"cannot fuse linears with different in_features: {ins}")
-        if any(lin.bias is not None for lin in parts.values()):
-            raise ValueError(f"cannot fuse linears with a bias: {sorted(parts)}")
+        biased = {name: lin.bias is not None for name, lin in parts.items()}
+        if len(set(biased.values())) != 1:
+            raise ValueError(f"cannot fuse linears of which only some have a bias: {biased}")
         first = next(iter(parts.values())).weight
         fused = cls(
             first.shape[1],
             {name: lin.out_features for name, lin in parts.items()},
+            bias=next(iter(biased.values())),
             dtype=first.dtype,
             device=first.device,
         )
         with torch.no_grad():
             fused.weight.copy_(torch.cat([lin.weight for lin in parts.values()]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([lin.bias for lin in parts.values()]))
         return fused
 
     def rows(self, name: str) -> slice:
@@ -75,12 +81,14 @@ class FusedLinear(nn.Linear):
             lin = nn.Linear(
                 self.in_features,
                 size,
-                bias=False,
+                bias=self.bias is not None,
                 dtype=self.weight.dtype,
                 device=self.weight.device,
             )
             with torch.no_grad():
                 lin.weight.copy_(self.weight[self.rows(name)])
+                if self.bias is not None:
+                    lin.bias.copy_(self.bias[self.rows(name)])
             out[name] = lin
         return out
 

@@ -12,14 +12,20 @@ from edgelora.models.args import ModelArgs
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """``x / rms(x) * (offset + weight)``: Llama's ``offset`` is 0, Gemma's 1 (its weights are
+    stored as offsets from one)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.offset = float(offset)
+        self.weight = nn.Parameter(torch.ones(dim) if not offset else torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (normed * (self.offset + self.weight.float())).type_as(x)
         return normed.type_as(x) * self.weight
 
 
@@ -37,20 +43,27 @@ def _llama3_scale_freqs(freqs: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     return torch.where(is_mid, mid, scaled)
 
 
-def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos``/``sin`` tables of shape ``[max_seq_len, rope_dim // 2]`` (Meta's convention)."""
+def rope_tables(args: ModelArgs, *, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``/``sin`` tables of shape ``[max_seq_len, rope_dim // 2]`` (Meta's convention),
+    of the full-attention layers or (``local``) of the sliding ones (``rope_local_theta``,
+    no scaling)."""
     half = args.rope_dim // 2
-    freqs = 1.0 / (
-        args.rope_theta ** (torch.arange(0, half, dtype=torch.float64) * 2 / args.rope_dim)
-    )
-    if args.use_scaled_rope:
+    theta = args.rope_local_theta if local and args.rope_local_theta else args.rope_theta
+    freqs = 1.0 / (theta ** (torch.arange(0, half, dtype=torch.float64) * 2 / args.rope_dim))
+    if args.use_scaled_rope and not local:
         freqs = _llama3_scale_freqs(freqs, args)
+    if args.rope_linear_factor != 1.0 and not local:
+        freqs = freqs / args.rope_linear_factor
     angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), freqs)
     return torch.cos(angles).float(), torch.sin(angles).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs ``(x[2i], x[2i+1])``; ``x`` is ``[b, seq, heads, head_dim]``."""
+    """Rotate adjacent pairs ``(x[2i], x[2i+1])`` of the first ``2 * cos.shape[-1]`` dims of each
+    head (all of them unless the rotary embedding is partial); ``x`` is ``[b, seq, heads, d]``."""
+    rot = 2 * cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
     xr = x.float().reshape(*x.shape[:-1], -1, 2)
     x0, x1 = xr[..., 0], xr[..., 1]
     cos = cos[None, :, None, :]

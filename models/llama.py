@@ -26,9 +26,19 @@ from edgelora.models.layers import (
 from edgelora.models.mla import MLAttention
 
 
+def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
 class Attention(FusableProjections):
     """Grouped-query attention. ``wq``/``wk``/``wv`` can run fused as ``wqkv`` (slices with
-    their GQA sizes); adapter pieces named ``wqkv`` or ``wkv`` cover several slices."""
+    their GQA sizes); adapter pieces named ``wqkv`` or ``wkv`` cover several slices.
+
+    The family features are config fields: biases, an explicit head size, per-head q/k norms
+    before rotary, no rotary (``use_rope=False``), a softmax scale, soft-capped scores, and a
+    sliding window (given as the mask). ``custom_sdpa`` runs ExecuTorch's in-place KV cache and
+    fused SDPA kernels; the caller uses them only where they express the attention (no
+    soft-capping, no sliding window)."""
 
     SPLIT = ("wq", "wk", "wv")
     FUSED = "wqkv"
@@ -40,17 +50,26 @@ class Attention(FusableProjections):
         "wqkv": ("wq", "wk", "wv"),
     }
 
-    def __init__(self, args: ModelArgs, custom_sdpa: bool = False) -> None:
+    def __init__(
+        self, args: ModelArgs, *, custom_sdpa: bool = False, use_rope: bool = True
+    ) -> None:
         super().__init__()
         self.n_heads = args.n_heads
         self.n_kv_heads = args.kv_heads
-        self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.head_dim = hd = args.head_dim
+        self.use_rope = use_rope
+        self.scale = args.attention_scale if args.attention_scale is not None else hd**-0.5
+        self.softcap = args.attn_logit_softcap
+        bias = args.attention_bias
+        self.wq = nn.Linear(args.dim, args.n_heads * hd, bias=bias)
+        self.wk = nn.Linear(args.dim, args.kv_heads * hd, bias=bias)
+        self.wv = nn.Linear(args.dim, args.kv_heads * hd, bias=bias)
+        self.wo = nn.Linear(args.n_heads * hd, args.dim, bias=args.attention_out_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(hd, args.norm_eps, args.norm_offset)
+            self.k_norm = RMSNorm(hd, args.norm_eps, args.norm_offset)
         cache = CustomKVCache if custom_sdpa else KVCache
-        self.kv_cache = cache(args.kv_heads, args.max_seq_len, args.head_dim, args.head_dim)
+        self.kv_cache = cache(args.kv_heads, args.max_seq_len, hd, hd)
 
     def get_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The query, key and value projections of ``x`` (``[b, seq, out]`` each), from the
@@ -67,14 +86,18 @@ class Attention(FusableProjections):
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
         q, k, v = self.get_qkv(x)
-        q = apply_rope(q.view(bsz, seq, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(bsz, seq, self.n_kv_heads, self.head_dim), cos, sin)
+        q = q.view(bsz, seq, self.n_heads, self.head_dim)
+        k = k.view(bsz, seq, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seq, self.n_kv_heads, self.head_dim)
+        if "q_norm" in self._modules:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(self.kv_cache, CustomKVCache):
             # ExecuTorch's kernels: in-place cache write, causal SDPA from ``start`` (GQA aware).
             # They take fp32 (as ExecuTorch's example, fp16 runs them in fp32).
             k, v = self.kv_cache.update(start, k.float(), v.float())
-            out = torch.ops.llama.custom_sdpa(q.float(), k, v, start, None, 0.0, True)
+            out = torch.ops.llama.custom_sdpa(q.float(), k, v, start, None, 0.0, True, self.scale)
             return self.wo(out.to(x.dtype).reshape(bsz, seq, -1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         k, v = self.kv_cache.update(start, k, v)
@@ -82,13 +105,20 @@ class Attention(FusableProjections):
             repeats = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(repeats, dim=1)
             v = v.repeat_interleave(repeats, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        else:  # soft-capped scores: the softmax by hand
+            scores = _softcap(q.float() @ k.float().transpose(-1, -2) * self.scale, self.softcap)
+            out = torch.softmax(scores + mask, dim=-1).to(v.dtype) @ v
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
+_ACTS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
 class FeedForward(FusableProjections):
-    """SwiGLU: ``w2(silu(w1(x)) * w3(x))`` (w1 = gate, w3 = up, w2 = down). ``w1``/``w3`` can
-    run fused as ``w13``."""
+    """Gated MLP: ``w2(act(w1(x)) * w3(x))`` (w1 = gate, w3 = up, w2 = down; ``act`` silu
+    (SwiGLU) or tanh-approximated GELU). ``w1``/``w3`` can run fused as ``w13``."""
 
     SPLIT = ("w1", "w3")
     FUSED = "w13"
@@ -96,10 +126,11 @@ class FeedForward(FusableProjections):
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        hidden = args.ffn_hidden_dim
-        self.w1 = nn.Linear(args.dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+        hidden, bias = args.ffn_hidden_dim, args.mlp_bias
+        self.act = _ACTS[args.hidden_act]
+        self.w1 = nn.Linear(args.dim, hidden, bias=bias)
+        self.w2 = nn.Linear(hidden, args.dim, bias=bias)
+        self.w3 = nn.Linear(args.dim, hidden, bias=bias)
 
     def get_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate (``w1``) and up (``w3``) projections of ``x``, split or fused."""
@@ -107,20 +138,39 @@ class FeedForward(FusableProjections):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.get_gate_up(x)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.act(gate) * up)
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, *, custom_sdpa: bool = False) -> None:
+    """Pre-norm residual block; with ``sandwich_norms`` (Gemma 3) attention and MLP outputs are
+    normed too before the residual add, and ``residual_scale`` (Granite) scales both branches."""
+
+    def __init__(self, args: ModelArgs, layer: int = 0, *, custom_sdpa: bool = False) -> None:
         super().__init__()
-        self.attention = MLAttention(args) if args.is_mla else Attention(args, custom_sdpa)
+        self.kind = args.layer_type(layer)
+        if args.is_mla:
+            self.attention = MLAttention(args)
+        else:
+            use_rope = layer not in args.nope_layers
+            self.attention = Attention(args, custom_sdpa=custom_sdpa, use_rope=use_rope)
         self.feed_forward = FeedForward(args)
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        norm = lambda: RMSNorm(args.dim, args.norm_eps, args.norm_offset)  # noqa: E731
+        self.attention_norm = norm()
+        self.ffn_norm = norm()
+        if args.sandwich_norms:
+            self.post_attention_norm = norm()
+            self.post_ffn_norm = norm()
+        self.residual_scale = args.residual_scale
+
+    def _branch(self, out: torch.Tensor, post: str) -> torch.Tensor:
+        if post in self._modules:
+            out = self._modules[post](out)
+        return out if self.residual_scale == 1.0 else out * self.residual_scale
 
     def forward(self, x, start, cos, sin, mask):
-        h = x + self.attention(self.attention_norm(x), start, cos, sin, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        attn = self.attention(self.attention_norm(x), start, cos, sin, mask)
+        h = x + self._branch(attn, "post_attention_norm")
+        return h + self._branch(self.feed_forward(self.ffn_norm(h)), "post_ffn_norm")
 
 
 SDPA_MODES = ("plain", "custom")
@@ -155,33 +205,63 @@ class Transformer(nn.Module):
         self.logits = logits
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(
-            TransformerBlock(args, custom_sdpa=self.sdpa == "custom") for _ in range(args.n_layers)
+            TransformerBlock(args, i, custom_sdpa=self.uses_custom_sdpa(i))
+            for i in range(args.n_layers)
         )
         for i, layer in enumerate(self.layers):  # names for error messages
             layer.attention.fqn = f"layers.{i}.attention"
             layer.feed_forward.fqn = f"layers.{i}.feed_forward"
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         cos, sin = rope_tables(args)
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
         causal = torch.full((args.max_seq_len, args.max_seq_len), float("-inf")).triu(1)
         self.register_buffer("mask", causal, persistent=False)
+        if "sliding" in (args.layer_types or ()):
+            # Sliding layers see the last sliding_window positions (themselves included), with
+            # their own rotary base.
+            cos, sin = rope_tables(args, local=True)
+            self.register_buffer("freqs_cos_local", cos, persistent=False)
+            self.register_buffer("freqs_sin_local", sin, persistent=False)
+            old = torch.full_like(causal, float("-inf")).tril(-args.sliding_window)
+            self.register_buffer("mask_local", causal + old, persistent=False)
+
+    def uses_custom_sdpa(self, layer: int) -> bool:
+        """Whether layer ``layer`` runs ExecuTorch's custom SDPA: with ``sdpa="custom"``, where
+        it expresses the attention (not MLA, sliding windows or soft-capped scores)."""
+        args = self.args
+        return (
+            self.sdpa == "custom"
+            and args.layer_type(layer) == "full"
+            and args.attn_logit_softcap is None
+        )
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        args = self.args
         seq = tokens.size(1)
         start = input_pos[0].item()
         torch._check(start >= 0)
-        torch._check(start + seq <= self.args.max_seq_len)
-        cos = self.freqs_cos.narrow(0, start, seq)
-        sin = self.freqs_sin.narrow(0, start, seq)
-        mask = self.mask.narrow(0, start, seq)
+        torch._check(start + seq <= args.max_seq_len)
+        tables = {}
+        for kind, suffix in (("full", ""), ("sliding", "_local")):
+            if kind == "full" or hasattr(self, "mask_local"):
+                tables[kind] = tuple(
+                    getattr(self, name + suffix).narrow(0, start, seq)
+                    for name in ("freqs_cos", "freqs_sin", "mask")
+                )
         h = self.tok_embeddings(tokens)
+        if args.embedding_scale != 1.0:  # in the compute dtype, as transformers does
+            h = h * torch.tensor(args.embedding_scale, dtype=h.dtype)
         for layer in self.layers:
+            cos, sin, mask = tables[layer.kind]
             h = layer(h, start, cos, sin, mask)
         if self.logits == "last":
             h = h[:, -1:, :]
-        return self.output(self.norm(h)).float()
+        logits = self.output(self.norm(h)).float()
+        if args.logits_scaling != 1.0:
+            logits = logits / args.logits_scaling
+        return _softcap(logits, args.final_logit_softcap)
 
     def projections(self) -> tuple[str, ...]:
         """Every adaptable projection of a layer, as paths inside a ``TransformerBlock``."""

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="tokenizer for --prompt: a Hugging Face tokenizer.json, SentencePiece .model or "
-        "tiktoken file (whatever ExecuTorch's runner reads)",
+        "tiktoken file (whatever ExecuTorch's runner reads); default with an export "
+        "directory: the tokenizer it ships",
     )
     p.add_argument(
         "--max-new-tokens",
@@ -103,16 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     if ns.max_new_tokens < 0:
         print("edgelora-run: error: --max-new-tokens must be >= 0", file=sys.stderr)
         return 2
-    if ns.prompt is not None and ns.tokenizer is None:
-        print("edgelora-run: error: --prompt needs --tokenizer FILE", file=sys.stderr)
+    if ns.prompt is not None and ns.tokenizer is None and not ns.pte.is_dir():
+        print(
+            "edgelora-run: error: --prompt needs --tokenizer FILE (or an export directory "
+            "that ships one)",
+            file=sys.stderr,
+        )
         return 2
     try:
         from edgelora.runtime.program import LlamaProgram
-        from edgelora.runtime.text import generate_text, resolve_program
+        from edgelora.runtime.text import generate_text, resolve_program, shipped_tokenizer
 
         if ns.adapters is not None:
             return _switch_demo(ns)
         if ns.pte.is_dir():
+            if ns.prompt is not None and ns.tokenizer is None:
+                ns.tokenizer = shipped_tokenizer(ns.pte)
             ns.pte, foundation = resolve_program(ns.pte, ns.adapter)
             ns.data = ns.data or foundation
         elif ns.adapter is not None:

@@ -43,6 +43,19 @@ def resolve_program(export_dir: str | Path, adapter: str | None) -> tuple[Path, 
     return export_dir / entry.file, export_dir / entry.foundation
 
 
+def shipped_tokenizer(export_dir: str | Path) -> Path:
+    """The tokenizer an export directory ships (named in its manifest); :class:`ProgramError`
+    if it has none."""
+    export_dir = Path(export_dir)
+    name = read_export(export_dir).tokenizer
+    if name is None:
+        raise ProgramError(
+            f"{export_dir}: the export ships no tokenizer (export from a Hugging Face directory "
+            "with tokenizer.json, or pass --tokenizer to export_llama or edgelora-run)"
+        )
+    return export_dir / name
+
+
 def generate_text(
     pte: str | Path,
     tokenizer: str | Path,

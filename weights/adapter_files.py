@@ -42,7 +42,7 @@ _LAYER_MODULES = {proj: f"{parent}.{proj}" for proj, (parent, _) in HF_PROJECTIO
 
 
 def _projections(args: ModelArgs) -> dict[str, tuple[str, str]]:
-    return hf_projections(args.attention_type, args.q_lora_rank)
+    return hf_projections(args.attention_type, args.q_lora_rank, fused=args.hf_fused_projections)
 
 
 _PEFT_KEY = re.compile(
@@ -89,6 +89,8 @@ def projection_shape(args: ModelArgs, proj: str) -> tuple[int, int]:
         "gate_proj": (hidden, args.dim),
         "up_proj": (hidden, args.dim),
         "down_proj": (args.dim, hidden),
+        "qkv_proj": (q + 2 * kv, args.dim),
+        "gate_up_proj": (2 * hidden, args.dim),
     }[proj]
 
 
@@ -233,9 +235,8 @@ def load_adapter(
                 f"must be {[rank, in_f]} and lora_B {[out_f, rank]}; got {list(a.shape)} and "
                 f"{list(b.shape)} (an adapter for another model?)"
             )
-        heads = hf_keys.rope_heads(proj, args.n_heads, args.kv_heads, mla=args.is_mla)
-        if heads is not None and layouts[module] == "peft":
-            b = hf_keys.hf_to_meta_rows(b, heads)
+        if layouts[module] == "peft":
+            b = hf_keys.rotary_rows(b, proj, args)
         fqn = f"layers.{layer}.{projections[proj][1]}"
         adapter.modules[fqn] = LoRAWeights(a, b, alpha, cfg.use_rslora)
     return adapter
@@ -251,10 +252,7 @@ def save_peft_adapter(adapter: Adapter, path: str | Path, args: ModelArgs) -> Pa
     tensors = {}
     for fqn, w in adapter.modules.items():
         module, proj = hf_module_of(fqn)
-        b = w.lora_b
-        heads = hf_keys.rope_heads(proj, args.n_heads, args.kv_heads, mla=args.is_mla)
-        if heads is not None:
-            b = hf_keys.meta_to_hf_rows(b, heads)
+        b = hf_keys.rotary_rows(w.lora_b, proj, args, to_meta=False)
         tensors[f"base_model.model.{module}.lora_A.weight"] = w.lora_a.contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
     path.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ differ, its rows in :mod:`edgelora.weights.hf_keys`. An unknown architecture is 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgelora.errors import ConfigError
@@ -38,21 +38,55 @@ DEEPSEEK_PROJECTIONS = {
     "up_proj": ("mlp", "feed_forward.w3"),
     "down_proj": ("mlp", "feed_forward.w2"),
 }
-# Every HF projection name either architecture uses (PEFT's "all-linear" matches these).
-ALL_PROJECTIONS = {**HF_PROJECTIONS, **DEEPSEEK_PROJECTIONS}
+# Phi-3's natively fused layers: they load as the fused blocks' layers (``checkpoint_fused``).
+PHI3_PROJECTIONS = {
+    "qkv_proj": ("self_attn", "attention.wqkv"),
+    "o_proj": ("self_attn", "attention.wo"),
+    "gate_up_proj": ("mlp", "feed_forward.w13"),
+    "down_proj": ("mlp", "feed_forward.w2"),
+}
+# Every HF projection name the architectures use (PEFT's "all-linear" matches these).
+ALL_PROJECTIONS = {**HF_PROJECTIONS, **DEEPSEEK_PROJECTIONS, **PHI3_PROJECTIONS}
 
 
-def hf_projections(attention_type: str = "gqa", q_lora_rank: int = 0) -> dict[str, tuple]:
-    """HF projection name -> (HF parent module, our path in a block) for one architecture."""
+def hf_projections(
+    attention_type: str = "gqa", q_lora_rank: int = 0, *, fused: bool = False
+) -> dict[str, tuple]:
+    """HF projection name -> (HF parent module, our path in a block) for one architecture
+    (``fused``: Phi-3's ``qkv_proj``/``gate_up_proj``)."""
     if attention_type != "mla":
-        return HF_PROJECTIONS
+        return PHI3_PROJECTIONS if fused else HF_PROJECTIONS
     skip = ("q_a_proj", "q_b_proj") if not q_lora_rank else ("q_proj",)
     return {k: v for k, v in DEEPSEEK_PROJECTIONS.items() if k not in skip}
 
 
-def _rope_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+# Layer-norm names -> ours (inside a TransformerBlock).
+LLAMA_NORMS = {
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attention.q_norm",
+    "self_attn.k_norm": "attention.k_norm",
+}
+DEEPSEEK_NORMS = {
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_a_layernorm": "attention.q_norm",
+    "self_attn.kv_a_layernorm": "attention.kv_norm",
+}
+# Gemma 3 norms around both branches: its post_attention_layernorm is *after* attention.
+GEMMA3_NORMS = {
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffn_norm",
+    "self_attn.q_norm": "attention.q_norm",
+    "self_attn.k_norm": "attention.k_norm",
+}
+
+
+def _rope_fields(cfg: dict[str, Any], source: str, params: dict | None = None) -> dict[str, Any]:
     # transformers 5 writes `rope_parameters` (theta included); 4.x writes rope_theta + rope_scaling.
-    params = cfg.get("rope_parameters") or {}
+    params = (cfg.get("rope_parameters") or {}) if params is None else params
     scaling = cfg.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         raise ConfigError(f"{source}: rope_parameters / rope_scaling must be JSON objects")
@@ -60,7 +94,13 @@ def _rope_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     theta = merged.get("rope_theta", cfg.get("rope_theta", 10000.0))
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     out: dict[str, Any] = {"rope_theta": float(theta)}
+    partial = merged.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        out["partial_rotary_factor"] = float(partial)
     if rope_type in ("default", None):
+        return out
+    if rope_type == "linear":
+        out["rope_linear_factor"] = float(merged.get("factor", 1.0))
         return out
     if rope_type == "llama3":
         out.update(
@@ -72,45 +112,169 @@ def _rope_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
         )
         return out
     raise ConfigError(
-        f"{source}: rope scaling type {rope_type!r} is not supported (supported: default, llama3)"
+        f"{source}: rope scaling type {rope_type!r} is not supported (supported: default, "
+        "linear, llama3)"
     )
 
 
-def _llama_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
-    """``ModelArgs`` fields from a Hugging Face Llama ``config.json``; Llama options this model
-    does not implement (biases, another activation, a head_dim that is not dim/heads) are
-    :class:`ConfigError` naming the field."""
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        if key not in cfg:
+def _require(cfg: dict[str, Any], source: str, *keys: str) -> None:
+    for key in keys:
+        if cfg.get(key) is None:
             raise ConfigError(f"{source}: missing field {key!r}")
-    for flag in ("attention_bias", "mlp_bias"):
-        if cfg.get(flag):
-            raise ConfigError(f"{source}: {flag}=true is not supported (Llama without biases only)")
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"{source}: hidden_act {act!r} is not supported (SwiGLU with silu only)")
+
+
+def _refuse(cfg: dict[str, Any], source: str, **why: str) -> None:
+    """Fields this family's reader does not implement: an error naming them when set."""
+    for key, reason in why.items():
+        if cfg.get(key):
+            raise ConfigError(f"{source}: {key}={cfg[key]!r} is not supported ({reason})")
+
+
+def _layer_types(cfg: dict[str, Any], source: str, n_layers: int) -> dict[str, Any]:
+    """``layer_types``/``sliding_window``: transformers 5 lists each layer's attention;
+    older configs give a ``sliding_window`` (Mistral, Phi-3: every layer) or
+    ``use_sliding_window`` + ``max_window_layers`` (Qwen2: layers from that index on)."""
+    window = cfg.get("sliding_window")
+    types = cfg.get("layer_types")
+    if types is not None:
+        names = {"full_attention": "full", "sliding_attention": "sliding"}
+        unknown = sorted({t for t in types if t not in names})
+        if unknown or len(types) != n_layers:
+            raise ConfigError(
+                f"{source}: layer_types must list {n_layers} of {sorted(names)}, got {types}"
+            )
+        types = [names[t] for t in types]
+        if cfg.get("use_sliding_window") is False:
+            types = ["full"] * n_layers  # Qwen2/3, SmolLM3 list the types but switch them off
+    elif cfg.get("use_sliding_window"):
+        first = cfg.get("max_window_layers", 0)
+        types = ["sliding" if i >= first else "full" for i in range(n_layers)]
+    elif window and cfg.get("use_sliding_window") is None:
+        types = ["sliding"] * n_layers
+    if not types or "sliding" not in types:
+        return {}
+    if not isinstance(window, int) or window <= 0:
+        raise ConfigError(
+            f"{source}: sliding layers need a positive sliding_window, got {window!r}"
+        )
+    return {"layer_types": tuple(types), "sliding_window": window}
+
+
+def _decoder_fields(cfg: dict[str, Any], source: str, *, act_key: str = "hidden_act") -> dict:
+    """The fields every Llama-like family shares, honoured (or refused) by name."""
+    _require(cfg, source, "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    act = cfg.get(act_key, "silu")
+    acts = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+    if act not in acts:
+        raise ConfigError(
+            f"{source}: {act_key} {act!r} is not supported (silu or gelu_pytorch_tanh, gated)"
+        )
     if cfg.get("pretraining_tp", 1) not in (1, None):
         raise ConfigError(f"{source}: pretraining_tp={cfg['pretraining_tp']} is not supported")
-    dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim")
-    if head_dim is not None and isinstance(dim, int) and isinstance(heads, int) and heads:
-        if head_dim * heads != dim:
-            raise ConfigError(
-                f"{source}: head_dim {head_dim} x num_attention_heads {heads} != hidden_size {dim}"
-                " is not supported"
-            )
+    dim, heads, layers = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
     fields = {
         "dim": dim,
-        "n_layers": cfg["num_hidden_layers"],
+        "n_layers": layers,
         "n_heads": heads,
         "n_kv_heads": cfg.get("num_key_value_heads"),
         "vocab_size": cfg["vocab_size"],
         "hidden_dim": cfg.get("intermediate_size"),
         "norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
+        "hidden_act": acts[act],
+        "attention_bias": bool(cfg.get("attention_bias", False)),
+        "attention_out_bias": bool(cfg.get("attention_bias", False)),
+        "mlp_bias": bool(cfg.get("mlp_bias", False)),
         **_rope_fields(cfg, source),
+        **_layer_types(cfg, source, layers),
     }
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and isinstance(dim, int) and isinstance(heads, int) and heads:
+        if head_dim * heads != dim:
+            fields["head_dim_override"] = int(head_dim)
     if cfg.get("max_position_embeddings"):
         fields["max_seq_len"] = int(cfg["max_position_embeddings"])
+    return fields
+
+
+def _llama_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """Llama (3.x; SmolLM2 is one): the shared fields (attention_bias biases q/k/v/o)."""
+    return _decoder_fields(cfg, source)
+
+
+def _mistral_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """Mistral: a Llama whose ``sliding_window``, when set, applies to every layer."""
+    return _decoder_fields(cfg, source)
+
+
+def _qwen2_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """Qwen2/2.5: q/k/v always have a bias, the output projection none."""
+    return {**_decoder_fields(cfg, source), "attention_bias": True, "attention_out_bias": False}
+
+
+def _qwen3_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """Qwen3: an explicit head_dim and RMSNorm on each q/k head before rotary."""
+    return {**_decoder_fields(cfg, source), "qk_norm": True}
+
+
+def _smollm3_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """SmolLM3: ``no_rope_layers[i]`` is 0 for a layer without rotary embeddings."""
+    fields = _decoder_fields(cfg, source)
+    flags = cfg.get("no_rope_layers")
+    if flags is not None:
+        if len(flags) != fields["n_layers"]:
+            raise ConfigError(
+                f"{source}: no_rope_layers has {len(flags)} entries for {fields['n_layers']} layers"
+            )
+        fields["nope_layers"] = tuple(i for i, use in enumerate(flags) if not use)
+    return fields
+
+
+def _granite_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """Granite: multipliers on the embedding, residual branches and scores; logits divided."""
+    return {
+        **_decoder_fields(cfg, source),
+        "embedding_scale": float(cfg.get("embedding_multiplier", 1.0)),
+        "residual_scale": float(cfg.get("residual_multiplier", 1.0)),
+        "attention_scale": float(cfg.get("attention_multiplier", 1.0)),
+        "logits_scaling": float(cfg.get("logits_scaling", 1.0)),
+    }
+
+
+def _phi3_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """Phi-3 / Phi-4-mini: fused qkv_proj and gate_up_proj, partial rotary (Phi-4-mini)."""
+    return {**_decoder_fields(cfg, source), "hf_fused_projections": True}
+
+
+def _gemma3_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """Gemma 3 (text): (1 + w) norms around both branches, q/k norms, GELU-tanh, embeddings
+    scaled by sqrt(hidden_size), query_pre_attn_scalar, sliding layers with their own rotary
+    base, soft-capping when set."""
+    rope = cfg.get("rope_parameters") or {}
+    full = rope.get("full_attention") if isinstance(rope.get("full_attention"), dict) else None
+    fields = _decoder_fields(
+        {**cfg, "rope_parameters": full or rope}, source, act_key="hidden_activation"
+    )
+    local = rope.get("sliding_attention") if isinstance(rope, dict) else None
+    if isinstance(local, dict):
+        if local.get("rope_type", "default") != "default":
+            raise ConfigError(
+                f"{source}: rope_parameters.sliding_attention.rope_type {local['rope_type']!r} is "
+                "not supported (default only)"
+            )
+        fields["rope_local_theta"] = float(local.get("rope_theta", 10000.0))
+    elif cfg.get("rope_local_base_freq"):
+        fields["rope_local_theta"] = float(cfg["rope_local_base_freq"])
+    scalar = cfg.get("query_pre_attn_scalar") or fields.get("head_dim_override")
+    scalar = scalar or cfg["hidden_size"] // cfg["num_attention_heads"]
+    fields.update(
+        qk_norm=True,
+        norm_offset=1.0,
+        sandwich_norms=True,
+        embedding_scale=float(cfg["hidden_size"]) ** 0.5,
+        attention_scale=float(scalar) ** -0.5,
+        final_logit_softcap=cfg.get("final_logit_softcapping"),
+        attn_logit_softcap=cfg.get("attn_logit_softcapping"),
+    )
     return fields
 
 
@@ -188,14 +352,37 @@ class Architecture:
     hf_names: tuple[str, ...]  # config.json "architectures" entries
     model_type: str
     read_config: Callable[[dict[str, Any], str], dict[str, Any]]  # -> ModelArgs fields
+    norms: dict[str, str] = field(default_factory=lambda: dict(LLAMA_NORMS))  # HF -> ours
 
 
 ARCHITECTURES = (
     Architecture("Llama", ("LlamaForCausalLM",), "llama", _llama_fields),
+    Architecture("Mistral", ("MistralForCausalLM",), "mistral", _mistral_fields),
+    Architecture("Qwen2", ("Qwen2ForCausalLM",), "qwen2", _qwen2_fields),
+    Architecture("Qwen3", ("Qwen3ForCausalLM",), "qwen3", _qwen3_fields),
+    Architecture("SmolLM3", ("SmolLM3ForCausalLM",), "smollm3", _smollm3_fields),
+    Architecture("Granite", ("GraniteForCausalLM",), "granite", _granite_fields),
+    Architecture("Phi-3", ("Phi3ForCausalLM",), "phi3", _phi3_fields),
     Architecture(
-        "DeepSeek-V3 (dense)", ("DeepseekV3ForCausalLM",), "deepseek_v3", _deepseek_fields
+        "Gemma 3", ("Gemma3ForCausalLM",), "gemma3_text", _gemma3_fields, norms=GEMMA3_NORMS
+    ),
+    Architecture(
+        "DeepSeek-V3 (dense)",
+        ("DeepseekV3ForCausalLM",),
+        "deepseek_v3",
+        _deepseek_fields,
+        norms=DEEPSEEK_NORMS,
     ),
 )
+# Architectures refused with a reason (rather than "not supported").
+_REFUSED = {
+    "Gemma3ForConditionalGeneration": "a vision-language checkpoint; export its text model "
+    "(Gemma3ForCausalLM) instead",
+    "Qwen3MoeForCausalLM": "mixture-of-experts layers are not supported",
+    "Qwen2MoeForCausalLM": "mixture-of-experts layers are not supported",
+    "MixtralForCausalLM": "mixture-of-experts layers are not supported",
+    "PhiMoEForCausalLM": "mixture-of-experts layers are not supported",
+}
 
 
 def find_architecture(cfg: dict[str, Any], source: str) -> Architecture:
@@ -207,6 +394,9 @@ def find_architecture(cfg: dict[str, Any], source: str) -> Architecture:
         if set(archs) & set(arch.hf_names) or (not archs and model_type == arch.model_type):
             return arch
     supported = ", ".join(n for a in ARCHITECTURES for n in a.hf_names)
+    for name in archs:
+        if name in _REFUSED:
+            raise ConfigError(f"{source}: architecture {name} is not supported: {_REFUSED[name]}")
     if archs:
         raise ConfigError(
             f"{source}: architecture {', '.join(map(str, archs))} is not supported "

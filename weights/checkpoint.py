@@ -28,11 +28,14 @@ from torch import nn
 from edgelora._jsonfile import read_json
 from edgelora.errors import CheckpointError
 from edgelora.weights import hf_keys
-from edgelora.weights.architectures import args_from_hf_config
+from edgelora.weights.architectures import find_architecture
 from edgelora.weights.layout import to_model_layout
 from edgelora.weights.tensor_files import read_state_dict
 
 HF_CONFIG = "config.json"
+# Tokenizer files an export copies from a Hugging Face directory (tokenizer.json is what
+# ExecuTorch's runner reads; the config carries the chat template).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 META_PARAMS = "params.json"
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -52,6 +55,8 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     params: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    special_tokens: dict[str, Any] = field(default_factory=dict)  # bos_id, eos_ids
+    tokenizer_files: list[Path] = field(default_factory=list)  # to ship with the export
 
     @property
     def dtype(self) -> torch.dtype:
@@ -98,30 +103,47 @@ def _read_hf_weights(root: Path) -> dict[str, torch.Tensor]:
     )
 
 
+def _special_tokens(root: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``bos_id``/``eos_ids`` from ``generation_config.json`` (what generation uses) over
+    ``config.json``; ``eos_token_id`` may be a list (all of them end generation)."""
+    gen_path = root / "generation_config.json"
+    gen = read_json(gen_path, CheckpointError, "generation config") if gen_path.is_file() else {}
+    out: dict[str, Any] = {}
+    for source in (cfg, gen if isinstance(gen, dict) else {}):
+        bos, eos = source.get("bos_token_id"), source.get("eos_token_id")
+        if isinstance(bos, int) and not isinstance(bos, bool):
+            out["bos_id"] = bos
+        if isinstance(eos, int) and not isinstance(eos, bool):
+            eos = [eos]
+        if isinstance(eos, list) and eos and all(isinstance(e, int) for e in eos):
+            out["eos_ids"] = list(eos)
+    return out
+
+
 def _hf_checkpoint(root: Path, sd: dict[str, torch.Tensor], path: Path) -> Checkpoint:
+    from edgelora.models.args import ModelArgs
+
     cfg_path = root / HF_CONFIG
     cfg = read_json(cfg_path, CheckpointError, "Hugging Face config")
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object")
-    params = args_from_hf_config(cfg, str(cfg_path))
-    heads = params["n_heads"]
-    kv_heads = params.get("n_kv_heads") or heads
+    arch = find_architecture(cfg, str(cfg_path))
+    params = arch.read_config(cfg, str(cfg_path))
+    args = ModelArgs.from_dict(params, source=str(cfg_path))  # the shapes the names map onto
     tied = "lm_head.weight" not in sd
     ours = hf_keys.hf_state_dict_to_ours(
-        sd,
-        n_heads=heads,
-        n_kv_heads=kv_heads,
-        source=str(path),
-        attention_type=params.get("attention_type", "gqa"),
-        q_lora_rank=params.get("q_lora_rank", 0),
+        sd, args, norms=arch.norms, source=str(path), label=arch.label
     )
-    if params.get("attention_type") == "mla":
+    if args.is_mla:
         notes = ["Hugging Face DeepSeek-V3 layout (dense MLA layers), split wq_a/wkv_a"]
     else:
-        notes = ["Hugging Face layout: q/k rows un-permuted to Meta's rotary layout"]
+        notes = [f"Hugging Face {arch.label} layout: q/k rows un-permuted to Meta's rotary layout"]
     if tied:
         notes.append("no lm_head.weight: output tied to the token embedding")
-    return Checkpoint(path, "hf", ours, params, notes)
+    ckpt = Checkpoint(path, "hf", ours, params, notes)
+    ckpt.special_tokens = _special_tokens(root, cfg)
+    ckpt.tokenizer_files = [root / n for n in TOKENIZER_FILES if (root / n).is_file()]
+    return ckpt
 
 
 def _meta_params(path: Path, sd: dict[str, torch.Tensor]) -> dict[str, Any]:

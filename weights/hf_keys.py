@@ -28,47 +28,80 @@ TORCHTUNE_TO_HF = {
 }
 _TORCHTUNE_PARENT = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "output_proj": "attn"}
 
-_HF_LAYER_NORMS = {
-    "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_a_layernorm": "attention.q_norm",
-    "self_attn.kv_a_layernorm": "attention.kv_norm",
-}
-
 
 _TT_LAYER_NORMS = {"sa_norm": "attention_norm", "mlp_norm": "ffn_norm"}
 
 
-def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo HF's per-head rotary permutation of the rows of ``w`` (``[n_heads*head_dim, ...]``)."""
-    rows = w.shape[0]
-    head_dim = rows // n_heads
-    if head_dim * n_heads != rows or head_dim % 2:
-        raise ConfigError(f"cannot split {rows} rows into {n_heads} heads of even size")
-    return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+def _permute_rows(
+    w: torch.Tensor, blocks: list[tuple[int, int]], head_dim: int, rot: int, *, to_meta: bool
+) -> torch.Tensor:
+    """``w`` with the rotary rows of every head of each ``(row offset, heads)`` block permuted
+    between HF's rotate-half order and Meta's adjacent pairs (the other rows unchanged)."""
+    if rot % 2 or rot > head_dim:
+        raise ConfigError(f"cannot permute {rot} rotary rows of {head_dim}-row heads")
+    pieces, row, rest = [], 0, w.shape[1:]
+    for offset, heads in blocks:
+        end = offset + heads * head_dim
+        if end > w.shape[0]:
+            raise ConfigError(
+                f"cannot split rows {offset}..{end} of a {w.shape[0]}-row tensor into {heads} "
+                f"heads of {head_dim}"
+            )
+        pieces.append(w[row:offset])
+        part = w[offset:end].reshape(heads, head_dim, *rest)
+        halves = (2, rot // 2) if to_meta else (rot // 2, 2)
+        r = part[:, :rot].reshape(heads, *halves, *rest).transpose(1, 2)
+        pieces.append(torch.cat([r.reshape(heads, rot, *rest), part[:, rot:]], 1).flatten(0, 1))
+        row = end
+    pieces.append(w[row:])
+    return torch.cat(pieces)
 
 
-def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def hf_to_meta_rows(w: torch.Tensor, n_heads: int, rotary_dim: int | None = None) -> torch.Tensor:
+    """Undo HF's per-head rotary permutation of the rows of ``w`` (``[n_heads*head_dim, ...]``;
+    only the first ``rotary_dim`` rows of each head rotate, all by default)."""
+    head_dim = w.shape[0] // n_heads
+    if head_dim * n_heads != w.shape[0] or head_dim % 2:
+        raise ConfigError(f"cannot split {w.shape[0]} rows into {n_heads} heads of even size")
+    return _permute_rows(w, [(0, n_heads)], head_dim, rotary_dim or head_dim, to_meta=True)
+
+
+def meta_to_hf_rows(w: torch.Tensor, n_heads: int, rotary_dim: int | None = None) -> torch.Tensor:
     """Inverse of :func:`hf_to_meta_rows` (Meta's interleaved rows -> HF's rotate-half rows)."""
-    rows = w.shape[0]
-    head_dim = rows // n_heads
-    if head_dim * n_heads != rows or head_dim % 2:
-        raise ConfigError(f"cannot split {rows} rows into {n_heads} heads of even size")
-    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    head_dim = w.shape[0] // n_heads
+    if head_dim * n_heads != w.shape[0] or head_dim % 2:
+        raise ConfigError(f"cannot split {w.shape[0]} rows into {n_heads} heads of even size")
+    return _permute_rows(w, [(0, n_heads)], head_dim, rotary_dim or head_dim, to_meta=False)
 
 
-def rope_heads(proj: str, n_heads: int, n_kv_heads: int, *, mla: bool = False) -> int | None:
-    """Heads to un-permute for an HF Llama projection (q: n_heads, k: n_kv_heads), else None.
+def rope_blocks(proj: str, args) -> list[tuple[int, int]]:
+    """The ``(row offset, heads)`` blocks of HF projection ``proj`` (or q/k norm) whose rows are
+    in HF's rotary order: q's heads, k's heads, both inside Phi-3's ``qkv_proj``; none for MLA
+    (DeepSeek keeps adjacent rotary pairs, our layout)."""
+    if args.is_mla:
+        return []
+    q_rows = args.n_heads * args.head_dim
+    return {
+        "q_proj": [(0, args.n_heads)],
+        "k_proj": [(0, args.kv_heads)],
+        "qkv_proj": [(0, args.n_heads), (q_rows, args.kv_heads)],
+        "q_norm": [(0, 1)],
+        "k_norm": [(0, 1)],
+    }.get(proj, [])
 
-    DeepSeek (``rope_interleave``) keeps adjacent rotary pairs, our layout: nothing to permute.
-    """
-    return None if mla else {"q_proj": n_heads, "k_proj": n_kv_heads}.get(proj)
+
+def rotary_rows(w: torch.Tensor, proj: str, args, *, to_meta: bool = True) -> torch.Tensor:
+    """``w``'s rows (a weight, bias, norm weight or ``lora_B`` of ``proj``) in Meta's rotary
+    order (``to_meta``) or back in HF's."""
+    blocks = rope_blocks(proj, args)
+    if not blocks:
+        return w
+    return _permute_rows(w, blocks, args.head_dim, args.rope_dim, to_meta=to_meta)
 
 
-_HF_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.weight$")
+_HF_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
 _HF_NORM_KEY = re.compile(
-    r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|"
-    r"self_attn\.q_a_layernorm|self_attn\.kv_a_layernorm)\.weight$"
+    r"^model\.layers\.(\d+)\.((?:self_attn\.)?\w*(?:norm|layernorm))\.weight$"
 )
 _TT_KEY = re.compile(r"^layers\.(\d+)\.(attn|mlp)\.(\w+)\.weight$")
 _TT_NORM_KEY = re.compile(r"^layers\.(\d+)\.(sa_norm|mlp_norm)\.scale$")
@@ -83,19 +116,14 @@ def is_torchtune_state_dict(keys) -> bool:
 
 
 def hf_state_dict_to_ours(
-    sd: dict[str, torch.Tensor],
-    *,
-    n_heads: int,
-    n_kv_heads: int,
-    source: str,
-    attention_type: str = "gqa",
-    q_lora_rank: int = 0,
+    sd: dict[str, torch.Tensor], args, *, norms: dict[str, str], source: str, label: str
 ) -> dict[str, torch.Tensor]:
-    """Rename HF Llama (or DeepSeek-V3) keys to ours and un-permute Llama's q/k rows; ties
+    """Rename HF keys of a model of ``args`` to ours (``norms``: the family's layer-norm names
+    -> ours) and put q/k rows (weights, biases, q/k norms) in Meta's rotary order; ties
     ``output`` to the embedding when the checkpoint has no ``lm_head.weight``."""
-    mla = attention_type == "mla"
-    projections = hf_projections(attention_type, q_lora_rank)
-    arch = "DeepSeek-V3 (dense)" if mla else "Llama"
+    projections = hf_projections(
+        args.attention_type, args.q_lora_rank, fused=args.hf_fused_projections
+    )
     out: dict[str, torch.Tensor] = {}
     for key, t in sd.items():
         if key.endswith("rotary_emb.inv_freq"):
@@ -106,18 +134,16 @@ def hf_state_dict_to_ours(
             out["norm.weight"] = t
         elif key == "lm_head.weight":
             out["output.weight"] = t
-        elif (m := _HF_NORM_KEY.match(key)) and (mla or "self_attn" not in m.group(2)):
-            out[f"layers.{m.group(1)}.{_HF_LAYER_NORMS[m.group(2)]}.weight"] = t
+        elif (m := _HF_NORM_KEY.match(key)) and m.group(2) in norms:
+            name = m.group(2).rsplit(".", 1)[-1]
+            out[f"layers.{m.group(1)}.{norms[m.group(2)]}.weight"] = rotary_rows(t, name, args)
         elif m := _HF_KEY.match(key):
-            layer, parent, proj = m.groups()
+            layer, parent, proj, kind = m.groups()
             if proj not in projections or projections[proj][0] != parent:
-                raise ConfigError(f"{source}: key {key!r} is not a {arch} projection")
-            heads = rope_heads(proj, n_heads, n_kv_heads, mla=mla)
-            if heads is not None:
-                t = hf_to_meta_rows(t, heads)
-            out[f"layers.{layer}.{projections[proj][1]}.weight"] = t
+                raise ConfigError(f"{source}: key {key!r} is not a {label} projection")
+            out[f"layers.{layer}.{projections[proj][1]}.{kind}"] = rotary_rows(t, proj, args)
         else:
-            raise ConfigError(f"{source}: key {key!r} is not part of a {arch} checkpoint")
+            raise ConfigError(f"{source}: key {key!r} is not part of a {label} checkpoint")
     if "output.weight" not in out and "tok_embeddings.weight" in out:
         out["output.weight"] = out["tok_embeddings.weight"].clone()
     return out

@@ -22,8 +22,9 @@ from edgelora.models.fused import FusableProjections
 def fuse_rows(
     sd: dict[str, torch.Tensor], prefix: str, fused: str, sizes: Mapping[str, int]
 ) -> None:
-    """Replace ``prefix.<piece>.weight`` of every piece in ``sizes`` by ``prefix.<fused>.weight``
-    (their rows concatenated in order), in place; ``ValueError`` naming the keys otherwise."""
+    """Replace ``prefix.<piece>.weight`` (and ``.bias``) of every piece in ``sizes`` by
+    ``prefix.<fused>.weight`` (their rows concatenated in order), in place; ``ValueError``
+    naming the keys otherwise."""
     present = [n for n in sizes if f"{prefix}.{n}.weight" in sd]
     for name, rows in sizes.items():
         key = f"{prefix}.{name}.weight"
@@ -35,7 +36,10 @@ def fuse_rows(
             raise ValueError(
                 f"{key} has {sd[key].shape[0]} rows, expected {rows} (sizes {dict(sizes)})"
             )
-    sd[f"{prefix}.{fused}.weight"] = torch.cat([sd.pop(f"{prefix}.{n}.weight") for n in sizes])
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}.{n}.{kind}" for n in sizes]
+        if kind == "weight" or any(k in sd for k in keys):
+            sd[f"{prefix}.{fused}.{kind}"] = torch.cat([sd.pop(k) for k in keys])
 
 
 def split_rows(
@@ -44,15 +48,17 @@ def split_rows(
     """Inverse of :func:`fuse_rows` (copies, bit-exact); ``ValueError`` if the rows do not add
     up."""
     key = f"{prefix}.{fused}.weight"
-    t = sd.pop(key)
-    if t.shape[0] != sum(sizes.values()):
-        sd[key] = t
+    if sd[key].shape[0] != sum(sizes.values()):
         raise ValueError(
-            f"{key} has {t.shape[0]} rows, expected {sum(sizes.values())} = "
+            f"{key} has {sd[key].shape[0]} rows, expected {sum(sizes.values())} = "
             f"{' + '.join(f'{n} {s}' for n, s in sizes.items())}"
         )
-    for name, rows in zip(sizes, t.split(list(sizes.values()), dim=0), strict=True):
-        sd[f"{prefix}.{name}.weight"] = rows.clone()
+    for kind in ("weight", "bias"):
+        t = sd.pop(f"{prefix}.{fused}.{kind}", None)
+        if t is None:
+            continue
+        for name, rows in zip(sizes, t.split(list(sizes.values()), dim=0), strict=True):
+            sd[f"{prefix}.{name}.{kind}"] = rows.clone()
 
 
 def to_model_layout(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
