@@ -25,7 +25,10 @@ import torch
 
 from edgelora.models.args import ModelArgs
 
+from .hf_fixtures import FAMILIES
 from .tiny import TINY
+
+FAMILY_NAMES = sorted(FAMILIES)
 
 
 @pytest.fixture(scope="session")
@@ -150,6 +153,53 @@ def hf_deepseek(tmp_path_factory) -> Path:
     return _once(tmp_path_factory, "hf-deepseek", make)
 
 
+def make_family_dir(root: Path, name: str) -> None:
+    """``root/model`` (a tiny HF model of family ``name``), ``root/lora`` (a PEFT adapter on
+    its usual targets) and ``root/refs.pt``: transformers (+ PEFT) logits of base, lora and
+    the merged adapter. The qwen3 model also ships a tokenizer.json and says bos 3 and eos
+    [7, t], t being the third token its greedy decode of PROMPT_TEXT generates."""
+    import copy
+
+    from .hf_fixtures import FAMILIES, hf_logits, make_family, peft_adapter
+
+    hf = make_family(name, seed=1)
+    lora = peft_adapter(hf, root / "lora", seed=2, r=4, lora_alpha=8, **FAMILIES[name].lora)
+    refs = {"base": hf_logits(hf), "lora": hf_logits(lora)}
+    refs["merged"] = hf_logits(copy.deepcopy(lora).merge_and_unload())
+    if name == "qwen3":
+        from tokenizers import Tokenizer
+
+        from edgelora.runtime.tokenizer import write_char_tokenizer
+
+        tok = write_char_tokenizer(root / "tokenizer.json", hf.config.vocab_size)
+        ids = Tokenizer.from_file(str(tok)).encode(PROMPT_TEXT).ids
+        seq = list(ids)
+        with torch.no_grad():
+            for _ in range(3):
+                seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+        stop = seq[-1]
+        hf.config.bos_token_id, hf.config.eos_token_id = 3, [7, stop]
+        hf.generation_config.bos_token_id, hf.generation_config.eos_token_id = 3, [7, stop]
+        refs["greedy"] = seq[len(ids) :]
+    hf.save_pretrained(root / "model")
+    if name == "qwen3":
+        import shutil
+
+        shutil.move(str(root / "tokenizer.json"), root / "model" / "tokenizer.json")
+    torch.save(refs, root / "refs.pt")
+
+
+PROMPT_TEXT = "the lazy fox"
+
+
+@pytest.fixture(scope="session")
+def hf_families(tmp_path_factory) -> Callable[[str], Path]:
+    """``hf_families(name)``: the directory :func:`make_family_dir` fills, made once."""
+    return lambda name: _once(
+        tmp_path_factory, f"family-{name}", lambda d: make_family_dir(d, name)
+    )
+
+
 # --- The export matrix ------------------------------------------------------------------
 
 
@@ -224,6 +274,36 @@ EXPORTS: dict[str, Recipe] = {
         ),
         "the HF DeepSeek-V3, fp32, wq_a/wkv_a fused: base, lora (packed)",
     ),
+    **{
+        f"fam_{name}": Recipe(
+            ("hf_families",),
+            lambda f, name=name: (
+                ["--checkpoint", str(f(name) / "model"), "--qmode", "none"]
+                + [f"--lora=lora={f(name) / 'lora'}"]
+            ),
+            f"the tiny {name} model, fp32: base, lora",
+        )
+        for name in FAMILY_NAMES
+    },
+    **{
+        f"fam_{name}_merged": Recipe(
+            ("hf_families",),
+            lambda f, name=name: (
+                ["--checkpoint", str(f(name) / "model"), "--qmode", "none"]
+                + [f"--lora=lora={f(name) / 'lora'}", "--merge", "lora"]
+            ),
+            f"the tiny {name} model, fp32, the adapter merged: lora.pte",
+        )
+        for name in ("phi3", "gemma3")
+    },
+    **{
+        f"fam_{name}_8da4w": Recipe(
+            ("hf_families",),
+            lambda f, name=name: ["--checkpoint", str(f(name) / "model")],
+            f"the tiny {name} model, 8da4w: base",
+        )
+        for name in ("phi3", "gemma3")
+    },
     "mla_8da4w": Recipe(
         ("hf_deepseek",),
         lambda r: ["--checkpoint", str(r / "ds")],

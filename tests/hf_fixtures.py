@@ -7,6 +7,7 @@ differ only in float summation order and in computing rope tables in fp64 vs fp3
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,10 +34,12 @@ def _random_model(model_cls, config, seed):
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():  # transformers' init is tiny (std 0.02): make the logits non-trivial
-        for name, p in model.named_parameters():
-            if "norm" in name:
+        for name, p in model.named_parameters():  # and biases/norms non-trivial: a dropped one
+            if "norm" in name:  # shows (Gemma stores norms as offsets from 1: 1 + w either way)
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             elif p.dim() == 2:
+                p.normal_(std=0.1)
+            else:  # biases
                 p.normal_(std=0.1)
     return model
 
@@ -105,3 +108,118 @@ def program_logits(out, name) -> torch.Tensor:
     from edgelora.runtime.program import LlamaProgram
 
     return LlamaProgram(out / f"{name}.pte", out / FOUNDATION_FILE).forward(PROMPT[0].tolist(), 0)
+
+
+# --- The families (tiny, 2 layers; every config feature that changes the math is set) -----
+
+
+@dataclass(frozen=True)
+class Family:
+    """A tiny random model of one HF family and the PEFT targets users train on it."""
+
+    classes: tuple[str, str]  # transformers config class, model class
+    config: dict
+    lora: dict  # LoraConfig arguments (target_modules)
+    expect: dict = field(default_factory=dict)  # ModelArgs fields the reader must set
+
+    def check_args(self, args) -> None:
+        got = {k: getattr(args, k) for k in self.expect}
+        assert got == self.expect, got
+
+
+_BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+_ATTN_MLP = dict(target_modules=ALL7)
+FAMILIES = {
+    "llama-bias": Family(
+        ("LlamaConfig", "LlamaForCausalLM"),
+        dict(attention_bias=True, mlp_bias=True, rope_theta=5000.0),
+        _ATTN_MLP,
+        {"attention_bias": True, "attention_out_bias": True, "mlp_bias": True},
+    ),
+    "mistral": Family(
+        ("MistralConfig", "MistralForCausalLM"),
+        dict(sliding_window=4, head_dim=16),
+        dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        {"sliding_window": 4, "layer_types": ("sliding", "sliding")},
+    ),
+    "qwen2": Family(
+        ("Qwen2Config", "Qwen2ForCausalLM"),
+        dict(tie_word_embeddings=True),
+        _ATTN_MLP,
+        {"attention_bias": True, "attention_out_bias": False},
+    ),
+    "qwen3": Family(
+        ("Qwen3Config", "Qwen3ForCausalLM"),
+        dict(head_dim=32),
+        _ATTN_MLP,
+        {"qk_norm": True, "head_dim": 32},
+    ),
+    "gemma3": Family(
+        ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+        dict(
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+            final_logit_softcapping=30.0,
+            hidden_activation="gelu_pytorch_tanh",
+            bos_token_id=2,
+            eos_token_id=1,
+        ),
+        _ATTN_MLP,
+        {"sandwich_norms": True, "norm_offset": 1.0, "hidden_act": "gelu_tanh"},
+    ),
+    "smollm3": Family(
+        ("SmolLM3Config", "SmolLM3ForCausalLM"),
+        dict(no_rope_layers=[1, 0]),
+        _ATTN_MLP,
+        {"nope_layers": (1,)},
+    ),
+    "granite": Family(
+        ("GraniteConfig", "GraniteForCausalLM"),
+        dict(
+            embedding_multiplier=6.0,
+            attention_multiplier=0.05,
+            residual_multiplier=0.3,
+            logits_scaling=4.0,
+            attention_bias=True,
+        ),
+        _ATTN_MLP,
+        {"embedding_scale": 6.0, "residual_scale": 0.3, "logits_scaling": 4.0},
+    ),
+    "phi3": Family(
+        ("Phi3Config", "Phi3ForCausalLM"),
+        dict(
+            partial_rotary_factor=0.75,
+            original_max_position_embeddings=64,
+            tie_word_embeddings=True,
+        ),
+        dict(target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+        {"hf_fused_projections": True, "rope_dim": 12},
+    ),
+}
+
+
+def make_family(name: str, seed: int = 0, **overrides):
+    import transformers
+
+    fam = FAMILIES[name]
+    config_cls, model_cls = (getattr(transformers, c) for c in fam.classes)
+    config = config_cls(**{**_BASE, **fam.config, **overrides})
+    return _random_model(model_cls, config, seed)

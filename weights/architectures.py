@@ -273,8 +273,11 @@ def _gemma3_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
         embedding_scale=float(cfg["hidden_size"]) ** 0.5,
         attention_scale=float(scalar) ** -0.5,
         final_logit_softcap=cfg.get("final_logit_softcapping"),
-        attn_logit_softcap=cfg.get("attn_logit_softcapping"),
     )
+    # transformers' Gemma 3 reads attn_logit_softcapping but never applies it (Gemma 3 caps
+    # with q/k norms; the released configs set it null): applying it would diverge from the
+    # reference, ignoring it would ignore a field.
+    _refuse(cfg, source, attn_logit_softcapping="transformers' Gemma 3 does not apply it")
     return fields
 
 

@@ -150,13 +150,16 @@ def test_meta_and_torchtune_layouts_match_the_same_reference(hf_model, tmp_path)
 def test_unsupported_architectures_and_options_are_named(hf_dir, tmp_path):
     cfg = json.loads((hf_dir / "config.json").read_text())
     cases = {
-        "Qwen2ForCausalLM": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
-        "attention_bias": {"attention_bias": True},
+        "MambaForCausalLM": {"architectures": ["MambaForCausalLM"], "model_type": "mamba"},
+        "Qwen3MoeForCausalLM is not supported: mixture-of-experts": {
+            "architectures": ["Qwen3MoeForCausalLM"]
+        },
         "hidden_act": {"hidden_act": "gelu"},
+        "'longrope'": {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}},
         "'yarn'": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
     }
     for match, change in cases.items():
-        d = tmp_path / match.strip("'")
+        d = tmp_path / match.strip("'").split()[0]
         d.mkdir()
         (d / "config.json").write_text(json.dumps({**cfg, **change}))
         (d / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())

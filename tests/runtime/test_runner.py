@@ -64,6 +64,8 @@ def test_run_cli_text_mode(export_8da4w, tokenizer, capsys):
     )
     assert "no program 'nope' (have: base, chat, code)" in capsys.readouterr().err
     assert run_main([str(export_8da4w), "--prompt", "x"]) == 2
+    assert "the export ships no tokenizer" in capsys.readouterr().err
+    assert run_main([str(export_8da4w / "base.pte"), "--prompt", "x"]) == 2
     assert "--prompt needs --tokenizer" in capsys.readouterr().err
     with pytest.raises(ProgramError, match="tokenizer file not found"):
         generate_text(export_8da4w / "base.pte", export_8da4w / "nope.json", None, "x", 2)

@@ -1,0 +1,70 @@
+"""The Hugging Face families, eager: a tiny random model made with transformers (biases and
+norm weights randomised, so a dropped one shows) and a PEFT adapter on the family's usual
+targets; our model loaded from the directory reproduces transformers' logits, and transformers
++ PEFT's with the adapter attached (fused or split).
+
+Tolerance 1e-5 absolute on O(1) fp32 logits: the implementations differ only in summation
+order and in computing rotary tables in fp64 (~2e-7 here).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from edgelora.lora.attach import attach_adapter, detach_adapters, merge_adapter
+from edgelora.lora.fusion import set_fusion
+from edgelora.models.args import ModelArgs
+from edgelora.models.llama import build_model
+from edgelora.weights.adapter_files import load_adapter
+from edgelora.weights.checkpoint import load_checkpoint, open_checkpoint
+
+from ..hf_fixtures import ATOL, FAMILIES, hf_logits, make_family, our_logits, peft_adapter
+
+
+def _ours(path):
+    ckpt = open_checkpoint(path)
+    args = ModelArgs.from_dict(ckpt.params)
+    return load_checkpoint(build_model(args, seed=5), ckpt), args, ckpt
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    hf = make_family(name, seed=1)
+    hf.save_pretrained(root / "model")
+    peft_model = peft_adapter(hf, root / "lora", seed=2, r=4, lora_alpha=8, **FAMILIES[name].lora)
+    return name, root, hf_logits(hf), hf_logits(peft_model), peft_model
+
+
+def test_eager_logits_match_transformers(family):
+    name, root, ref, _, _ = family
+    ours, args, ckpt = _ours(root / "model")
+    diff = (our_logits(ours) - ref).abs().max().item()
+    assert diff < ATOL, (name, diff)
+    FAMILIES[name].check_args(args)
+
+
+@pytest.mark.parametrize("fuse", ["none", "all"])
+def test_peft_adapter_matches_peft(family, fuse):
+    name, root, base, ref, _ = family
+    ours, args, _ = _ours(root / "model")
+    adapter = load_adapter(root / "lora", args)
+    set_fusion(ours, fuse)
+    attach_adapter(ours, adapter)
+    assert (ref - base).abs().max() > 1e-2  # the adapter matters
+    diff = (our_logits(ours) - ref).abs().max().item()
+    assert diff < ATOL, (name, fuse, diff)
+    detach_adapters(ours)
+    assert (our_logits(ours) - base).abs().max().item() < ATOL
+
+
+def test_merged_adapter_matches_peft_merge(family):
+    name, root, _, _, peft_model = family
+    ours, args, _ = _ours(root / "model")
+    merge_adapter(ours, load_adapter(root / "lora", args))
+    ref = hf_logits(copy.deepcopy(peft_model).merge_and_unload())
+    diff = (our_logits(ours) - ref).abs().max().item()
+    assert diff < ATOL, (name, diff)
