@@ -51,7 +51,7 @@ from edgelora.lora.attach import adapter_attached
 from edgelora.lora.record import Adapter
 from edgelora.models.args import ModelArgs
 from edgelora.models.llama import build_model
-from edgelora.weights.architectures import HF_PROJECTIONS
+from edgelora.weights.hf_names import HF_PROJECTIONS
 from edgelora.weights.synthetic import random_adapter
 from edgelora.weights.tensor_files import save_checkpoint
 

@@ -160,7 +160,9 @@ class ExportConfig:
                 "bf16 linears; use fp32 (the default; bf16 checkpoints are upcast) or fp16"
             )
         vocab = self.model_args.vocab_size
-        bad = [t for t in (self.bos_id, *self.eos_ids) if not (isinstance(t, int) and 0 <= t < vocab)]
+        bad = [
+            t for t in (self.bos_id, *self.eos_ids) if not (isinstance(t, int) and 0 <= t < vocab)
+        ]
         if bad or not self.eos_ids:
             raise ConfigError(
                 f"special token ids must be in [0, {vocab}) and eos_ids not empty: bos_id "

@@ -40,6 +40,5 @@ def check_tokenizer(path: Path, vocab_size: int) -> None:
         )
     if tok.vocab_size() > vocab_size:
         raise ConfigError(
-            f"{path}: the tokenizer has {tok.vocab_size()} ids, the model's vocabulary "
-            f"{vocab_size}"
+            f"{path}: the tokenizer has {tok.vocab_size()} ids, the model's vocabulary {vocab_size}"
         )

@@ -25,7 +25,7 @@ from edgelora.errors import AdapterError, CheckpointError
 from edgelora.lora.record import Adapter, LoRAWeights, validate_adapter_name
 from edgelora.models.args import ModelArgs
 from edgelora.weights import hf_keys
-from edgelora.weights.architectures import HF_PROJECTIONS, hf_projections
+from edgelora.weights.hf_names import HF_PROJECTIONS, hf_projections
 from edgelora.weights.peft_config import (
     CONFIG_FILE,
     UNSUPPORTED_MODULES,

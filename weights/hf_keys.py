@@ -14,7 +14,7 @@ import re
 import torch
 
 from edgelora.errors import ConfigError
-from edgelora.weights.architectures import HF_PROJECTIONS, hf_projections
+from edgelora.weights.hf_names import HF_PROJECTIONS, hf_projections
 
 # torchtune's projection names (its Llama builders) -> HF's.
 TORCHTUNE_TO_HF = {

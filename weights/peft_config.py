@@ -19,7 +19,7 @@ from typing import Any
 from edgelora.errors import AdapterError
 from edgelora.lora.record import Adapter
 from edgelora.weights import hf_keys
-from edgelora.weights.architectures import ALL_PROJECTIONS, HF_PROJECTIONS
+from edgelora.weights.hf_names import ALL_PROJECTIONS, HF_PROJECTIONS
 
 CONFIG_FILE = "adapter_config.json"
 UNSUPPORTED_MODULES = {

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from edgelora.lora.record import Adapter, LoRAWeights, validate_adapter_name
-from edgelora.weights.architectures import ALL_PROJECTIONS
+from edgelora.weights.hf_names import ALL_PROJECTIONS
 
 # Hugging Face projection name -> path of the module inside a TransformerBlock.
 _HF_TO_MODULE = {proj: ours for proj, (_, ours) in ALL_PROJECTIONS.items()}
