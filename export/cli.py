@@ -19,12 +19,14 @@ output (in --output-dir):
   base.pte         the base model's program (with --merge NAME: NAME.pte, the merged model)
   <NAME>.pte       one program per --lora adapter (adapter weights inside)
   foundation.ptd   every non-adapter constant; shared by all the programs above
-  manifest.json    model config, quantization, each file's size and sha256, and which
-                   foundation each program needs
+  manifest.json    model config, quantization, special tokens, each file's size and sha256,
+                   and which foundation each program needs
+  tokenizer.json   the checkpoint's tokenizer (and tokenizer_config.json), when it has one
 
 checkpoints (--checkpoint):
-  a Hugging Face Llama directory (config.json + model.safetensors, sharded safetensors with
-  model.safetensors.index.json, or pytorch_model.bin), a Meta directory (params.json +
+  a Hugging Face directory of Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3 (text), SmolLM3,
+  Granite, Phi-3/Phi-4-mini or dense DeepSeek-V3 (config.json + model.safetensors, sharded
+  safetensors with model.safetensors.index.json, or pytorch_model.bin), a Meta directory (params.json +
   consolidated.00.pth), or one .safetensors/.pth file in Meta/ExecuTorch or torchtune key
   names (then --params is required). .pth/.bin files are read with weights_only=True.
 

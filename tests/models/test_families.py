@@ -68,3 +68,23 @@ def test_merged_adapter_matches_peft_merge(family):
     ref = hf_logits(copy.deepcopy(peft_model).merge_and_unload())
     diff = (our_logits(ours) - ref).abs().max().item()
     assert diff < ATOL, (name, diff)
+
+
+@pytest.mark.parametrize(
+    "name, targets",
+    [(n, None) for n in ("llama-bias", "mistral", "qwen2", "qwen3", "gemma3")]
+    + [("phi3", ["qkv_proj"])],
+)
+def test_peft_default_targets_load(name, targets, tmp_path):
+    """A LoraConfig without target_modules takes PEFT's default for the family (this PEFT
+    has none for Phi-3, SmolLM3 and Granite; Phi-3 users target qkv_proj, a piece spanning q,
+    k and v);
+    it loads and matches PEFT."""
+    hf = make_family(name, seed=3)
+    hf.save_pretrained(tmp_path / "model")
+    kw = {} if targets is None else {"target_modules": targets}
+    peft_model = peft_adapter(hf, tmp_path / "lora", seed=4, r=4, lora_alpha=8, **kw)
+    ours, args, _ = _ours(tmp_path / "model")
+    attach_adapter(ours, load_adapter(tmp_path / "lora", args))
+    diff = (our_logits(ours) - hf_logits(peft_model)).abs().max().item()
+    assert diff < ATOL, (name, diff)
