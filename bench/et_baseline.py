@@ -53,7 +53,6 @@ from edgelora.models.args import ModelArgs
 from edgelora.models.llama import build_model
 from edgelora.weights.hf_names import HF_PROJECTIONS
 from edgelora.weights.synthetic import random_adapter
-from edgelora.weights.tensor_files import save_checkpoint
 
 ET_EXPORT_MODULE = "executorch.examples.models.llama.export_llama"
 TIME_BIN = Path("/usr/bin/time")
@@ -73,10 +72,16 @@ TINY = {
 
 def _et_params(args: ModelArgs) -> dict[str, Any]:
     """``args`` as the example's ``params.json`` (its ``ModelArgs`` keyword names)."""
-    if args.is_mla or args.use_scaled_rope:
+    unsupported = [
+        name
+        for name in ("attention_bias", "mlp_bias", "sandwich_norms", "nope_layers", "layer_types")
+        if getattr(args, name)
+    ]
+    if args.is_mla or args.use_scaled_rope or unsupported:
         raise ValueError(
-            "et_baseline: only plain Llama models (GQA, unscaled rope) are supported, got "
-            f"attention_type={args.attention_type!r}, use_scaled_rope={args.use_scaled_rope}"
+            "et_baseline: only Llama/Qwen3-style models (GQA, unscaled rope, optional q/k norm) "
+            f"are supported, got attention_type={args.attention_type!r}, use_scaled_rope="
+            f"{args.use_scaled_rope}, {unsupported}"
         )
     params = {
         "dim": args.dim,
@@ -92,7 +97,23 @@ def _et_params(args: ModelArgs) -> dict[str, Any]:
         params["hidden_dim"] = args.hidden_dim
     if args.ffn_dim_multiplier is not None:
         params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
+    if args.head_dim_override is not None:
+        params["head_dim"] = args.head_dim_override
+    if args.qk_norm:  # Qwen3: per-head RMSNorm on q and k before rotary
+        params.update(use_qk_norm=True, qk_norm_before_rope=True)
     return params
+
+
+def _et_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s weights under the example's names (its q/k norms are ``q_norm_fn``)."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        sd[
+            k.replace(".attention.q_norm.", ".attention.q_norm_fn.").replace(
+                ".attention.k_norm.", ".attention.k_norm_fn."
+            )
+        ] = v.detach().contiguous()
+    return sd
 
 
 def _check_weight_names(model: nn.Module, et_params: dict[str, Any], max_seq_len: int) -> None:
@@ -104,7 +125,7 @@ def _check_weight_names(model: nn.Module, et_params: dict[str, Any], max_seq_len
     et_args = EtModelArgs(max_seq_len=max_seq_len, max_context_len=max_seq_len, **et_params)
     with torch.device("meta"):
         expected = {k for k in construct_transformer(et_args).state_dict() if k.endswith(".weight")}
-    ours = set(model.state_dict())
+    ours = set(_et_state_dict(model))
     if ours != expected:
         raise ValueError(
             "et_baseline: model weights do not match the example's Transformer: missing "
@@ -187,7 +208,7 @@ def write_et_inputs(
     work.mkdir(parents=True, exist_ok=True)
     paths = {"params": work / "params.json", "checkpoint": work / "model.pth"}
     paths["params"].write_text(json.dumps(et_params, indent=2) + "\n")
-    save_checkpoint(model, paths["checkpoint"])
+    torch.save(_et_state_dict(model), paths["checkpoint"])
     if adapter is not None:
         paths.update(_write_adapter(adapter, args.n_layers, work / "adapter"))
     return paths
