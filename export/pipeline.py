@@ -82,6 +82,7 @@ def run_export(
 
     # 1. Check.
     check_output_dir(out_dir, overwrite=config.overwrite)
+    tokenizer = _check_tokenizer(config)
     log(f"  estimated peak memory {check_memory(args) / 2**30:.2f} GiB")
     for adapter in [a for a in (merged, *adapters) if a is not None]:
         for note in adapter.notes:
@@ -101,7 +102,7 @@ def run_export(
         writer = ProgramWriter(
             stage, scratch, args, timer, bos_id=config.bos_id, eos_ids=config.eos_ids
         )
-        tokenizer = _ship_tokenizer(config, stage, log)
+        _ship_tokenizer(config, stage, tokenizer, log)
         # 3. Base and adapter programs.
         programs = {}
         for adapter in [None, *adapters]:
@@ -197,11 +198,9 @@ def _staging(out_dir: Path):
         yield stage, scratch
 
 
-def _ship_tokenizer(config: ExportConfig, stage: Path, log) -> str | None:
-    """Copy the tokenizer files into the export after checking that ExecuTorch's runner can
-    parse ``tokenizer.json``; the name of that file, or ``None`` when none is given."""
-    import shutil
-
+def _check_tokenizer(config: ExportConfig) -> str | None:
+    """The name of the ``tokenizer.json`` the export ships (``None``: none), checked with
+    ExecuTorch's own parser before any long step."""
     from edgelora.export.tokenizer import check_tokenizer
 
     shipped = None
@@ -209,13 +208,20 @@ def _ship_tokenizer(config: ExportConfig, stage: Path, log) -> str | None:
         if path.name.endswith(".json") and path.name != "tokenizer_config.json":
             check_tokenizer(path, config.model_args.vocab_size)
             shipped = shipped or path.name
+    return shipped
+
+
+def _ship_tokenizer(config: ExportConfig, stage: Path, shipped: str | None, log) -> None:
+    """Copy the tokenizer files into the export."""
+    import shutil
+
+    for path in config.tokenizer_files:
         shutil.copyfile(path, stage / path.name)
     if shipped:
         log(
             f"  tokenizer {shipped} (checked with ExecuTorch's parser), bos {config.bos_id}, "
             f"eos {list(config.eos_ids)}"
         )
-    return shipped
 
 
 def _adapter_entry(adapter: Adapter) -> AdapterEntry:

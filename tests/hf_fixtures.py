@@ -127,18 +127,9 @@ class Family:
         assert got == self.expect, got
 
 
-_BASE = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
+# The families' tiny shape: HF_CONFIG's (each family keeps its own rotary base), small ids.
+_BASE = {k: v for k, v in HF_CONFIG.items() if k != "rope_theta"} | dict(
+    bos_token_id=1, eos_token_id=2, pad_token_id=0
 )
 _ATTN_MLP = dict(target_modules=ALL7)
 FAMILIES = {

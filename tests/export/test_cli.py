@@ -110,6 +110,12 @@ def _no_leftovers(root):
 
 
 def test_bad_inputs(tmp_path, params_file, adapter_dirs, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()  # ExecuTorch's parser rejects it
+    metaspace = tmp_path.parent / f"{tmp_path.name}-metaspace.json"
+    tok.save(str(metaspace))
     out = tmp_path / "out"
     base = ["--params", str(params_file), "--output-dir", str(out)]
     cases = [
@@ -126,6 +132,9 @@ def test_bad_inputs(tmp_path, params_file, adapter_dirs, capsys):
             "adapter names must be unique",
         ),
         (base + ["--lora", f"../evil={adapter_dirs['chat']}"], "not allowed"),
+        (base + ["--tokenizer", str(metaspace)], "Unsupported PreTokenizer type: Metaspace"),
+        (base + ["--tokenizer", str(tmp_path / "none.json")], "tokenizer file not found"),
+        (base + ["--eos-id", "500"], "special token ids must be in [0, 96)"),
     ]
     for argv, message in cases:
         code, err = _run(argv, capsys)
