@@ -79,6 +79,9 @@ def _layer_types(cfg: dict[str, Any], source: str, n_layers: int) -> dict[str, A
         types = [names[t] for t in types]
         if cfg.get("use_sliding_window") is False:
             types = ["full"] * n_layers  # Qwen2/3, SmolLM3 list the types but switch them off
+    elif cfg.get("sliding_window_pattern"):  # Gemma 3 before layer_types: every Nth is full
+        n = cfg["sliding_window_pattern"]
+        types = ["full" if (i + 1) % n == 0 else "sliding" for i in range(n_layers)]
     elif cfg.get("use_sliding_window"):
         first = cfg.get("max_window_layers", 0)
         types = ["sliding" if i >= first else "full" for i in range(n_layers)]

@@ -88,3 +88,52 @@ def test_peft_default_targets_load(name, targets, tmp_path):
     attach_adapter(ours, load_adapter(tmp_path / "lora", args))
     diff = (our_logits(ours) - hf_logits(peft_model)).abs().max().item()
     assert diff < ATOL, (name, diff)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"architectures": ["Gemma3ForConditionalGeneration"]}, "export its text model"),
+        ({"architectures": ["Qwen3MoeForCausalLM"]}, "mixture-of-experts"),
+        (
+            {"architectures": ["Gemma3ForCausalLM"], "attn_logit_softcapping": 50.0},
+            "attn_logit_softcapping=50.0 is not supported",
+        ),
+        (
+            {"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"type": "longrope"}},
+            "rope scaling type 'longrope' is not supported",
+        ),
+        ({"architectures": ["Qwen2ForCausalLM"], "hidden_act": "relu"}, "hidden_act 'relu'"),
+    ],
+)
+def test_refused_configs_name_the_field(config, message):
+    from edgelora.errors import ConfigError
+    from edgelora.weights.architectures import args_from_hf_config
+
+    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+    with pytest.raises(ConfigError, match=message):
+        args_from_hf_config({**base, **config}, "config.json")
+
+
+def test_sliding_layers_from_each_config_style():
+    from edgelora.weights.architectures import args_from_hf_config
+
+    base = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, vocab_size=128)
+    gemma_old = {"architectures": ["Gemma3ForCausalLM"], "sliding_window": 8}
+    gemma_old["sliding_window_pattern"] = 2
+    qwen2 = {"architectures": ["Qwen2ForCausalLM"], "sliding_window": 8}
+    qwen2 |= {"use_sliding_window": True, "max_window_layers": 3}
+    mistral = {"architectures": ["MistralForCausalLM"], "sliding_window": 8}
+    qwen3_off = {"architectures": ["Qwen3ForCausalLM"], "sliding_window": 8}
+    qwen3_off |= {"use_sliding_window": False, "layer_types": ["sliding_attention"] * 4}
+    want = {
+        "gemma_old": ("sliding", "full", "sliding", "full"),
+        "qwen2": ("full", "full", "full", "sliding"),
+        "mistral": ("sliding",) * 4,
+        "qwen3_off": None,
+    }
+    for name, cfg in dict(
+        gemma_old=gemma_old, qwen2=qwen2, mistral=mistral, qwen3_off=qwen3_off
+    ).items():
+        fields = args_from_hf_config({**base, **cfg}, "config.json")
+        assert fields.get("layer_types") == want[name], name
