@@ -14,7 +14,7 @@ import copy
 import pytest
 
 from edgelora.lora.attach import attach_adapter, detach_adapters, merge_adapter
-from edgelora.lora.fusion import set_fusion
+from edgelora.lora.fusion import restore_checkpoint_fusion_state, set_fusion
 from edgelora.models.args import ModelArgs
 from edgelora.models.llama import build_model
 from edgelora.weights.adapter_files import load_adapter
@@ -45,6 +45,15 @@ def test_eager_logits_match_transformers(family):
     diff = (our_logits(ours) - ref).abs().max().item()
     assert diff < ATOL, (name, diff)
     FAMILIES[name].check_args(args)
+    # Phi-3's checkpoint is natively fused: loaded split, each block remembers it, and
+    # restore_checkpoint_fusion_state() puts the fused qkv/gate_up rows back.
+    fused = name == "phi3"
+    assert all(b.attention.checkpoint_fused == fused for b in ours.layers)
+    restore_checkpoint_fusion_state(ours)
+    assert all(
+        b.attention.is_fused == fused and b.feed_forward.is_fused == fused for b in ours.layers
+    )
+    assert (our_logits(ours) - ref).abs().max().item() < ATOL
 
 
 @pytest.mark.parametrize("fuse", ["none", "all"])
