@@ -345,9 +345,9 @@ def main() -> None:
             b["gemm_4bit_ms"] = profiles[f"{name}/base"]["gemm_4bit_ms"]
             b["gemm_4bit_over_bound"] = b["gemm_4bit_ms"] / b["decode_bound_ms"]
     ns.results.mkdir(parents=True, exist_ok=True)
-    stem = ns.results / ns.config
-    stem.with_suffix(".json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(markdown(figures))
+    stem = ns.results / ns.config  # names may hold dots (qwen3-0.6b-4l): no with_suffix
+    (ns.results / f"{ns.config}.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
+    (ns.results / f"{ns.config}.md").write_text(markdown(figures))
     plots(figures, stem)
     print(markdown(figures))
 
