@@ -316,13 +316,22 @@ EXPORTS: dict[str, Recipe] = {
 }
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "uses_exports(*names): shared exports a test requests dynamically"
+    )
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Which shared exports this session's tests need (for the work stealing above)."""
+    """Which shared exports this session's tests need (for the work stealing above): the
+    ``export_*`` fixtures they name, and those a ``uses_exports`` mark declares."""
     needed = []
     for item in items:
-        for fixture in getattr(item, "fixturenames", ()):
-            name = fixture.removeprefix("export_")
-            if fixture.startswith("export_") and name in EXPORTS and name not in needed:
+        names = [f.removeprefix("export_") for f in getattr(item, "fixturenames", ())]
+        for mark in item.iter_markers("uses_exports"):
+            names += mark.args
+        for name in names:
+            if name in EXPORTS and name not in needed:
                 needed.append(name)
     config.stash[_NEEDED] = needed
 

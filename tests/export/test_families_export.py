@@ -23,7 +23,9 @@ from ..conftest import FAMILY_NAMES, PROMPT_TEXT
 from ..hf_fixtures import RUNTIME_ATOL, program_logits
 
 
-@pytest.mark.parametrize("name", FAMILY_NAMES)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.uses_exports(f"fam_{n}")) for n in FAMILY_NAMES]
+)
 def test_fp32_programs_match_transformers_and_peft(request, hf_families, name):
     out = request.getfixturevalue(f"export_fam_{name}")
     refs = torch.load(hf_families(name) / "refs.pt")
@@ -40,7 +42,10 @@ def test_merged_program_matches_peft_merge(export_fam_phi3_merged, hf_families):
     assert diff < RUNTIME_ATOL, diff
 
 
-@pytest.mark.parametrize("name", ["phi3", "gemma3"])
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.uses_exports(f"fam_{n}_8da4w")) for n in ("phi3", "gemma3")],
+)
 def test_8da4w_programs_match_their_eager_model(request, name):
     results = match_export(request.getfixturevalue(f"export_fam_{name}_8da4w"))
     if name == "gemma3":
