@@ -298,15 +298,18 @@ EXPORTS: dict[str, Recipe] = {
             ),
             f"the tiny {name} model, fp32, the adapter merged: lora.pte",
         )
-        for name in ("phi3",)
+        for name in FAMILY_NAMES
     },
     **{
         f"fam_{name}_8da4w": Recipe(
             ("hf_families",),
-            lambda f, name=name: ["--checkpoint", str(f(name) / "model")],
+            lambda f, name=name: (
+                ["--checkpoint", str(f(name) / "model")]
+                + ([] if name in CUSTOM_SDPA_FAMILIES else ["--sdpa", "plain"])
+            ),
             f"the tiny {name} model, 8da4w: base",
         )
-        for name in ("phi3", "gemma3")
+        for name in FAMILY_NAMES
     },
     "mla_8da4w": Recipe(
         ("hf_deepseek",),
