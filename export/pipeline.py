@@ -1,7 +1,8 @@
 """The export pipeline behind ``export_llama``, in the order the code runs it.
 
-1. **Check** the output directory and the memory estimate before any long step (params,
-   checkpoint and adapters were read and validated by the caller).
+1. **Check** the output directory, the tokenizer (with ExecuTorch's own parser) and the memory
+   estimate before any long step (params, checkpoint and adapters were read and validated by
+   the caller).
 2. **Build the foundation** (:func:`~edgelora.export.foundation.build_foundation`): the model
    with its traced settings (attention kernels, logits), the checkpoint (or seeded random
    weights), the ``--merge`` adapter folded in, ``--fuse``, ``--dtype``, then the embedding and
@@ -13,8 +14,8 @@
    detach it again. Each program's foundation must equal the base's byte for byte.
 4. **Bundle and switchable programs** (``--bundle``, ``--switchable``), by the same writer.
 5. **Stamp and commit**: write the foundation's sha256 and each program's own checksum into
-   every ``.pte``, write ``manifest.json``, and move the staging directory into place (no
-   partial output on failure).
+   every ``.pte``, write ``manifest.json`` (the tokenizer files were copied beside the
+   programs), and move the staging directory into place (no partial output on failure).
 """
 
 from __future__ import annotations
