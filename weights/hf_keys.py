@@ -4,7 +4,8 @@ Hugging Face stores each attention head's query/key rows permuted for its rotate
 convention: HF row ``j`` of a head is Meta row ``2j`` for ``j < head_dim/2`` and ``2(j - head_dim/2)
 + 1`` after. This model uses Meta's convention (rotate adjacent pairs), so HF ``q_proj``/``k_proj``
 weights -- and the ``lora_B`` of adapters on them, whose rows are the same output features -- are
-un-permuted at load time with :func:`hf_to_meta_rows` (and permuted back when written).
+un-permuted at load time with :func:`rotary_rows` (and permuted back when written) -- and so
+are q/k biases and q/k norm weights; only the rotary part of a head with partial rotary.
 """
 
 from __future__ import annotations
@@ -55,23 +56,6 @@ def _permute_rows(
         row = end
     pieces.append(w[row:])
     return torch.cat(pieces)
-
-
-def hf_to_meta_rows(w: torch.Tensor, n_heads: int, rotary_dim: int | None = None) -> torch.Tensor:
-    """Undo HF's per-head rotary permutation of the rows of ``w`` (``[n_heads*head_dim, ...]``;
-    only the first ``rotary_dim`` rows of each head rotate, all by default)."""
-    head_dim = w.shape[0] // n_heads
-    if head_dim * n_heads != w.shape[0] or head_dim % 2:
-        raise ConfigError(f"cannot split {w.shape[0]} rows into {n_heads} heads of even size")
-    return _permute_rows(w, [(0, n_heads)], head_dim, rotary_dim or head_dim, to_meta=True)
-
-
-def meta_to_hf_rows(w: torch.Tensor, n_heads: int, rotary_dim: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`hf_to_meta_rows` (Meta's interleaved rows -> HF's rotate-half rows)."""
-    head_dim = w.shape[0] // n_heads
-    if head_dim * n_heads != w.shape[0] or head_dim % 2:
-        raise ConfigError(f"cannot split {w.shape[0]} rows into {n_heads} heads of even size")
-    return _permute_rows(w, [(0, n_heads)], head_dim, rotary_dim or head_dim, to_meta=False)
 
 
 def rope_blocks(proj: str, args) -> list[tuple[int, int]]:
