@@ -184,3 +184,21 @@ def test_lora_flag_parsing(text, name, path, scale):
 
     spec = AdapterSpec.parse(text)
     assert (spec.name, str(spec.path), spec.scale) == (name, path.rstrip("/") or path, scale)
+
+
+def test_special_token_flags_override_the_checkpoint(tiny_args, tmp_path):
+    """--bos-id/--eos-id win over what the checkpoint says; without them the checkpoint's
+    tokens (all of a list eos) are used, else 1 / [2]."""
+    from edgelora.export.cli import config_from_args
+    from edgelora.weights.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(tmp_path, "hf", {}, special_tokens={"bos_id": 3, "eos_ids": [7, 9]})
+    argv = ["--params", "p.json", "--output-dir", str(tmp_path / "o")]
+    ns = build_parser().parse_args(argv)
+    cfg = config_from_args(ns, tiny_args, ckpt)
+    assert (cfg.bos_id, cfg.eos_ids) == (3, (7, 9))
+    ns = build_parser().parse_args(argv + ["--bos-id", "5", "--eos-id", "8", "--eos-id", "11"])
+    cfg = config_from_args(ns, tiny_args, ckpt)
+    assert (cfg.bos_id, cfg.eos_ids) == (5, (8, 11))
+    cfg = config_from_args(build_parser().parse_args(argv), tiny_args, None)
+    assert (cfg.bos_id, cfg.eos_ids, cfg.tokenizer_files) == (1, (2,), ())
