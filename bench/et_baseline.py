@@ -1,6 +1,6 @@
 """Baseline programs exported by ExecuTorch's own Llama example (``export_llama``).
 
-    python bench/et_baseline.py [--work /tmp/etb/selfcheck]
+    (a library of bench/run.py; its self-check: python bench/et_selfcheck.py [--work DIR])
 
 Our exports are compared against what a user gets from the example shipped in the ``executorch``
 wheel (``executorch/examples/models/llama``): 8da4w weights (group 32) delegated to XNNPACK,
@@ -25,8 +25,8 @@ Input formats the example reads (see :func:`write_et_inputs`):
   ``lora_B`` is written in Meta row order here (unlike our PEFT writer). Its other format,
   torchtune's ``adapter_model.pt``, needs ``torchtune`` installed for the key renaming.
 
-Run as a script, it is the self-check of ``bench/et_selfcheck.py`` on a tiny model: a base and a
-LoRA program exported by the example, run on the runtime and compared with our eager model.
+``bench/et_selfcheck.py`` checks it on a tiny model: a base and a LoRA program exported by the
+example, run on the runtime and compared with our eager model.
 """
 
 from __future__ import annotations
@@ -314,10 +314,3 @@ def run_et_export(cmd: list[str], cwd: Path) -> dict[str, Any]:
             f"{' '.join(cmd)}\n...{text[-3000:]}"
         )
     return {"wall_s": wall, "peak_rss_mib": peak, "files": files, "output": text}
-
-
-if __name__ == "__main__":  # the self-check (bench/et_selfcheck.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from et_selfcheck import main
-
-    main()

@@ -3,7 +3,7 @@ ExecuTorch's example, run both on the runtime and compare their logits with our 
 with the example's own eager model in fp32, which isolates layout errors from quantization
 error).
 
-    python bench/et_selfcheck.py [--work DIR]   (or python bench/et_baseline.py)
+    python bench/et_selfcheck.py [--work DIR]
 """
 
 from __future__ import annotations
