@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -214,8 +215,6 @@ def _check_tokenizer(config: ExportConfig) -> str | None:
 
 def _ship_tokenizer(config: ExportConfig, stage: Path, shipped: str | None, log) -> None:
     """Copy the tokenizer files into the export."""
-    import shutil
-
     for path in config.tokenizer_files:
         shutil.copyfile(path, stage / path.name)
     if shipped:

@@ -27,6 +27,7 @@ from torch import nn
 
 from edgelora._jsonfile import read_json
 from edgelora.errors import CheckpointError
+from edgelora.models.args import ModelArgs
 from edgelora.weights import hf_keys
 from edgelora.weights.architectures import find_architecture
 from edgelora.weights.layout import to_model_layout
@@ -121,8 +122,6 @@ def _special_tokens(root: Path, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _hf_checkpoint(root: Path, sd: dict[str, torch.Tensor], path: Path) -> Checkpoint:
-    from edgelora.models.args import ModelArgs
-
     cfg_path = root / HF_CONFIG
     cfg = read_json(cfg_path, CheckpointError, "Hugging Face config")
     if not isinstance(cfg, dict):
