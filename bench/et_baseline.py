@@ -99,10 +99,11 @@ def _et_params(args: ModelArgs) -> dict[str, Any]:
     return params
 
 
-def _et_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s weights under the example's names (its q/k norms are ``q_norm_fn``)."""
+def _et_state_dict(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``model``'s weights (or a state dict in our names) under the example's names (its q/k
+    norms are ``q_norm_fn``)."""
     sd = {}
-    for k, v in model.state_dict().items():
+    for k, v in (model if isinstance(model, dict) else model.state_dict()).items():
         sd[
             k.replace(".attention.q_norm.", ".attention.q_norm_fn.").replace(
                 ".attention.k_norm.", ".attention.k_norm_fn."
@@ -111,7 +112,9 @@ def _et_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _check_weight_names(model: nn.Module, et_params: dict[str, Any], max_seq_len: int) -> None:
+def _check_weight_names(
+    model: nn.Module | dict, et_params: dict[str, Any], max_seq_len: int
+) -> None:
     """Raise unless ``model``'s state dict has exactly the weights the example's Transformer
     loads (it loads non-strictly: a missing weight fails, an extra key is silently dropped)."""
     from executorch.examples.models.llama.llama_transformer import construct_transformer
@@ -188,9 +191,13 @@ def _write_adapter(adapter: Adapter, n_layers: int, out: Path) -> dict[str, Path
 
 
 def write_et_inputs(
-    work: Path, params: dict[str, Any], model: nn.Module, adapter: Adapter | None = None
+    work: Path,
+    params: dict[str, Any],
+    model: nn.Module | dict[str, torch.Tensor],
+    adapter: Adapter | None = None,
 ) -> dict[str, Path]:
-    """Write the example's inputs for ``model`` (built from ``params``) into ``work``.
+    """Write the example's inputs for ``model`` (built from ``params``; or its state dict in our
+    key names, e.g. a checkpoint's, in its own dtype) into ``work``.
 
     Returns the paths by role: ``params`` (``params.json``), ``checkpoint`` (``model.pth``) and,
     with ``adapter``, ``adapter_checkpoint``, ``adapter_config`` and ``lora_config`` (the Hydra

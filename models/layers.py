@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgelora.errors import DependencyError
@@ -23,10 +24,31 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = xf * torch.rsqrt(mean_last(xf.pow(2)) + self.eps)
         if self.offset:
             return (normed * (self.offset + self.weight.float())).type_as(x)
         return normed.type_as(x) * self.weight
+
+
+def static_shape(*dims: int | torch.SymInt) -> list[int]:
+    """``dims`` with the one dynamic (symbolic) size written as -1: XNNPACK delegates a reshape
+    only if its shape is all integers with at most one inferred dim."""
+    out = [d if isinstance(d, int) else -1 for d in dims]
+    return out if out.count(-1) <= 1 else list(dims)
+
+
+def mean_last(x: torch.Tensor) -> torch.Tensor:
+    """``x.mean(-1, keepdim=True)``, computed as the mean over the inner two dims of a 4-D view
+    ``[1, rows, n, 1]``: the one form XNNPACK delegates (its global average pooling), so a norm
+    does not split the delegate around a portable ``mean`` (the same sum in eager PyTorch)."""
+    n = x.shape[-1]
+    mean = x.reshape(1, -1, n, 1).mean((2, 3), keepdim=True)
+    return mean.reshape(static_shape(*x.shape[:-1], 1))
+
+
+def pair_swap() -> torch.Tensor:
+    """The 2x2 weight mapping a rotary pair ``(x0, x1)`` to ``(-x1, x0)`` (``F.linear``)."""
+    return torch.tensor([[0.0, -1.0], [1.0, 0.0]])
 
 
 def _llama3_scale_freqs(freqs: torch.Tensor, args: ModelArgs) -> torch.Tensor:
@@ -58,18 +80,25 @@ def rope_tables(args: ModelArgs, *, local: bool = False) -> tuple[torch.Tensor, 
     return torch.cos(angles).float(), torch.sin(angles).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, swap: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rotate adjacent pairs ``(x[2i], x[2i+1])`` of the first ``2 * cos.shape[-1]`` dims of each
-    head (all of them unless the rotary embedding is partial); ``x`` is ``[b, seq, heads, d]``."""
+    head (all of them unless the rotary embedding is partial); ``x`` is ``[b, seq, heads, d]``.
+    ``swap`` is :func:`pair_swap` (a module's buffer, so that XNNPACK sees a constant weight)."""
     rot = 2 * cos.shape[-1]
     if rot < x.shape[-1]:
-        return torch.cat([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
-    xr = x.float().reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = xr[..., 0], xr[..., 1]
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+        return torch.cat([apply_rope(x[..., :rot], cos, sin, swap), x[..., rot:]], dim=-1)
+    # (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), with the pair swap (-x1, x0) as a 2x2
+    # linear: unlike select/stack, every op is one XNNPACK delegates, so the rotary embedding
+    # does not split a layer's delegate (exact: one non-zero product per output).
+    b, _, heads, dim = x.shape
+    pairs = static_shape(b, x.shape[1], heads, dim // 2, 2)
+    xr = x.float().reshape(pairs)
+    swap = pair_swap().to(x.device) if swap is None else swap.float()
+    swapped = F.linear(xr.reshape(1, -1, 2), swap).reshape(pairs)
+    out = xr * cos[None, :, None, :, None] + swapped * sin[None, :, None, :, None]
+    return out.reshape(static_shape(b, x.shape[1], heads, dim)).type_as(x)
 
 
 class KVCache(nn.Module):

@@ -8,6 +8,9 @@ Module names follow ExecuTorch's Llama (``tok_embeddings``, ``layers.N.attention
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +23,7 @@ from edgelora.models.layers import (
     KVCache,
     RMSNorm,
     apply_rope,
+    pair_swap,
     require_custom_ops,
     rope_tables,
 )
@@ -58,6 +62,7 @@ class Attention(FusableProjections):
         self.n_kv_heads = args.kv_heads
         self.head_dim = hd = args.head_dim
         self.use_rope = use_rope
+        self.register_buffer("rope_swap", pair_swap(), persistent=False)
         self.scale = args.attention_scale if args.attention_scale is not None else hd**-0.5
         self.softcap = args.attn_logit_softcap
         bias = args.attention_bias
@@ -92,7 +97,7 @@ class Attention(FusableProjections):
         if "q_norm" in self._modules:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin, self.rope_swap), apply_rope(k, cos, sin, self.rope_swap)
         if isinstance(self.kv_cache, CustomKVCache):
             # ExecuTorch's kernels: in-place cache write, causal SDPA from ``start`` (GQA aware).
             # They take fp32 (as ExecuTorch's example, fp16 runs them in fp32).
@@ -286,11 +291,39 @@ class Transformer(nn.Module):
             layer.attention.kv_cache.v_cache.zero_()
 
 
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside have their parameters on the meta device (no memory, no random
+    init) and their buffers (rotary tables, masks, KV caches) real: the weights are to be
+    assigned from a checkpoint (``load_state_dict(assign=True)``)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def build_model(
-    args: ModelArgs, *, seed: int | None = 0, sdpa: str = "plain", logits: str = "all"
+    args: ModelArgs,
+    *,
+    seed: int | None = 0,
+    sdpa: str = "plain",
+    logits: str = "all",
+    empty: bool = False,
 ) -> Transformer:
     """A ``Transformer`` in eval mode with deterministic random weights (``seed``); ``sdpa`` and
-    ``logits`` as :class:`Transformer` takes them."""
+    ``logits`` as :class:`Transformer` takes them. ``empty=True``: parameters on the meta device,
+    for a checkpoint to be assigned (see :func:`parameters_on_meta`)."""
+    if empty:
+        with parameters_on_meta():
+            return Transformer(args, sdpa=sdpa, logits=logits).eval()
     with torch.random.fork_rng():
         if seed is not None:
             torch.manual_seed(seed)

@@ -28,7 +28,7 @@ from torch import nn
 
 from edgelora.models.args import ModelArgs
 from edgelora.models.fused import FusableProjections, FusedLinear
-from edgelora.models.layers import KVCache, RMSNorm, apply_rope
+from edgelora.models.layers import KVCache, RMSNorm, apply_rope, pair_swap
 
 # DeepSeek's latent norms (q_a_layernorm, kv_a_layernorm) use RMSNorm's default eps, not the
 # model's rms_norm_eps (both in DeepSeek's reference code and in transformers).
@@ -80,6 +80,7 @@ class MLAttention(FusableProjections):
         )
         self.wo = nn.Linear(args.n_heads * self.v_head_dim, args.dim, bias=False)
         self.kv_cache = KVCache(args.n_heads, args.max_seq_len, self.qk_head_dim, self.v_head_dim)
+        self.register_buffer("rope_swap", pair_swap(), persistent=False)
 
     def get_q_kv_a(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The query (all heads, ``[b, seq, n_heads*qk_head_dim]``) and the ``wkv_a`` output
@@ -103,9 +104,9 @@ class MLAttention(FusableProjections):
         q_nope, q_rope = q.view(bsz, seq, heads, self.qk_head_dim).split(
             [self.qk_nope, self.qk_rope], dim=-1
         )
-        q = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)
+        q = torch.cat([q_nope, apply_rope(q_rope, cos, sin, self.rope_swap)], dim=-1)
         latent, k_rope = kv_a.split([self.kv_lora_rank, self.qk_rope], dim=-1)
-        k_rope = apply_rope(k_rope.view(bsz, seq, 1, self.qk_rope), cos, sin)
+        k_rope = apply_rope(k_rope.view(bsz, seq, 1, self.qk_rope), cos, sin, self.rope_swap)
         kv = self.wkv_b(self.kv_norm(latent)).view(bsz, seq, heads, self.qk_nope + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(bsz, seq, heads, self.qk_rope)], dim=-1)

@@ -8,7 +8,7 @@ read from the adapter wrappers attached to the model (:func:`edgelora.lora.attac
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -88,12 +88,22 @@ def decide_linear(
     return LinearDecision(fqn, True, "quantized", shape)
 
 
-def quantize_linears(model: nn.Module, qmode: str, group_size: int) -> QuantReport:
+def quantize_linears(
+    model: nn.Module,
+    qmode: str,
+    group_size: int,
+    *,
+    prefix: str = "",
+    report: QuantReport | None = None,
+) -> QuantReport:
     """Quantize ``model``'s linears in place with torchao and report what changed.
 
     Args:
         qmode: ``"8da4w"`` (int4 weights), ``"8da8w"`` (int8 weights) or ``"none"``.
         group_size: weight group size along ``in_features``; 0 means one scale per output channel.
+        prefix: ``model``'s FQN when it is one part of a model (e.g. ``layers.3``), quantized
+            part by part: the decisions name full FQNs.
+        report: the report to add this part's decisions and errors to (a new one if None).
 
     Returns a :class:`QuantReport` with every linear's decision and the max weight error.
     Raises :class:`ConfigError` for an unknown mode or a negative group size.
@@ -102,18 +112,19 @@ def quantize_linears(model: nn.Module, qmode: str, group_size: int) -> QuantRepo
         raise ConfigError(f"qmode must be one of {QMODES}, got {qmode!r}")
     if not isinstance(group_size, int) or group_size < 0:
         raise ConfigError(f"group size must be an integer >= 0, got {group_size!r}")
-    report = QuantReport(qmode, group_size)
+    report = QuantReport(qmode, group_size) if report is None else report
     decisions = {}
     adapters = adapter_fqns(model)
     for fqn, module in model.named_modules():
         decision = decide_linear(fqn, module, group_size, adapters)
         if decision is not None:
+            if qmode == "none":
+                decision = LinearDecision(fqn, False, "qmode none", decision.shape)
             decisions[fqn] = decision
-    report.decisions = list(decisions.values())
+    report.decisions += [
+        replace(d, fqn=".".join(filter(None, (prefix, d.fqn)))) for d in decisions.values()
+    ]
     if qmode == "none":
-        report.decisions = [
-            LinearDecision(d.fqn, False, "qmode none", d.shape) for d in report.decisions
-        ]
         return report
 
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_

@@ -12,7 +12,11 @@
   ``config.json`` beside it).
 
 ``.pth``/``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)``: never unpickled
-beyond tensors. Every result is in the model's own key names.
+beyond tensors. Every result is in the model's own key names. Weight files are memory-mapped
+and read lazily, in the checkpoint's own dtype (see :mod:`edgelora.weights.tensor_files`):
+opening a checkpoint reads little more than its headers, and
+``load_checkpoint(..., assign=True)`` into a model built with ``build_model(empty=True)`` makes
+no copy until a layer is cast or quantized.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from edgelora.models.args import ModelArgs
 from edgelora.weights import hf_keys
 from edgelora.weights.architectures import find_architecture
 from edgelora.weights.layout import to_model_layout
-from edgelora.weights.tensor_files import read_state_dict
+from edgelora.weights.tensor_files import all_finite, read_state_dict
 
 HF_CONFIG = "config.json"
 # Tokenizer files an export copies from a Hugging Face directory (tokenizer.json is what
@@ -59,6 +63,12 @@ class Checkpoint:
     special_tokens: dict[str, Any] = field(default_factory=dict)  # bos_id, eos_ids
     tokenizer_files: list[Path] = field(default_factory=list)  # to ship with the export
 
+    def take_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors, handed over: this checkpoint holds none afterwards, so they (and their
+        memory maps) are freed as soon as the new owner lets them go."""
+        sd, self.state_dict = self.state_dict, {}
+        return sd
+
     @property
     def dtype(self) -> torch.dtype:
         """The checkpoint's (most common) floating dtype."""
@@ -80,7 +90,7 @@ def _read_hf_weights(root: Path) -> dict[str, torch.Tensor]:
             for shard in sorted(set(weight_map.values())):
                 if not isinstance(shard, str) or Path(shard).name != shard:
                     raise CheckpointError(f"{index_path}: bad shard file name {shard!r}")
-                part = read_state_dict(root / shard)
+                part = read_state_dict(root / shard, lazy=True)
                 for key in part:
                     if weight_map.get(key) != shard:
                         raise CheckpointError(
@@ -97,7 +107,7 @@ def _read_hf_weights(root: Path) -> dict[str, torch.Tensor]:
             return sd
     for name in _HF_WEIGHTS:
         if (root / name).is_file():
-            return read_state_dict(root / name)
+            return read_state_dict(root / name, lazy=True)
     raise CheckpointError(
         f"{root}: Hugging Face directory without weights (expected one of "
         f"{', '.join(_HF_WEIGHTS + _HF_INDEXES)})"
@@ -187,20 +197,21 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                     f"{path}: {len(shards)} model-parallel shards (consolidated.00.pth ...); "
                     "merge them into one consolidated.00.pth first"
                 )
-            ckpt = _file_checkpoint(shards[0], read_state_dict(shards[0]))
+            ckpt = _file_checkpoint(shards[0], read_state_dict(shards[0], lazy=True))
             ckpt.params = _meta_params(path / META_PARAMS, ckpt.state_dict)
             return ckpt
         raise CheckpointError(
             f"{path}: not a checkpoint directory (expected {HF_CONFIG} + model.safetensors, "
             f"or {META_PARAMS} + consolidated.00.pth)"
         )
-    return _file_checkpoint(path, read_state_dict(path))
+    return _file_checkpoint(path, read_state_dict(path, lazy=True))
 
 
 def load_checkpoint(
     model: nn.Module,
     path: str | Path | Checkpoint,
     *,
+    assign: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Load a checkpoint into ``model`` strictly: every key must exist with the same shape.
@@ -211,10 +222,15 @@ def load_checkpoint(
 
     ``path`` is anything :func:`open_checkpoint` reads, or its result. Tensors are cast to the
     model's dtype (a bf16/fp16 checkpoint computes in fp32 unless the model is built otherwise).
+    With ``assign=True`` the checkpoint's tensors become the model's parameters as they are
+    (its dtype, no copy; the model may be built on the meta device, see
+    ``build_model(empty=True)``), and the :class:`Checkpoint` hands them over
+    (:meth:`Checkpoint.take_state_dict`).
     Raises :class:`CheckpointError` naming the missing/unexpected keys or the mismatched shapes.
     """
     ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
-    path, sd = ckpt.path, dict(ckpt.state_dict)
+    path = ckpt.path
+    sd = ckpt.take_state_dict() if assign else dict(ckpt.state_dict)
     try:
         notes = to_model_layout(model, sd)
     except ValueError as e:
@@ -229,6 +245,7 @@ def load_checkpoint(
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
         raise CheckpointError(f"{path}: does not fit the model: " + "; ".join(parts))
+    checked = set()  # (storage, size): a tied alias is checked once
     for key, tensor in sd.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(
@@ -237,9 +254,15 @@ def load_checkpoint(
             )
         if not tensor.dtype.is_floating_point:
             raise CheckpointError(f"{path}: key {key!r} has dtype {tensor.dtype}, expected float")
-        if not torch.isfinite(tensor).all():
+        seen = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        if seen not in checked and not all_finite(tensor):
             raise CheckpointError(f"{path}: key {key!r} holds NaN or infinite values")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()})
+        checked.add(seen)
+    if assign:
+        model.load_state_dict(sd, assign=True)
+    else:
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()})
+    del sd
     for note in notes:
         ckpt.notes.append(note)
         if log is not None:

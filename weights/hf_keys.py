@@ -129,7 +129,7 @@ def hf_state_dict_to_ours(
         else:
             raise ConfigError(f"{source}: key {key!r} is not part of a {label} checkpoint")
     if "output.weight" not in out and "tok_embeddings.weight" in out:
-        out["output.weight"] = out["tok_embeddings.weight"].clone()
+        out["output.weight"] = out["tok_embeddings.weight"].detach()  # an alias, no copy
     return out
 
 
@@ -155,5 +155,5 @@ def torchtune_state_dict_to_ours(
         else:
             raise ConfigError(f"{source}: key {key!r} is not part of a torchtune Llama checkpoint")
     if "output.weight" not in out and "tok_embeddings.weight" in out:
-        out["output.weight"] = out["tok_embeddings.weight"].clone()  # tied (Llama 3.2)
+        out["output.weight"] = out["tok_embeddings.weight"].detach()  # tied (Llama 3.2): alias
     return out

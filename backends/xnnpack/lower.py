@@ -13,7 +13,8 @@ base-only export and of any adapter export hold the same keys and bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +180,79 @@ def _external_constant_tagger(
     return tag
 
 
+# XNNPACK's per-partition pipeline (``XNNPACKPassManager``) runs 17 passes on every partition, and
+# most of them re-trace the whole partition on fake tensors even when they have nothing to
+# rewrite: half of a Llama layer's lowering time. These passes rewrite only graphs holding one
+# of the named ops (substrings of the op names); a partition without any skips them. The
+# programs are byte-identical either way (tests/backends/test_lower.py checks it).
+_PASS_NEEDS = {
+    "ConvertToUpsampleBilinear2d": ("upsample", "index"),
+    "ConvertToSDPAPass": ("_softmax",),
+    "FuseBatchNormPass": ("batch_norm",),
+    "DecomposeBatchNorm": ("batch_norm",),
+    "Conv1dUnsqueezePass": ("convolution",),
+    "PReLUReshapePass": ("prelu",),
+    "InsertPadQDQPass": ("constant_pad_nd",),
+    "RemoveGetItemPass": ("max_pool2d_with_indices", "max.dim"),
+}
+
+
+@contextmanager
+def lean_xnnpack_passes(enabled: bool = True) -> Iterator[dict[str, int]]:
+    """While active, XNNPACK's partition pass pipeline skips the passes of ``_PASS_NEEDS`` on a
+    partition without their ops; yields counts (``partitions``, ``skipped`` passes)."""
+    from executorch.backends.xnnpack import _passes
+
+    counts = {"partitions": 0, "skipped": 0}
+    init = _passes.XNNPACKPassManager.__init__
+
+    def lean_init(self, exported_program, passes=None):
+        init(self, exported_program, passes)
+        counts["partitions"] += 1
+        if not enabled:
+            return
+        ops = " ".join(
+            str(n.target) for n in exported_program.graph.nodes if n.op == "call_function"
+        )
+        kept = [
+            p
+            for p in self.passes
+            if p.__name__ not in _PASS_NEEDS or any(op in ops for op in _PASS_NEEDS[p.__name__])
+        ]
+        counts["skipped"] += len(self.passes) - len(kept)
+        self.passes = kept
+
+    _passes.XNNPACKPassManager.__init__ = lean_init
+    try:
+        yield counts
+    finally:
+        _passes.XNNPACKPassManager.__init__ = init
+
+
+def _partitioner():
+    """XNNPACK's partitioner, letting ExecuTorch decompose the graph once instead of twice.
+
+    It keeps some ops whole (``linear``, ...) for XNNPACK, with a check per node; with a check,
+    ExecuTorch decomposes everything else, marks the nodes passing it, and decomposes the graph
+    a second time (the failing nodes). When every such node passes, the second pass changes
+    nothing: we then return no check, and ExecuTorch keeps the ops and decomposes once -- the
+    same program (checked byte for byte in tests), one whole-graph retrace less."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class Partitioner(XnnpackPartitioner):
+        def ops_to_not_decompose(self, ep):
+            ops, check = super().ops_to_not_decompose(ep)
+            if check is None or not self.lean:
+                return ops, check
+            kept = set(ops)
+            for node in ep.graph.nodes:
+                if node.op == "call_function" and node.target in kept and not check(node):
+                    return ops, check
+            return ops, None
+
+    return Partitioner
+
+
 @dataclass
 class LoweredProgram:
     """A lowered program ready to serialise: the ``.pte`` and its external data file(s)."""
@@ -205,6 +279,7 @@ def lower_to_xnnpack(
     is_adapter: Callable[[str], bool],
     constant_methods: dict[str, object] | None = None,
     foundation_derived: frozenset[str] | None = None,
+    lean: bool = True,
 ) -> LoweredProgram:
     """Lower ``ep`` with ``XnnpackPartitioner``; foundation constants go to ``foundation.ptd``.
 
@@ -217,9 +292,9 @@ def lower_to_xnnpack(
     ``foundation_derived`` is the set of such names the base program put in the foundation
     (its ``derived_foundation``): an adapter program sends those there and keeps the others,
     which may be derived from adapter weights. Without it (the base program), a program with
-    no adapter constant sends all of them to the foundation.
+    no adapter constant sends all of them to the foundation. ``lean=False`` runs XNNPACK's
+    full pass pipeline on every partition (see :func:`lean_xnnpack_passes`).
     """
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import (
         EdgeCompileConfig,
         ExecutorchBackendConfig,
@@ -235,12 +310,15 @@ def lower_to_xnnpack(
         frozenset().union(*(s.adapter for s in splits)),
         frozenset().union(*(s.shared for s in splits)),
     )
-    edge = to_edge_transform_and_lower(
-        methods,
-        partitioner=[XnnpackPartitioner()],
-        compile_config=EdgeCompileConfig(_check_ir_validity=False),
-        constant_methods=constant_methods,
-    )
+    partitioner = _partitioner()()
+    partitioner.lean = lean
+    with lean_xnnpack_passes(lean):
+        edge = to_edge_transform_and_lower(
+            methods,
+            partitioner=[partitioner],
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            constant_methods=constant_methods,
+        )
     derived: set[str] = set()
     for name in methods:
         # Fuses torchao dequantize_affine + embedding into quantized embedding kernels and

@@ -1,0 +1,132 @@
+"""The memory path of the foundation (meta-device build, checkpoint tensors assigned in their
+own dtype from lazily mapped files, one part quantized at a time) gives bit-identical weights
+and programs to the whole-model path it replaced: random fp32 model, checkpoint copied over it
+(upcast), merge, fuse, cast and quantize the whole model at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgelora.backends.xnnpack.lower import lower_to_xnnpack
+from edgelora.export.config import FoundationSpec
+from edgelora.export.foundation import build_foundation
+from edgelora.export.programs import trace
+from edgelora.lora.attach import merge_adapter
+from edgelora.lora.fusion import set_fusion
+from edgelora.models.args import ModelArgs
+from edgelora.models.llama import build_model
+from edgelora.quant.embedding import quantize_embedding
+from edgelora.quant.linear import quantize_linears
+from edgelora.weights.adapter_files import load_adapter
+from edgelora.weights.checkpoint import open_checkpoint
+from edgelora.weights.tensor_files import read_state_dict
+
+from ..hf_fixtures import ALL7, make_family, make_hf, peft_adapter
+
+
+def _whole_model(args, spec, path, merge=None):
+    """Today's path before the memory work, step by step on the whole model."""
+    from edgelora.weights.checkpoint import load_checkpoint
+
+    model = build_model(args, seed=spec.seed, sdpa=spec.sdpa, logits=spec.logits)
+    load_checkpoint(model, path)
+    if merge is not None:
+        merge_adapter(model, merge)
+    set_fusion(model, spec.fuse)
+    if spec.torch_dtype != torch.float32:
+        model.to(spec.torch_dtype)
+    quantize_embedding(model, spec.embedding_bits, spec.embedding_group_size)
+    quantize_linears(model, spec.qmode, spec.group_size)
+    return model
+
+
+def _parts(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A tensor's stored pieces (a torchao subclass: its qdata, scale, zero point, ...)."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter):
+        return {"": t.detach()}
+    names, _ = t.__tensor_flatten__()
+    return {n: getattr(t, n) for n in names}
+
+
+def _assert_identical(a, b):
+    sa = {**dict(a.named_buffers()), **a.state_dict()}
+    sb = {**dict(b.named_buffers()), **b.state_dict()}
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert type(sa[key]) is type(sb[key]), key
+        pa, pb = _parts(sa[key]), _parts(sb[key])
+        assert pa.keys() == pb.keys(), key
+        for n in pa:
+            assert pa[n].dtype == pb[n].dtype and torch.equal(pa[n], pb[n]), (key, n)
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bf16")
+    hf = make_hf(seed=4, tie_word_embeddings=True)
+    peft_adapter(hf, root / "ad", r=4, lora_alpha=8, target_modules=ALL7)
+    hf.to(torch.bfloat16).save_pretrained(root / "llama")
+    return root
+
+
+SPECS = {
+    "8da4w-emb4-fused-merged": dict(
+        qmode="8da4w", group_size=32, embedding_bits=4, embedding_group_size=32, fuse="all"
+    ),
+    "8da8w-perchannel-fp16": dict(qmode="8da8w", group_size=0, dtype="fp16", embedding_bits=8),
+    "float": dict(qmode="none", fuse="qkv"),
+}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_memory_path_is_bit_identical(bf16_llama, name):
+    path = bf16_llama / "llama"
+    spec = FoundationSpec(checkpoint=path, **SPECS[name])
+    ckpt = open_checkpoint(path)
+    assert ckpt.dtype == torch.bfloat16
+    args = ModelArgs.from_dict({**ckpt.params, "max_seq_len": 32})
+    merge = load_adapter(bf16_llama / "ad", args, name="m") if "merged" in name else None
+    new, report, _ = build_foundation(args, spec, checkpoint=ckpt, merge=merge)
+    assert ckpt.state_dict == {}  # handed over to the model
+    _assert_identical(new, _whole_model(args, spec, path, merge))
+    assert len(report.decisions) == len(list(new.modules())) - len(
+        [m for m in new.modules() if not isinstance(m, torch.nn.Linear)]
+    )
+
+
+def test_memory_path_phi3_natively_fused(tmp_path):
+    hf = make_family("phi3", seed=2)
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "phi3")
+    path = tmp_path / "phi3"
+    for fuse in ("none", "all"):
+        spec = FoundationSpec(checkpoint=path, qmode="8da4w", group_size=32, fuse=fuse)
+        args = ModelArgs.from_dict({**open_checkpoint(path).params, "max_seq_len": 32})
+        new, _, _ = build_foundation(args, spec)
+        _assert_identical(new, _whole_model(args, spec, path))
+
+
+def test_memory_path_programs_are_byte_identical(bf16_llama, tmp_path):
+    """One lowering of each: the .pte and foundation.ptd bytes agree."""
+    path = bf16_llama / "llama"
+    spec = FoundationSpec(checkpoint=path, qmode="8da4w", group_size=32, sdpa="custom")
+    args = ModelArgs.from_dict({**open_checkpoint(path).params, "max_seq_len": 32})
+    files = []
+    for i, model in enumerate((build_foundation(args, spec)[0], _whole_model(args, spec, path))):
+        lowered = lower_to_xnnpack(trace(model, args), is_adapter=lambda fqn: False)
+        out = tmp_path / str(i)
+        out.mkdir()
+        lowered.write_pte(out / "p.pte")
+        lowered.write_data_files(out)
+        files.append([f.read_bytes() for f in sorted(out.iterdir())])
+    assert len(files[0]) == 2 and files[0] == files[1]
+
+
+def test_lazy_safetensors_reads_on_use(bf16_llama):
+    """A lazily read tensor equals the eager read, in the file's dtype."""
+    (f,) = (bf16_llama / "llama").glob("*.safetensors")
+    lazy, eager = read_state_dict(f, lazy=True), read_state_dict(f)
+    assert lazy.keys() == eager.keys()
+    for k in eager:
+        assert lazy[k].dtype == eager[k].dtype == torch.bfloat16
+        assert torch.equal(lazy[k], eager[k])
