@@ -142,7 +142,9 @@ def _inputs(config: str, work: Path) -> tuple[dict, object, object]:
     return params, model, adapter
 
 
-_STAGE = re.compile(r"^\[(?P<name>[^\]]+)\] (?P<s>[0-9.]+) s( \(peak RSS so far \d+ MiB\))?$")
+_STAGE = re.compile(
+    r"^\[(?P<name>[^\]]+)\] (?P<s>[0-9.]+) s( \(peak RSS \d+ MiB, so far \d+ MiB\))?$"
+)
 
 
 def _our_export(work: Path, variant: str) -> dict:

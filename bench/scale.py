@@ -66,7 +66,9 @@ SHAPES = {
 }
 ADAPTER = "a0"
 MAX_SEQ_LEN = 512
-_STAGE = re.compile(r"^\[(?P<name>[^\]]+)\] (?P<s>[0-9.]+) s \(peak RSS so far (?P<mib>\d+) MiB\)$")
+_STAGE = re.compile(
+    r"^\[(?P<name>[^\]]+)\] (?P<s>[0-9.]+) s \(peak RSS (?P<mib>\d+) MiB, so far (?P<so_far>\d+) MiB\)$"
+)
 _ESTIMATE = re.compile(r"estimated peak memory (?P<gib>[0-9.]+) GiB")
 
 

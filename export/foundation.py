@@ -11,6 +11,7 @@ step is per module, so the result is bit-identical to doing each step on the who
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 
 import torch
@@ -69,6 +70,7 @@ def build_foundation(
                 model, spec.embedding_bits, spec.embedding_group_size, EMBEDDING
             )
         quantize_linears(part, spec.qmode, spec.group_size, prefix=name, report=report)
+    gc.collect()  # the checkpoint's maps and fp32 copies, if a cycle still holds them
     if spec.torch_dtype != torch.float32:
         for key, buf in model._buffers.items():  # the rotary tables and masks, as model.to()
             if buf is not None and buf.is_floating_point():

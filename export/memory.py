@@ -1,40 +1,121 @@
-"""The up-front memory estimate of an export, checked before any long step."""
+"""The up-front memory estimate of an export, checked before any long step.
+
+The foundation is built one part at a time (:mod:`edgelora.export.foundation`), so the peak is
+what the export keeps plus the larger of two transients, each counted from the model's shapes
+(on the meta device, nothing allocated):
+
+* **resident**: the quantized model (torchao keeps a 4- or 8-bit weight as one int8 per value,
+  an fp32 scale and an int8 zero point per group), the float weights kept (the embedding unless
+  quantized, norms, LoRA matrices), the KV caches and the rotary tables and masks;
+* **building**: one part's fp32 working copy (the largest: often the output layer) plus its
+  checkpoint pages and a block of torchao's temporaries (weights are quantized a block of rows
+  at a time, :mod:`edgelora.quant.rows`);
+* **lowering**: XNNPACK's packed weights (half a byte per 4-bit value, a scale per group), held
+  twice while a program is serialised (the delegate blobs and the data file's buffer), plus the
+  float constants written to ``foundation.ptd``;
+
+and a fixed overhead (PyTorch, ExecuTorch and torchao loaded, the tracing machinery), then a
+margin. Measured on Llama-3.2-1B and -3B shapes (``bench/scale.py``); tested to stay an upper
+bound of measured peaks (``tests/export/test_memory_estimate.py``).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from edgelora._memory import available_memory
 from edgelora.errors import ConfigError
 from edgelora.models.args import ModelArgs
 from edgelora.models.llama import Transformer
 
-# Peak export memory per byte of fp32 model state, measured here: the fp32 weights, their
-# quantized copies, and torch.export/lowering's working set (stories15M: ~0.95 GB peak for
-# 0.10 GB of fp32 state incl. the embedding; 1.3 GB for stories110M's 0.45 GB).
-EXPORT_MEMORY_FACTOR = 3.0
-_FIXED_OVERHEAD = 600 * 2**20  # torch + executorch + torchao imported, tracing machinery
+FIXED_OVERHEAD = 1.25 * 2**30  # libraries loaded + tracing; measured ~1.1 GiB at 1B
+MARGIN = 1.10  # on top of the sum: allocator fragmentation, sampling error
+_BLOCK_TEMPORARIES = 6 * 2**26  # ~6 fp32 temporaries of one 16 Mi-value block (quant/rows.py)
 
 
-def estimate_export_memory(args: ModelArgs) -> tuple[int, int]:
-    """``(state_bytes, estimated_peak_bytes)``: the model's fp32 parameters and buffers
-    (counted on the meta device, nothing allocated) and the export's estimated peak RSS."""
+@dataclass(frozen=True)
+class MemoryEstimate:
+    resident: int
+    building: int
+    lowering: int
+    peak: int
+
+    def summary(self) -> str:
+        gib = 2**30
+        return (
+            f"{self.peak / gib:.2f} GiB (model {self.resident / gib:.2f}, + building "
+            f"{self.building / gib:.2f} or lowering {self.lowering / gib:.2f}, + "
+            f"{FIXED_OVERHEAD / gib:.2f} fixed, x{MARGIN:g})"
+        )
+
+
+def _quantized_bytes(values: int, rows: int, cols: int, group: int) -> int:
+    groups = rows * (cols // group if group else 1)
+    return values + groups * 5  # int8 per value; fp32 scale + int8 zero point per group
+
+
+def estimate_export_memory(
+    args: ModelArgs,
+    *,
+    qmode: str = "8da4w",
+    group_size: int = 32,
+    embedding_bits: int = 0,
+    embedding_group_size: int = 0,
+    dtype_bytes: int = 4,
+    checkpoint_dtype_bytes: int = 2,
+) -> MemoryEstimate:
+    """The estimated peak resident memory of exporting a model of ``args`` (see the module
+    docstring); ``dtype_bytes`` is the export's float size, ``checkpoint_dtype_bytes`` the
+    checkpoint's (its pages of one part are read while that part is built)."""
     with torch.device("meta"):
         model = Transformer(args)
-    state = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    return state, int(state * EXPORT_MEMORY_FACTOR + _FIXED_OVERHEAD)
+    resident = building = packed = float_constants = 0
+    for module in model.modules():
+        direct = list(module.parameters(recurse=False))
+        if not direct:
+            continue
+        values = sum(p.numel() for p in direct)
+        if isinstance(module, nn.Linear) and qmode != "none":
+            rows, cols = module.weight.shape
+            resident += _quantized_bytes(rows * cols, rows, cols, group_size)
+            bits = 4 if qmode == "8da4w" else 8
+            groups = rows * (cols // group_size if group_size else 1)
+            packed += rows * cols * bits // 8 + groups * 4
+            resident += (values - rows * cols) * dtype_bytes  # a bias stays float
+            float_constants += (values - rows * cols) * dtype_bytes
+        elif isinstance(module, nn.Embedding) and embedding_bits:
+            rows, cols = module.weight.shape
+            resident += _quantized_bytes(values, rows, cols, embedding_group_size)
+            groups = rows * (cols // embedding_group_size if embedding_group_size else 1)
+            float_constants += values * embedding_bits // 8 + groups * 4
+        else:
+            resident += values * dtype_bytes
+            float_constants += values * dtype_bytes
+    for part in [*model.layers, *(c for n, c in model.named_children() if n != "layers")]:
+        values = sum(p.numel() for p in part.parameters())
+        biggest = max((p.numel() for p in part.parameters()), default=0)
+        work = values * (4 + checkpoint_dtype_bytes) + min(biggest * 4, _BLOCK_TEMPORARIES)
+        building = max(building, work)
+    resident += sum(b.numel() * b.element_size() for b in model.buffers())
+    lowering = 2 * packed + float_constants
+    peak = int((FIXED_OVERHEAD + resident + max(building, lowering)) * MARGIN)
+    return MemoryEstimate(resident, building, lowering, peak)
 
 
-def check_memory(args: ModelArgs, available: int | None = None) -> int:
+def check_memory(
+    args: ModelArgs, available: int | None = None, **settings
+) -> MemoryEstimate:
     """Fail early (:class:`ConfigError` with the estimate) if the export cannot fit in memory,
-    rather than being killed half-way; returns the estimated peak in bytes."""
-    state, peak = estimate_export_memory(args)
+    rather than being killed half-way; returns the estimate (``settings``: the quantization
+    and dtypes, as :func:`estimate_export_memory` takes them)."""
+    estimate = estimate_export_memory(args, **settings)
     available = available_memory() if available is None else available
-    if available is not None and peak > available:
+    if available is not None and estimate.peak > available:
         raise ConfigError(
-            f"this model needs about {peak / 2**30:.1f} GiB to export ({state / 4 / 1e6:,.0f}M "
-            f"fp32 values = {state / 2**30:.2f} GiB of weights and buffers, x"
-            f"{EXPORT_MEMORY_FACTOR:g} while quantizing and lowering); only "
+            f"this model needs about {estimate.summary()} to export; only "
             f"{available / 2**30:.1f} GiB is available"
         )
-    return peak
+    return estimate

@@ -85,7 +85,17 @@ def run_export(
     # 1. Check.
     check_output_dir(out_dir, overwrite=config.overwrite)
     tokenizer = _check_tokenizer(config)
-    log(f"  estimated peak memory {check_memory(args) / 2**30:.2f} GiB")
+    spec = config.foundation
+    estimate = check_memory(
+        args,
+        qmode=spec.qmode,
+        group_size=spec.group_size,
+        embedding_bits=spec.embedding_bits,
+        embedding_group_size=spec.embedding_group_size,
+        dtype_bytes=spec.torch_dtype.itemsize,
+        checkpoint_dtype_bytes=4 if checkpoint is None else checkpoint.dtype.itemsize,
+    )
+    log(f"  estimated peak memory {estimate.summary()}")
     for adapter in [a for a in (merged, *adapters) if a is not None]:
         for note in adapter.notes:
             log(f"  adapter {adapter.name}: {note}")

@@ -3,7 +3,7 @@ switchable programs are all traced with :func:`trace` and written by :class:`Pro
 
 from __future__ import annotations
 
-import filecmp
+import gc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from edgelora.errors import InternalError
+from edgelora.export.progress import Counter
 from edgelora.export.timing import StageTimer
 from edgelora.format.checksums import program_methods
-from edgelora.format.layout import FOUNDATION_FILE
+from edgelora.format.layout import FOUNDATION_FILE, sha256_file
 from edgelora.models.args import ModelArgs
 
 
@@ -30,9 +31,11 @@ def trace(
     dynamic: tuple = ({1: seq}, None)
     if extra_inputs is not None:
         inputs, dynamic = (*inputs, extra_inputs), (*dynamic, [None] * len(extra_inputs))
+    from edgelora.backends.xnnpack.lower import decompose_for_xnnpack
+
     with torch.no_grad():
         ep = torch.export.export(module, inputs, dynamic_shapes=dynamic, strict=False)
-        return ep.run_decompositions({})
+        return decompose_for_xnnpack(ep)
 
 
 class ProgramWriter:
@@ -63,6 +66,7 @@ class ProgramWriter:
             eos_ids=eos_ids,
         )
         self._base_derived: frozenset[str] | None = None
+        self._foundation_sha = ""
 
     def trace(self, module: nn.Module, label: str, **kw) -> torch.export.ExportedProgram:
         with self.timer(f"{label}: torch.export"):
@@ -78,36 +82,54 @@ class ProgramWriter:
     ):
         """Lower ``programs`` (one, or method name -> program) into ``stage/file``; constants
         for which ``is_adapter(fqn)`` stay in the program, all others go to the foundation.
-        Returns the lowered program (its constant split)."""
+        Returns the lowered program's constant split and derived names (its serialised form
+        is released once written)."""
         from edgelora.backends.xnnpack.lower import lower_to_xnnpack
 
         first = self._base_derived is None
         with self.timer(f"{label}: lower to XNNPACK + serialise"):
-            lowered = lower_to_xnnpack(
-                programs,
-                is_adapter=is_adapter,
-                constant_methods=program_methods(**self._methods),
-                foundation_derived=self._base_derived,
-            )
+            bar = Counter(f"{label}: XNNPACK partitions", unit="partition")
+            try:
+                lowered = lower_to_xnnpack(
+                    programs,
+                    is_adapter=is_adapter,
+                    constant_methods=program_methods(**self._methods),
+                    foundation_derived=self._base_derived,
+                    progress=bar,
+                )
+            finally:
+                bar.close()
             lowered.write_pte(self.stage / file)
-            data_dir = self.stage if first else self.scratch / label
-            data_dir.mkdir(exist_ok=True)
-            written = lowered.write_data_files(data_dir)
-        self._check_foundation(written, label, compare=not first)
+            digests = None if first else lowered.data_file_digests()
+            if digests is None:  # the base program, or no in-memory digests: write them
+                data_dir = self.stage if first else self.scratch / label
+                data_dir.mkdir(exist_ok=True)
+                written = lowered.write_data_files(data_dir)
+                digests = {p.name: sha256_file(p) for p in written}
+        self._check_foundation(digests, label, first=first)
         if first:
             self._base_derived = lowered.derived_foundation
+        # The serialised program and its buffers (GBs at 1B) are written: free them now, and
+        # the lowering's reference cycles with them, before the next program is traced.
+        lowered.manager = None
+        gc.collect()
         return lowered
 
-    def _check_foundation(self, written: list[Path], label: str, *, compare: bool) -> None:
-        if [p.name for p in written] != [FOUNDATION_FILE]:
+    def _check_foundation(self, digests: dict[str, str], label: str, *, first: bool) -> None:
+        """The base program wrote ``foundation.ptd`` and nothing else; every later program's
+        foundation has the same sha256 (compared from memory: no second copy is written)."""
+        if list(digests) != [FOUNDATION_FILE]:
             raise InternalError(
                 f"{label}: expected the lowering to write only {FOUNDATION_FILE}, got "
-                f"{[p.name for p in written]}"
+                f"{list(digests)}"
             )
-        if compare and not filecmp.cmp(written[0], self.stage / FOUNDATION_FILE, shallow=False):
+        if first:
+            self._foundation_sha = digests[FOUNDATION_FILE]
+        elif digests[FOUNDATION_FILE] != self._foundation_sha:
             raise InternalError(
-                f"the foundation written for {label!r} differs from the base program's; "
-                "programs would not share one foundation.ptd"
+                f"the foundation of {label!r} (sha256 {digests[FOUNDATION_FILE][:16]}...) differs "
+                f"from the base program's ({self._foundation_sha[:16]}...); programs would not "
+                "share one foundation.ptd"
             )
 
     def size_mb(self, file: str) -> float:

@@ -25,3 +25,22 @@ def progress(
     for item in bar:
         yield item
         bar.set_postfix_str(f"RSS {resident_mib():.0f} MiB", refresh=False)
+
+
+class Counter:
+    """A bar advanced by callbacks (``counter(done, total)``), e.g. partitions compiled by the
+    lowering; close it with :meth:`close`."""
+
+    def __init__(self, desc: str, unit: str = "it") -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(desc=desc, unit=unit, leave=False, disable=None, file=sys.stderr)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar.total != total:
+            self._bar.total = total
+        self._bar.update(done - self._bar.n)
+        self._bar.set_postfix_str(f"RSS {resident_mib():.0f} MiB", refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()

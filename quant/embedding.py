@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from edgelora.errors import ConfigError
+from edgelora.quant.rows import quantize_rows
 
 EMBEDDING_BITS = (0, 4, 8)
 
@@ -55,12 +56,12 @@ def quantize_embedding(
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 
-    original = emb.weight.detach().clone()
     config = IntxWeightOnlyConfig(
         weight_dtype=torch.int4 if bits == 4 else torch.int8,
         granularity=PerAxis(0) if group_size == 0 else PerGroup(group_size),
     )
-    with torch.no_grad():
-        quantize_(model, config, filter_fn=lambda m, name: name == fqn)
-    err = (model.get_submodule(fqn).weight.dequantize() - original).abs().max().item()
+    with torch.no_grad():  # a block of rows at a time (quant/rows.py)
+        err, _ = quantize_rows(
+            emb, lambda m: quantize_(m, config, filter_fn=lambda mod, name: mod is m)
+        )
     return EmbeddingReport(fqn, bits, group_size, err)

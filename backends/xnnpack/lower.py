@@ -62,8 +62,13 @@ def tag_foundation_constants(
     """
     fqns = constant_fqns(ep)
     values = _constant_values(ep)
+    # Only a foundation constant of an adapter constant's size in bytes can hold its bytes:
+    # hash those alone (a base program hashes nothing; 1B's foundation is ~1.4 GB to hash).
+    kinds = {_kind(values[f]) for f in fqns.values() if is_adapter(f) and f in values}
     foundation_bytes = {
-        _digest(values[f]) for f in fqns.values() if not is_adapter(f) and f in values
+        _digest(values[f])
+        for f in fqns.values()
+        if not is_adapter(f) and f in values and _kind(values[f]) in kinds
     }
     foundation_node: dict[torch.fx.Node, bool] = {}
     split_f, split_a, shared = set(), set(), set()
@@ -91,6 +96,12 @@ def _constant_values(ep: ExportedProgram) -> dict[str, torch.Tensor]:
     values = dict(ep.state_dict)
     values.update(ep.constants)
     return values
+
+
+def _kind(t: torch.Tensor) -> tuple:
+    if hasattr(t, "tensor_impls") or type(t) is not torch.Tensor:  # see _digest
+        return type(t), id(t)
+    return (t.numel() * t.element_size(),)
 
 
 def _digest(t: torch.Tensor) -> bytes:
@@ -198,9 +209,12 @@ _PASS_NEEDS = {
 
 
 @contextmanager
-def lean_xnnpack_passes(enabled: bool = True) -> Iterator[dict[str, int]]:
+def lean_xnnpack_passes(
+    enabled: bool = True, on_partition: Callable[[int], None] | None = None
+) -> Iterator[dict[str, int]]:
     """While active, XNNPACK's partition pass pipeline skips the passes of ``_PASS_NEEDS`` on a
-    partition without their ops; yields counts (``partitions``, ``skipped`` passes)."""
+    partition without their ops; yields counts (``partitions``, ``skipped`` passes).
+    ``on_partition(n)`` is told as the n-th partition starts its passes (for progress)."""
     from executorch.backends.xnnpack import _passes
 
     counts = {"partitions": 0, "skipped": 0}
@@ -209,6 +223,8 @@ def lean_xnnpack_passes(enabled: bool = True) -> Iterator[dict[str, int]]:
     def lean_init(self, exported_program, passes=None):
         init(self, exported_program, passes)
         counts["partitions"] += 1
+        if on_partition is not None:
+            on_partition(counts["partitions"])
         if not enabled:
             return
         ops = " ".join(
@@ -240,6 +256,13 @@ def _partitioner():
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     class Partitioner(XnnpackPartitioner):
+        lean, partitions = True, 0
+
+        def partition(self, exported_program):
+            result = super().partition(exported_program)
+            self.partitions += len(result.partition_tags)
+            return result
+
         def ops_to_not_decompose(self, ep):
             ops, check = super().ops_to_not_decompose(ep)
             if check is None or not self.lean:
@@ -251,6 +274,20 @@ def _partitioner():
             return ops, None
 
     return Partitioner
+
+
+def decompose_for_xnnpack(ep: ExportedProgram) -> ExportedProgram:
+    """``ep`` functionalized and decomposed to core ATen, keeping whole the ops XNNPACK takes
+    whole (``linear``, ...): the decomposition ``to_edge_transform_and_lower`` would do, done
+    as the program is traced, so the lowering finds nothing left to decompose and skips its own
+    whole-graph pass (one re-trace of the whole model less per program)."""
+    from executorch.exir.tracer import _default_decomposition_table
+
+    table = _default_decomposition_table()
+    ops, _ = _partitioner()().ops_to_not_decompose(ep)
+    for op in ops:
+        table.pop(op, None)
+    return ep.run_decompositions(table)
 
 
 @dataclass
@@ -266,6 +303,30 @@ class LoweredProgram:
         with open(path, "wb") as f:
             self.manager.write_to_file(f)
 
+    def data_file_digests(self) -> dict[str, str] | None:
+        """``<tag>.ptd`` -> the sha256 of the bytes :meth:`write_data_files` would write, hashed
+        from memory (nothing written); ``None`` if this ExecuTorch keeps them elsewhere."""
+        import hashlib
+
+        data = getattr(self.manager, "_tensor_data", None)  # what write_tensor_data_to_file writes
+        if not isinstance(data, dict):
+            return None
+
+        class _Hasher:
+            def __init__(self) -> None:
+                self.h = hashlib.sha256()
+
+            def write(self, b) -> int:
+                self.h.update(b)
+                return len(b)
+
+        out = {}
+        for name, cord in data.items():
+            hasher = _Hasher()
+            cord.write_to_file(hasher)
+            out[f"{name}.ptd"] = hasher.h.hexdigest()
+        return out
+
     def write_data_files(self, directory: str | Path) -> list[Path]:
         """Write ``<tag>.ptd`` files into ``directory``; returns their paths."""
         before = set(Path(directory).glob("*.ptd"))
@@ -280,6 +341,7 @@ def lower_to_xnnpack(
     constant_methods: dict[str, object] | None = None,
     foundation_derived: frozenset[str] | None = None,
     lean: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LoweredProgram:
     """Lower ``ep`` with ``XnnpackPartitioner``; foundation constants go to ``foundation.ptd``.
 
@@ -294,6 +356,7 @@ def lower_to_xnnpack(
     which may be derived from adapter weights. Without it (the base program), a program with
     no adapter constant sends all of them to the foundation. ``lean=False`` runs XNNPACK's
     full pass pipeline on every partition (see :func:`lean_xnnpack_passes`).
+    ``progress(done, total)`` is called as each XNNPACK partition is compiled.
     """
     from executorch.exir import (
         EdgeCompileConfig,
@@ -312,13 +375,21 @@ def lower_to_xnnpack(
     )
     partitioner = _partitioner()()
     partitioner.lean = lean
-    with lean_xnnpack_passes(lean):
+
+    def on_partition(n: int) -> None:
+        if progress is not None:
+            progress(n, max(n, partitioner.partitions))
+
+    with lean_xnnpack_passes(lean, on_partition):
         edge = to_edge_transform_and_lower(
             methods,
             partitioner=[partitioner],
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
             constant_methods=constant_methods,
         )
+    import gc
+
+    gc.collect()  # the intermediate programs of the passes (reference cycles) before emitting
     derived: set[str] = set()
     for name in methods:
         # Fuses torchao dequantize_affine + embedding into quantized embedding kernels and

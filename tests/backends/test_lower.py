@@ -93,3 +93,30 @@ def test_reader_rejects_corrupt_files(tmp_path, export_8da4w):
     with pytest.raises(ProgramError, match="not found"):
         read_ptd(tmp_path / "none.ptd")
     assert torch.__version__  # keep torch imported first (ExecuTorch links against it)
+
+
+@pytest.mark.parametrize("sdpa", ["custom", "plain"])
+def test_lean_lowering_is_byte_identical(tiny_args, adapter_dirs, sdpa):
+    """The lean XNNPACK pass pipeline and the single decomposition (lower.lean_xnnpack_passes,
+    lower._partitioner) write the same program as ExecuTorch's full pipeline, for an adapter
+    program (LoRA linears inside the partitions) with either attention path (the plain one
+    keeps XNNPACK's SDPA pass: its graph has a softmax)."""
+    import io
+
+    from edgelora.backends.xnnpack.lower import lean_xnnpack_passes, lower_to_xnnpack
+
+    model, _, _ = build_foundation(
+        tiny_args, FoundationSpec(qmode="8da4w", group_size=32, sdpa=sdpa)
+    )
+    attach_adapter(model, load_adapter(adapter_dirs["code"], tiny_args, "code"))
+    out = {}
+    for lean in (True, False):
+        with lean_xnnpack_passes(False) as counts:  # counts only: lower_to_xnnpack decides
+            lowered = lower_to_xnnpack(
+                trace(model, tiny_args), is_adapter=adapter_fqns(model).__contains__, lean=lean
+            )
+        buf = io.BytesIO()
+        lowered.manager.write_to_file(buf)
+        out[lean] = buf.getvalue()
+        assert counts["partitions"] >= 2
+    assert out[True] == out[False]

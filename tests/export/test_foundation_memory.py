@@ -16,8 +16,6 @@ from edgelora.lora.attach import merge_adapter
 from edgelora.lora.fusion import set_fusion
 from edgelora.models.args import ModelArgs
 from edgelora.models.llama import build_model
-from edgelora.quant.embedding import quantize_embedding
-from edgelora.quant.linear import quantize_linears
 from edgelora.weights.adapter_files import load_adapter
 from edgelora.weights.checkpoint import open_checkpoint
 from edgelora.weights.tensor_files import read_state_dict
@@ -26,8 +24,19 @@ from ..hf_fixtures import ALL7, make_family, make_hf, peft_adapter
 
 
 def _whole_model(args, spec, path, merge=None):
-    """Today's path before the memory work, step by step on the whole model."""
+    """The path before the memory work, step by step on the whole model: torchao's quantize_
+    on the whole model (every weight at once), as quant/ did it."""
+    from torchao.quantization import (
+        Int8DynamicActivationIntxWeightConfig,
+        IntxWeightOnlyConfig,
+        quantize_,
+    )
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
     from edgelora.weights.checkpoint import load_checkpoint
+
+    def granularity(g):
+        return PerAxis(0) if g == 0 else PerGroup(g)
 
     model = build_model(args, seed=spec.seed, sdpa=spec.sdpa, logits=spec.logits)
     load_checkpoint(model, path)
@@ -36,8 +45,18 @@ def _whole_model(args, spec, path, merge=None):
     set_fusion(model, spec.fuse)
     if spec.torch_dtype != torch.float32:
         model.to(spec.torch_dtype)
-    quantize_embedding(model, spec.embedding_bits, spec.embedding_group_size)
-    quantize_linears(model, spec.qmode, spec.group_size)
+    if spec.embedding_bits:
+        bits = torch.int4 if spec.embedding_bits == 4 else torch.int8
+        cfg = IntxWeightOnlyConfig(
+            weight_dtype=bits, granularity=granularity(spec.embedding_group_size)
+        )
+        quantize_(model, cfg, filter_fn=lambda m, name: name == "tok_embeddings")
+    if spec.qmode != "none":
+        bits = torch.int4 if spec.qmode == "8da4w" else torch.int8
+        cfg = Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=bits, weight_granularity=granularity(spec.group_size)
+        )
+        quantize_(model, cfg, filter_fn=lambda m, name: isinstance(m, torch.nn.Linear))
     return model
 
 
@@ -80,7 +99,11 @@ SPECS = {
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_memory_path_is_bit_identical(bf16_llama, name):
+def test_memory_path_is_bit_identical(bf16_llama, name, monkeypatch):
+    """Also with every weight quantized a few rows at a time (quant/rows.py)."""
+    from edgelora.quant import rows
+
+    monkeypatch.setattr(rows, "BLOCK_VALUES", 64 * 5)  # dim 64: 5 rows per block
     path = bf16_llama / "llama"
     spec = FoundationSpec(checkpoint=path, **SPECS[name])
     ckpt = open_checkpoint(path)
@@ -130,3 +153,19 @@ def test_lazy_safetensors_reads_on_use(bf16_llama):
     for k in eager:
         assert lazy[k].dtype == eager[k].dtype == torch.bfloat16
         assert torch.equal(lazy[k], eager[k])
+
+
+def test_program_writer_refuses_a_different_foundation(tmp_path, tiny_args):
+    """Later programs' foundations are compared by digest (from memory): a mismatch, or a
+    lowering writing another data file, is an internal error naming both hashes."""
+    from edgelora.errors import InternalError
+    from edgelora.export.programs import ProgramWriter
+    from edgelora.export.timing import StageTimer
+
+    writer = ProgramWriter(tmp_path, tmp_path, tiny_args, StageTimer(lambda s: None))
+    writer._check_foundation({"foundation.ptd": "ab" * 32}, "base", first=True)
+    writer._check_foundation({"foundation.ptd": "ab" * 32}, "a", first=False)
+    with pytest.raises(InternalError, match=r"foundation of 'b' \(sha256 cdcdcd.*abab"):
+        writer._check_foundation({"foundation.ptd": "cd" * 32}, "b", first=False)
+    with pytest.raises(InternalError, match="only foundation.ptd"):
+        writer._check_foundation({"foundation.ptd": "ab" * 32, "x.ptd": "00"}, "c", first=False)
