@@ -62,7 +62,10 @@ class Attention(FusableProjections):
         self.n_kv_heads = args.kv_heads
         self.head_dim = hd = args.head_dim
         self.use_rope = use_rope
-        self.register_buffer("rope_swap", pair_swap(), persistent=False)
+        # One pair-swap weight per use: a constant shared by two XNNPACK partitions can make
+        # ExecuTorch's partitioner build a cyclic partition (seen on MLA).
+        self.register_buffer("rope_swap_q", pair_swap(), persistent=False)
+        self.register_buffer("rope_swap_k", pair_swap(), persistent=False)
         self.scale = args.attention_scale if args.attention_scale is not None else hd**-0.5
         self.softcap = args.attn_logit_softcap
         bias = args.attention_bias
@@ -97,7 +100,8 @@ class Attention(FusableProjections):
         if "q_norm" in self._modules:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
-            q, k = apply_rope(q, cos, sin, self.rope_swap), apply_rope(k, cos, sin, self.rope_swap)
+            q = apply_rope(q, cos, sin, self.rope_swap_q)
+            k = apply_rope(k, cos, sin, self.rope_swap_k)
         if isinstance(self.kv_cache, CustomKVCache):
             # ExecuTorch's kernels: in-place cache write, causal SDPA from ``start`` (GQA aware).
             # They take fp32 (as ExecuTorch's example, fp16 runs them in fp32).

@@ -80,7 +80,10 @@ class MLAttention(FusableProjections):
         )
         self.wo = nn.Linear(args.n_heads * self.v_head_dim, args.dim, bias=False)
         self.kv_cache = KVCache(args.n_heads, args.max_seq_len, self.qk_head_dim, self.v_head_dim)
-        self.register_buffer("rope_swap", pair_swap(), persistent=False)
+        # One pair-swap weight per use: a constant shared by two XNNPACK partitions can make
+        # ExecuTorch's partitioner build a cyclic partition (seen on MLA).
+        self.register_buffer("rope_swap_q", pair_swap(), persistent=False)
+        self.register_buffer("rope_swap_k", pair_swap(), persistent=False)
 
     def get_q_kv_a(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The query (all heads, ``[b, seq, n_heads*qk_head_dim]``) and the ``wkv_a`` output
@@ -104,9 +107,9 @@ class MLAttention(FusableProjections):
         q_nope, q_rope = q.view(bsz, seq, heads, self.qk_head_dim).split(
             [self.qk_nope, self.qk_rope], dim=-1
         )
-        q = torch.cat([q_nope, apply_rope(q_rope, cos, sin, self.rope_swap)], dim=-1)
+        q = torch.cat([q_nope, apply_rope(q_rope, cos, sin, self.rope_swap_q)], dim=-1)
         latent, k_rope = kv_a.split([self.kv_lora_rank, self.qk_rope], dim=-1)
-        k_rope = apply_rope(k_rope.view(bsz, seq, 1, self.qk_rope), cos, sin, self.rope_swap)
+        k_rope = apply_rope(k_rope.view(bsz, seq, 1, self.qk_rope), cos, sin, self.rope_swap_k)
         kv = self.wkv_b(self.kv_norm(latent)).view(bsz, seq, heads, self.qk_nope + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(bsz, seq, heads, self.qk_rope)], dim=-1)

@@ -99,6 +99,7 @@ def _constant_values(ep: ExportedProgram) -> dict[str, torch.Tensor]:
 
 
 def _kind(t: torch.Tensor) -> tuple:
+    t = t.detach()  # a Parameter is a plain tensor here, as in _digest
     if hasattr(t, "tensor_impls") or type(t) is not torch.Tensor:  # see _digest
         return type(t), id(t)
     return (t.numel() * t.element_size(),)
