@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from edgelora._memory import release_free_memory
 from edgelora.export.config import FoundationSpec
 from edgelora.export.progress import progress
 from edgelora.lora.attach import adapter_attached, merge_adapter
@@ -71,6 +72,7 @@ def build_foundation(
             )
         quantize_linears(part, spec.qmode, spec.group_size, prefix=name, report=report)
     gc.collect()  # the checkpoint's maps and fp32 copies, if a cycle still holds them
+    release_free_memory()
     if spec.torch_dtype != torch.float32:
         for key, buf in model._buffers.items():  # the rotary tables and masks, as model.to()
             if buf is not None and buf.is_floating_point():

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgelora._memory import release_free_memory
 from edgelora.errors import InternalError
 from edgelora.export.progress import Counter
 from edgelora.export.timing import StageTimer
@@ -113,6 +114,7 @@ class ProgramWriter:
         # the lowering's reference cycles with them, before the next program is traced.
         lowered.manager = None
         gc.collect()
+        release_free_memory()
         return lowered
 
     def _check_foundation(self, digests: dict[str, str], label: str, *, first: bool) -> None:

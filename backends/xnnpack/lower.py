@@ -390,7 +390,10 @@ def lower_to_xnnpack(
         )
     import gc
 
+    from edgelora._memory import release_free_memory
+
     gc.collect()  # the intermediate programs of the passes (reference cycles) before emitting
+    release_free_memory()
     derived: set[str] = set()
     for name in methods:
         # Fuses torchao dequantize_affine + embedding into quantized embedding kernels and
