@@ -13,6 +13,7 @@ base-only export and of any adapter export hold the same keys and bytes.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -277,6 +278,26 @@ def _partitioner():
     return Partitioner
 
 
+def _forget_rejected_nodes() -> None:
+    """Drop the graph nodes ExecuTorch keeps in module-level state after a lowering: the
+    unbounded ``lru_cache`` of ``exir.backend.utils.is_same_node`` and the last node each
+    ``WhyNoPartition`` logger rejected. Through their graphs they held every lowered program
+    -- XNNPACK's packed weights included, ~0.9 GB per program at 1B -- for the whole export."""
+    from executorch.exir.backend import utils
+    from executorch.exir.backend.utils import WhyNoPartition
+
+    cache_clear = getattr(utils.is_same_node, "cache_clear", None)
+    if cache_clear is not None:
+        cache_clear()
+
+    for module in list(sys.modules.values()):
+        if not getattr(module, "__name__", "").startswith("executorch."):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, WhyNoPartition):
+                value.node = None
+
+
 def decompose_for_xnnpack(ep: ExportedProgram) -> ExportedProgram:
     """``ep`` functionalized and decomposed to core ATen, keeping whole the ops XNNPACK takes
     whole (``linear``, ...): the decomposition ``to_edge_transform_and_lower`` would do, done
@@ -392,6 +413,7 @@ def lower_to_xnnpack(
 
     from edgelora._memory import release_free_memory
 
+    _forget_rejected_nodes()
     gc.collect()  # the intermediate programs of the passes (reference cycles) before emitting
     release_free_memory()
     derived: set[str] = set()
@@ -416,4 +438,5 @@ def lower_to_xnnpack(
             external_constants=tagger,
         )
     )
+    _forget_rejected_nodes()  # again: emitting the program looked nodes up too
     return LoweredProgram(manager=et, split=split, derived_foundation=derived_foundation)
