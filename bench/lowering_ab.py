@@ -27,23 +27,11 @@ sys.path.insert(0, str(HERE))
 _CHILD = r"""
 import io, json, sys, time
 sys.path.insert(0, {bench!r})
-from scale import SHAPES
+from lowering_profile import _model  # the same model as the profile, with this code
 from edgelora.backends.xnnpack.lower import lower_to_xnnpack
-from edgelora.export.config import FoundationSpec
-from edgelora.export.foundation import build_foundation
 from edgelora.export.programs import trace
 from edgelora.lora.attach import adapter_attached, adapter_fqns
-from edgelora.models.args import ModelArgs
-from edgelora.weights.synthetic import random_adapter
-s = SHAPES[{shape!r}]
-args = ModelArgs.from_dict(dict(
-    dim=s["hidden_size"], n_layers={layers}, n_heads=s["num_attention_heads"],
-    n_kv_heads=s["num_key_value_heads"], hidden_dim=s["intermediate_size"],
-    head_dim_override=s["head_dim"], vocab_size=s["vocab_size"], rope_theta=s["rope_theta"],
-    max_seq_len=512, qk_norm=s["family"] == "qwen3"))
-spec = FoundationSpec(qmode="8da4w", group_size=32, sdpa="custom", logits="last")
-model, _, _ = build_foundation(args, spec)
-adapter = random_adapter(model, "a0", rank=16, alpha=32, seed=1) if {adapter} else None
+model, args, adapter = _model({shape!r}, {layers}, {adapter})
 with adapter_attached(model, adapter):
     t0 = time.perf_counter()
     ep = trace(model, args)

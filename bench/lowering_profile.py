@@ -44,8 +44,6 @@ PHASES = {
 
 
 def _model(shape: str, layers: int, adapter: bool):
-    import torch
-
     from edgelora.export.config import FoundationSpec
     from edgelora.export.foundation import build_foundation
     from edgelora.models.args import ModelArgs
@@ -62,7 +60,6 @@ def _model(shape: str, layers: int, adapter: bool):
     spec = FoundationSpec(qmode="8da4w", group_size=32, sdpa="custom", logits="last")
     model, _, _ = build_foundation(args, spec)
     ad = random_adapter(model, "a0", rank=16, alpha=32, seed=1) if adapter else None
-    del torch
     return model, args, ad
 
 
