@@ -126,6 +126,8 @@ def eager_reference(manifest: Manifest, merged=None):
         group_size=q.group_size,
         embedding_bits=q.embedding_bits,
         embedding_group_size=q.embedding_group_size,
+        qparams=q.qparams,
+        output_bits=q.output_bits,
         dtype=manifest.dtype,
         fuse=manifest.fuse,
     )

@@ -173,6 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
         "listed (default 32)",
     )
     quant.add_argument(
+        "--qparams",
+        choices=["affine", "hqq"],
+        default="affine",
+        help="how the linears' weight scales are chosen: from each group's max |w| (affine) "
+        "or by torchao's HQQ scale-only search for the least rounding error (hqq; slower "
+        "to export, same program layout and speed) (default affine)",
+    )
+    quant.add_argument(
+        "--output-bits",
+        type=int,
+        choices=[0, 8],
+        default=0,
+        help="8: quantize the output layer to int8 with one scale per output channel (8da8w), "
+        "whatever --qmode says, as Meta's quantized Llama 3.2 does; 0: as the other linears "
+        "(default 0)",
+    )
+    quant.add_argument(
         "--embedding-bits",
         type=int,
         choices=[0, 4, 8],
@@ -269,6 +286,8 @@ def config_from_args(
         group_size=ns.group_size,
         embedding_bits=ns.embedding_bits,
         embedding_group_size=ns.embedding_group_size,
+        qparams=ns.qparams,
+        output_bits=ns.output_bits,
         seed=ns.seed,
         overwrite=ns.overwrite,
         merge=ns.merge,

@@ -13,7 +13,9 @@ from edgelora.lora.fusion import FUSE_MODES
 from edgelora.models.args import ModelArgs
 from edgelora.models.llama import LOGITS_MODES, SDPA_MODES
 from edgelora.quant.embedding import EMBEDDING_BITS
-from edgelora.quant.linear import QMODES
+from edgelora.quant.linear import QMODES, QPARAMS
+
+OUTPUT_BITS = (0, 8)  # 0: the output layer as the other linears; 8: int8 per output channel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -29,6 +31,8 @@ class FoundationSpec:
     group_size: int = 32
     embedding_bits: int = 0
     embedding_group_size: int = 0
+    qparams: str = "affine"  # how the linears' weight scales are chosen (quant/linear.py)
+    output_bits: int = 0  # 8: the output layer 8da8w per channel, whatever qmode says
     dtype: str = "fp32"
     fuse: str = "none"
     sdpa: str = "plain"  # attention kernels of the traced model
@@ -81,6 +85,8 @@ class ExportConfig:
     group_size: int = 32
     embedding_bits: int = 0
     embedding_group_size: int = 0
+    qparams: str = "affine"
+    output_bits: int = 0
     seed: int = 0
     overwrite: bool = False
     merge: str | None = None  # name of the adapter folded into the base weights
@@ -116,6 +122,12 @@ class ExportConfig:
                     f"(dim {self.model_args.dim}, hidden {self.model_args.ffn_hidden_dim}): "
                     "nothing would be quantized"
                 )
+        if self.qparams not in QPARAMS:
+            raise ConfigError(f"qparams must be one of {QPARAMS}, got {self.qparams!r}")
+        if self.output_bits not in OUTPUT_BITS:
+            raise ConfigError(f"output_bits must be one of {OUTPUT_BITS}, got {self.output_bits}")
+        if self.output_bits and self.qmode == "none":
+            raise ConfigError("output_bits 8 quantizes the output layer: it needs a qmode")
         if self.embedding_bits not in EMBEDDING_BITS:
             raise ConfigError(
                 f"embedding_bits must be one of {EMBEDDING_BITS}, got {self.embedding_bits}"
@@ -192,6 +204,8 @@ class ExportConfig:
             group_size=self.group_size,
             embedding_bits=self.embedding_bits,
             embedding_group_size=self.embedding_group_size,
+            qparams=self.qparams,
+            output_bits=self.output_bits,
             dtype=self.dtype,
             fuse=self.fuse,
             sdpa=self.sdpa,

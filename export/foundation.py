@@ -30,6 +30,7 @@ from edgelora.quant.linear import QuantReport, quantize_linears
 from edgelora.weights.checkpoint import Checkpoint, load_checkpoint
 
 EMBEDDING = "tok_embeddings"
+OUTPUT = "output"
 
 
 def build_foundation(
@@ -70,7 +71,12 @@ def build_foundation(
             emb_report = quantize_embedding(
                 model, spec.embedding_bits, spec.embedding_group_size, EMBEDDING
             )
-        quantize_linears(part, spec.qmode, spec.group_size, prefix=name, report=report)
+        qmode, group = spec.qmode, spec.group_size
+        if name == OUTPUT and spec.output_bits == 8:
+            qmode, group = "8da8w", 0  # int8, one scale per output channel (Meta's recipe)
+        quantize_linears(
+            part, qmode, group, prefix=name, report=report, qparams=spec.qparams
+        )  # fmt: skip
     gc.collect()  # the checkpoint's maps and fp32 copies, if a cycle still holds them
     release_free_memory()
     if spec.torch_dtype != torch.float32:

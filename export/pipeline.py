@@ -143,6 +143,8 @@ def run_export(
                     group_size=config.group_size,
                     embedding_bits=config.embedding_bits,
                     embedding_group_size=config.embedding_group_size,
+                    qparams=config.qparams,
+                    output_bits=config.output_bits,
                     quantized_linears=len(qreport.quantized),
                     float_linears={d.fqn: d.reason for d in qreport.kept_float},
                     max_weight_abs_err=qreport.max_abs_err,

@@ -81,6 +81,8 @@ class QuantizationEntry:
     group_size: int
     embedding_bits: int
     embedding_group_size: int
+    qparams: str = "affine"
+    output_bits: int = 0
     quantized_linears: int = 0
     float_linears: dict[str, str] = field(default_factory=dict)  # fqn -> why it stayed float
     max_weight_abs_err: float = 0.0

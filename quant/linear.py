@@ -18,6 +18,10 @@ from edgelora.lora.attach import adapter_fqns
 from edgelora.quant.rows import quantize_rows
 
 QMODES = ("none", "8da4w", "8da8w")
+# How the weight scales are chosen: torchao's min/max ("affine") or its HQQ scale-only search
+# (half-quadratic optimisation of the scales for the rounding error; the zero point stays 0,
+# so XNNPACK's symmetric kernels run either).
+QPARAMS = ("affine", "hqq")
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ def quantize_linears(
     *,
     prefix: str = "",
     report: QuantReport | None = None,
+    qparams: str = "affine",
 ) -> QuantReport:
     """Quantize ``model``'s linears in place with torchao and report what changed.
 
@@ -105,12 +110,16 @@ def quantize_linears(
         prefix: ``model``'s FQN when it is one part of a model (e.g. ``layers.3``), quantized
             part by part: the decisions name full FQNs.
         report: the report to add this part's decisions and errors to (a new one if None).
+        qparams: ``"affine"`` (scales from each group's max |w|) or ``"hqq"`` (torchao's
+            ``IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY``).
 
     Returns a :class:`QuantReport` with every linear's decision and the max weight error.
-    Raises :class:`ConfigError` for an unknown mode or a negative group size.
+    Raises :class:`ConfigError` for an unknown mode, qparams or a negative group size.
     """
     if qmode not in QMODES:
         raise ConfigError(f"qmode must be one of {QMODES}, got {qmode!r}")
+    if qparams not in QPARAMS:
+        raise ConfigError(f"qparams must be one of {QPARAMS}, got {qparams!r}")
     if not isinstance(group_size, int) or group_size < 0:
         raise ConfigError(f"group size must be an integer >= 0, got {group_size!r}")
     report = QuantReport(qmode, group_size) if report is None else report
@@ -130,10 +139,18 @@ def quantize_linears(
 
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
+        IntxChooseQParamsAlgorithm,
+    )
 
+    algorithm = {
+        "affine": IntxChooseQParamsAlgorithm.AFFINE,
+        "hqq": IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY,
+    }[qparams]
     config = Int8DynamicActivationIntxWeightConfig(
         weight_dtype=torch.int4 if qmode == "8da4w" else torch.int8,
         weight_granularity=PerAxis(0) if group_size == 0 else PerGroup(group_size),
+        intx_choose_qparams_algorithm=algorithm,
     )
     with torch.no_grad():
         for fqn, d in decisions.items():

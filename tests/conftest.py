@@ -156,6 +156,12 @@ def hf_deepseek(tmp_path_factory) -> Path:
     return _once(tmp_path_factory, "hf-deepseek", make)
 
 
+@pytest.fixture(scope="session")
+def trained_tiny() -> Path:
+    """``examples/tiny``: the trained model, its adapters and held-out evaluation files."""
+    return Path(__file__).resolve().parents[1] / "examples" / "tiny"
+
+
 def make_family_dir(root: Path, name: str) -> None:
     """``root/model`` (a tiny HF model of family ``name``), ``root/lora`` (a PEFT adapter on
     its usual targets) and ``root/refs.pt``: transformers (+ PEFT) logits of base, lora and
@@ -221,6 +227,12 @@ _Q = ["--embedding-bits", "4", "--embedding-group-size", "32"]
 
 def _tiny(params: Path, adapters: dict[str, Path], *names: str) -> list[str]:
     return ["--params", str(params)] + [f"--lora={n}={adapters[n]}" for n in names]
+
+
+def _trained(tiny: Path) -> list[str]:
+    return ["--checkpoint", str(tiny / "model")] + [
+        f"--lora={a}={tiny / 'adapters' / a}" for a in ("reverse", "opposite")
+    ]
 
 
 EXPORTS: dict[str, Recipe] = {
@@ -311,6 +323,16 @@ EXPORTS: dict[str, Recipe] = {
         )
         for name in FAMILY_NAMES
     },
+    "trained_fp32": Recipe(
+        ("trained_tiny",),
+        lambda t: _trained(t) + ["--qmode", "none"],
+        "the shipped trained tiny model, fp32: base, reverse, opposite",
+    ),
+    "trained_default": Recipe(
+        ("trained_tiny",),
+        _trained,
+        "the shipped trained tiny model with export_llama's default recipe: base, reverse, opposite",
+    ),
     "mla_8da4w": Recipe(
         ("hf_deepseek",),
         lambda r: ["--checkpoint", str(r / "ds")],
