@@ -36,8 +36,8 @@ SEED = 17
 SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1 (BOS), 2 (EOS)
 VOCAB_SIZE = 512
 MODEL = {
-    "hidden_size": 256,
-    "intermediate_size": 768,  # a multiple of 128, so every group size up to 128 divides it
+    "hidden_size": 128,
+    "intermediate_size": 384,  # a multiple of 128, so every group size up to 128 divides it
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
@@ -90,17 +90,17 @@ def sentence(rng: random.Random) -> str:
 
 
 def document(rng: random.Random) -> str:
-    """One to three sentences; a third of the documents repeat a sentence or a list of words,
+    """One to three sentences; two thirds of the documents repeat a sentence or a list of words,
     forwards or backwards, so the model learns to copy from its context (the skills the
     adapters build on: each adapter teaches a task format and a rule the base never saw)."""
     kind = rng.random()
-    if kind < 0.1:
+    if kind < 0.15:
         words = rng.sample(ADJ + NOUN + VERB + VERB_I, rng.randint(2, 6))
         return f"words: {' '.join(words)}. backwards: {' '.join(reversed(words))}."
-    if kind < 0.25:
+    if kind < 0.4:
         s = sentence(rng)
         return f"{s} {rng.choice(['once more', 'again', 'i said'])}: {s}"
-    if kind < 0.35:
+    if kind < 0.65:
         words = " ".join(rng.sample(ADJ + NOUN + VERB + VERB_I, rng.randint(2, 6)))
         return f"words: {words}. again: {words}."
     return " ".join(sentence(rng) for _ in range(rng.randint(1, 3)))
@@ -260,9 +260,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--base-steps", type=int, default=1200)
-    p.add_argument("--adapter-steps", type=int, default=600)
-    p.add_argument("--adapter-lr", type=float, default=2e-3)
+    p.add_argument("--base-steps", type=int, default=3000)
+    p.add_argument("--adapter-steps", type=int, default=800)
+    p.add_argument("--adapter-lr", type=float, default=3e-3)
     p.add_argument("--tasks", default=",".join(TASKS), help="adapters to train (comma separated)")
     p.add_argument(
         "--reuse-base", action="store_true", help="keep the base model already in --out/model"
