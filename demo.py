@@ -57,6 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write the export (default: a temporary directory)",
     )
     p.add_argument(
+        "--from-export",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="skip the export: run on DIR, an export of the shipped model with both adapters "
+        "and --switchable",
+    )
+    p.add_argument(
         "--limit",
         type=int,
         default=None,
@@ -81,16 +89,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgelora-demo: error: the shipped model is missing ({TINY / 'model'})")
         return 1
     work = Path(tempfile.mkdtemp(prefix="edgelora-demo-"))
-    out = ns.output_dir or work / "out"
     native_log = work / "native.log"
-    argv = ["--checkpoint", str(TINY / "model"), "--output-dir", str(out), "--overwrite"]
-    argv += [f"--lora={a}={TINY / 'adapters' / a}" for a in ADAPTERS] + ["--switchable"]
-    print("export_llama " + " ".join(argv))
-    t0 = time.perf_counter()
-    code = export_main(argv)
-    if code:
-        return code
-    print(f"export took {time.perf_counter() - t0:.1f} s")
+    if ns.from_export is not None:
+        out = ns.from_export
+    else:
+        out = ns.output_dir or work / "out"
+        argv = ["--checkpoint", str(TINY / "model"), "--output-dir", str(out), "--overwrite"]
+        argv += [f"--lora={a}={TINY / 'adapters' / a}" for a in ADAPTERS] + ["--switchable"]
+        print("export_llama " + " ".join(argv))
+        t0 = time.perf_counter()
+        code = export_main(argv)
+        if code:
+            return code
+        print(f"export took {time.perf_counter() - t0:.1f} s")
     manifest = read_export(out)
     q = manifest.quantization
 

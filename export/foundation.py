@@ -56,7 +56,9 @@ def build_foundation(
     if merge is not None:
         with adapter_attached(model, merge):  # every module and shape checked before the work
             pass
-    report = QuantReport(spec.qmode, spec.group_size)
+    report = QuantReport(spec.qmode, spec.group_size, qparams=spec.qparams)
+    if spec.output_bits == 8 and spec.qmode != "none":
+        report.notes.append(f"{OUTPUT}: 8da8w, one scale per output channel (output_bits 8)")
     emb_report = EmbeddingReport(EMBEDDING, 0, spec.embedding_group_size, 0.0)
     parts = list(_parts(model))
     for name, part in progress(parts, "quantize", unit="part"):

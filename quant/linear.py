@@ -43,6 +43,8 @@ class QuantReport:
     decisions: list[LinearDecision] = field(default_factory=list)
     max_abs_err: float = 0.0  # max |W - dequant(quant(W))| over the quantized linears
     max_rel_err: float = 0.0  # the same, relative to max |W| of that linear
+    qparams: str = "affine"
+    notes: list[str] = field(default_factory=list)  # e.g. a module quantized another way
 
     @property
     def quantized(self) -> list[LinearDecision]:
@@ -54,7 +56,8 @@ class QuantReport:
 
     def summary_lines(self) -> list[str]:
         lines = [
-            f"{self.qmode} g{self.group_size}: {len(self.quantized)} linears quantized, "
+            f"{self.qmode} g{self.group_size} ({self.qparams} qparams): "
+            f"{len(self.quantized)} linears quantized, "
             f"{len(self.kept_float)} kept float; weight max abs err {self.max_abs_err:.3g} "
             f"(max rel {self.max_rel_err:.3g})"
         ]
@@ -64,7 +67,7 @@ class QuantReport:
         for reason, fqns in sorted(by_reason.items()):
             shown = ", ".join(fqns[:6]) + (f", ... (+{len(fqns) - 6})" if len(fqns) > 6 else "")
             lines.append(f"  float ({reason}): {shown}")
-        return lines
+        return lines + [f"  {note}" for note in self.notes]
 
 
 def decide_linear(
@@ -122,7 +125,7 @@ def quantize_linears(
         raise ConfigError(f"qparams must be one of {QPARAMS}, got {qparams!r}")
     if not isinstance(group_size, int) or group_size < 0:
         raise ConfigError(f"group size must be an integer >= 0, got {group_size!r}")
-    report = QuantReport(qmode, group_size) if report is None else report
+    report = QuantReport(qmode, group_size, qparams=qparams) if report is None else report
     decisions = {}
     adapters = adapter_fqns(model)
     for fqn, module in model.named_modules():

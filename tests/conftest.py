@@ -330,8 +330,9 @@ EXPORTS: dict[str, Recipe] = {
     ),
     "trained_default": Recipe(
         ("trained_tiny",),
-        _trained,
-        "the shipped trained tiny model with export_llama's default recipe: base, reverse, opposite",
+        lambda t: _trained(t) + ["--switchable"],
+        "the shipped trained tiny model with export_llama's default recipe: base, reverse, "
+        "opposite, switchable (what the demo exports)",
     ),
     "mla_8da4w": Recipe(
         ("hf_deepseek",),
