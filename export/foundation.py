@@ -6,7 +6,9 @@ mapped) tensors are assigned to it in their own dtype; then each layer in turn -
 embedding, final norm and output layer -- is cast to fp32, has the ``--merge`` adapter folded
 in, is fused (``--fuse``), cast to ``--dtype`` and quantized, so only one part's fp32 working copy
 exists at a time and the checkpoint's pages of a part are released once it is quantized. Every
-step is per module, so the result is bit-identical to doing each step on the whole model.
+step is per module, so the result is bit-identical to doing each step on the whole model. A float
+embedding table of a bf16/fp16 checkpoint is kept in that dtype and its rows are cast after the
+lookup (exact): at Llama-3.2-1B's vocabulary that is 0.5 GB less in memory and in the file.
 """
 
 from __future__ import annotations
@@ -61,7 +63,19 @@ def build_foundation(
         report.notes.append(f"{OUTPUT}: 8da8w, one scale per output channel (output_bits 8)")
     emb_report = EmbeddingReport(EMBEDDING, 0, spec.embedding_group_size, 0.0)
     parts = list(_parts(model))
+    narrow = _narrow_embedding(model, spec)
     for name, part in progress(parts, "quantize", unit="part"):
+        if name == EMBEDDING and narrow:
+            # The table stays in the checkpoint's dtype (out of its file's pages); rows are
+            # cast to the compute dtype after the lookup, which is exact (TokenEmbedding).
+            part.weight = nn.Parameter(part.weight.detach().clone(), part.weight.requires_grad)
+            part.out_dtype = spec.torch_dtype
+            report.notes.append(
+                f"{EMBEDDING}: kept {str(part.weight.dtype).removeprefix('torch.')} as in the "
+                f"checkpoint, rows cast to {str(spec.torch_dtype).removeprefix('torch.')} "
+                "after the lookup (exact; half the bytes of an upcast table)"
+            )
+            continue
         part.to(torch.float32)  # from the checkpoint's dtype: merge and quantize in fp32
         piece = _adapter_part(merge, name)
         if piece is not None:
@@ -86,6 +100,18 @@ def build_foundation(
             if buf is not None and buf.is_floating_point():
                 model._buffers[key] = buf.to(spec.torch_dtype)
     return model, report, emb_report
+
+
+def _narrow_embedding(model: Transformer, spec: FoundationSpec) -> bool:
+    """Whether the float embedding table keeps the checkpoint's narrower dtype: it is not
+    quantized and every value of that dtype is exactly a value of the compute dtype (bf16 or
+    fp16 into fp32)."""
+    weight = model.tok_embeddings.weight
+    return (
+        not spec.embedding_bits
+        and spec.torch_dtype == torch.float32
+        and weight.dtype in (torch.bfloat16, torch.float16)
+    )
 
 
 def _parts(model: Transformer) -> Iterator[tuple[str, nn.Module]]:

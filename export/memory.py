@@ -6,7 +6,7 @@ what the export keeps plus the larger of two transients, each counted from the m
 
 * **resident**: the quantized model (torchao keeps a 4- or 8-bit weight as one int8 per value,
   an fp32 scale and an int8 zero point per group), the float weights kept (the embedding unless
-  quantized, norms, LoRA matrices), the KV caches and the rotary tables and masks;
+  quantized, in the checkpoint's dtype when that is narrower, norms, LoRA matrices), the KV caches and the rotary tables and masks;
 * **building**: one part's fp32 working copy (the largest: often the output layer) plus its
   checkpoint pages and a block of torchao's temporaries (weights are quantized a block of rows
   at a time, :mod:`edgelora.quant.rows`);
@@ -96,8 +96,11 @@ def estimate_export_memory(
             groups = rows * (cols // embedding_group_size if embedding_group_size else 1)
             float_constants += values * embedding_bits // 8 + groups * 4
         else:
-            resident += values * dtype_bytes
-            float_constants += values * dtype_bytes
+            size = dtype_bytes
+            if isinstance(module, nn.Embedding) and dtype_bytes == 4:
+                size = min(dtype_bytes, checkpoint_dtype_bytes)  # kept narrow (foundation.py)
+            resident += values * size
+            float_constants += values * size
     for part in [*model.layers, *(c for n, c in model.named_children() if n != "layers")]:
         values = sum(p.numel() for p in part.parameters())
         biggest = max((p.numel() for p in part.parameters()), default=0)

@@ -30,6 +30,21 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+class TokenEmbedding(nn.Embedding):
+    """``nn.Embedding`` whose table may be stored in a narrower float dtype than the model
+    computes in: with ``out_dtype`` set, looked-up rows are cast to it. A bf16 or fp16
+    checkpoint's table kept as it is and cast after the lookup gives exactly the rows of the
+    table upcast first, at half the bytes in memory and in ``foundation.ptd``."""
+
+    out_dtype: torch.dtype | None = None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = super().forward(tokens)
+        if self.out_dtype is not None and rows.dtype != self.out_dtype:
+            rows = rows.to(self.out_dtype)
+        return rows
+
+
 def static_shape(*dims: int | torch.SymInt) -> list[int]:
     """``dims`` with the one dynamic (symbolic) size written as -1: XNNPACK delegates a reshape
     only if its shape is all integers with at most one inferred dim."""

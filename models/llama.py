@@ -22,6 +22,7 @@ from edgelora.models.layers import (
     CustomKVCache,
     KVCache,
     RMSNorm,
+    TokenEmbedding,
     apply_rope,
     pair_swap,
     require_custom_ops,
@@ -218,7 +219,7 @@ class Transformer(nn.Module):
         self.args = args
         self.sdpa = "plain" if args.is_mla else sdpa
         self.logits = logits
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = TokenEmbedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(
             TransformerBlock(args, i, custom_sdpa=self.uses_custom_sdpa(i))
             for i in range(args.n_layers)

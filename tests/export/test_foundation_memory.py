@@ -57,6 +57,12 @@ def _whole_model(args, spec, path, merge=None):
             weight_dtype=bits, weight_granularity=granularity(spec.group_size)
         )
         quantize_(model, cfg, filter_fn=lambda m, name: isinstance(m, torch.nn.Linear))
+    narrow = open_checkpoint(path).dtype
+    if not spec.embedding_bits and spec.torch_dtype == torch.float32 and narrow != torch.float32:
+        # the float table back in the checkpoint's dtype (exact), rows cast after the lookup
+        emb = model.tok_embeddings
+        emb.weight = torch.nn.Parameter(emb.weight.detach().to(narrow), emb.weight.requires_grad)
+        emb.out_dtype = torch.float32
     return model
 
 
@@ -143,6 +149,28 @@ def test_memory_path_programs_are_byte_identical(bf16_llama, tmp_path):
         lowered.write_data_files(out)
         files.append([f.read_bytes() for f in sorted(out.iterdir())])
     assert len(files[0]) == 2 and files[0] == files[1]
+
+
+def test_float_embedding_keeps_the_checkpoint_dtype(bf16_llama):
+    """A bf16 checkpoint's float embedding stays bf16 (half the bytes) and the logits are those
+    of the table upcast to fp32 exactly: the cast after the lookup loses nothing."""
+    path = bf16_llama / "llama"
+    args = ModelArgs.from_dict({**open_checkpoint(path).params, "max_seq_len": 32})
+    narrow, report, _ = build_foundation(args, FoundationSpec(checkpoint=path, qmode="8da4w"))
+    emb = narrow.tok_embeddings
+    assert emb.weight.dtype == torch.bfloat16 and emb.out_dtype == torch.float32
+    assert any("tok_embeddings: kept bfloat16" in n for n in report.notes)
+    tokens = torch.randint(0, args.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = narrow(tokens, torch.tensor([0]))
+        narrow.reset_cache()
+        emb.weight = torch.nn.Parameter(emb.weight.detach().float(), requires_grad=False)
+        emb.out_dtype = None
+        want = narrow(tokens, torch.tensor([0]))
+    assert torch.equal(got, want)
+    # a quantized embedding or an fp16 model is built from the fp32 upcast, as before
+    spec = FoundationSpec(checkpoint=path, qmode="8da4w", dtype="fp16")
+    assert build_foundation(args, spec)[0].tok_embeddings.weight.dtype == torch.float16
 
 
 def test_lazy_safetensors_reads_on_use(bf16_llama):
