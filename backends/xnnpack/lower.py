@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,6 +247,44 @@ def lean_xnnpack_passes(
         _passes.XNNPACKPassManager.__init__ = init
 
 
+@contextmanager
+def shared_constants_in_preprocess() -> Iterator[None]:
+    """While active, the copy of each partition ExecuTorch makes for XNNPACK's preprocessing
+    shares the partition's constant tensors instead of deep-copying them.
+
+    ExecuTorch copies every partition's program (graph *and* weights) before preprocessing
+    any, and keeps the copies until the last partition is compiled: a second copy of every
+    quantized weight (~1.5 GB at Llama-3.2-1B) on top of the model and XNNPACK's packed
+    weights. XNNPACK's passes replace constants, never write into them (the programs are
+    byte-identical and the source weights unchanged, tests/backends/test_lower.py), so the
+    graph is copied and the tensors shared -- as ExecuTorch's own CUDA backend does in its
+    low-memory mode."""
+    import copy
+
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    name = "copy_exported_program_for_preprocess"
+    own = XnnpackBackend.__dict__.get(name)  # None: inherited from BackendDetails
+
+    def share(cls, edge_program, compile_specs):
+        memo = {
+            id(t): t
+            for values in (edge_program.state_dict, edge_program.constants)
+            for t in values.values()
+            if isinstance(t, torch.Tensor)
+        }
+        return copy.deepcopy(edge_program, memo)
+
+    setattr(XnnpackBackend, name, classmethod(share))
+    try:
+        yield
+    finally:
+        if own is None:
+            delattr(XnnpackBackend, name)
+        else:
+            setattr(XnnpackBackend, name, own)
+
+
 def _partitioner():
     """XNNPACK's partitioner, letting ExecuTorch decompose the graph once instead of twice.
 
@@ -376,8 +414,10 @@ def lower_to_xnnpack(
     ``foundation_derived`` is the set of such names the base program put in the foundation
     (its ``derived_foundation``): an adapter program sends those there and keeps the others,
     which may be derived from adapter weights. Without it (the base program), a program with
-    no adapter constant sends all of them to the foundation. ``lean=False`` runs XNNPACK's
-    full pass pipeline on every partition (see :func:`lean_xnnpack_passes`).
+    no adapter constant sends all of them to the foundation. ``lean=False`` runs ExecuTorch's
+    stock lowering: XNNPACK's full pass pipeline on every partition (see
+    :func:`lean_xnnpack_passes`) and deep-copied partitions (see
+    :func:`shared_constants_in_preprocess`).
     ``progress(done, total)`` is called as each XNNPACK partition is compiled.
     """
     from executorch.exir import (
@@ -402,7 +442,8 @@ def lower_to_xnnpack(
         if progress is not None:
             progress(n, max(n, partitioner.partitions))
 
-    with lean_xnnpack_passes(lean, on_partition):
+    sharing = shared_constants_in_preprocess() if lean else nullcontext()
+    with lean_xnnpack_passes(lean, on_partition), sharing:
         edge = to_edge_transform_and_lower(
             methods,
             partitioner=[partitioner],

@@ -97,8 +97,10 @@ def test_reader_rejects_corrupt_files(tmp_path, export_8da4w):
 
 @pytest.mark.parametrize("sdpa", ["custom", "plain"])
 def test_lean_lowering_is_byte_identical(tiny_args, adapter_dirs, sdpa):
-    """The lean XNNPACK pass pipeline and the single decomposition (lower.lean_xnnpack_passes,
-    lower._partitioner) write the same program as ExecuTorch's full pipeline, for an adapter
+    """The lean XNNPACK pass pipeline, the single decomposition and the partition copies that
+    share the model's tensors (lower.lean_xnnpack_passes, lower._partitioner,
+    lower.shared_constants_in_preprocess) write the same program and foundation as ExecuTorch's
+    stock pipeline, and leave the model's weights as they were, for an adapter
     program (LoRA linears inside the partitions) with either attention path (the plain one
     keeps XNNPACK's SDPA pass: its graph has a softmax)."""
     import io
@@ -109,6 +111,7 @@ def test_lean_lowering_is_byte_identical(tiny_args, adapter_dirs, sdpa):
         tiny_args, FoundationSpec(qmode="8da4w", group_size=32, sdpa=sdpa)
     )
     attach_adapter(model, load_adapter(adapter_dirs["code"], tiny_args, "code"))
+    weights = _state_bytes(model)
     out = {}
     for lean in (True, False):
         with lean_xnnpack_passes(False) as counts:  # counts only: lower_to_xnnpack decides
@@ -117,6 +120,21 @@ def test_lean_lowering_is_byte_identical(tiny_args, adapter_dirs, sdpa):
             )
         buf = io.BytesIO()
         lowered.manager.write_to_file(buf)
-        out[lean] = buf.getvalue()
+        out[lean] = buf.getvalue(), lowered.data_file_digests()
         assert counts["partitions"] >= 2
+        # the partitions' copies share the model's tensors (lean): none was written into
+        assert _state_bytes(model) == weights
     assert out[True] == out[False]
+
+
+def _state_bytes(model) -> dict[str, bytes]:
+    """Every stored tensor of ``model`` (a torchao weight: each of its pieces) as bytes."""
+    out = {}
+    for name, t in {**dict(model.named_buffers()), **model.state_dict()}.items():
+        pieces = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else None
+        for piece in pieces or [""]:
+            v = getattr(t, piece) if piece else t
+            out[f"{name}:{piece}"] = (
+                v.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            )
+    return out
