@@ -8,7 +8,7 @@ from pathlib import Path
 
 from edgelora._quiet import quiet_third_party
 from edgelora.errors import ConfigError, EdgeLoraError
-from edgelora.export.config import AdapterSpec, ExportConfig
+from edgelora.export.config import AdapterSpec, ExportConfig, parse_switchable_slots
 from edgelora.models.args import ModelArgs
 from edgelora.weights.checkpoint import Checkpoint, open_checkpoint
 
@@ -155,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
         "adapter's inputs; a process loads the foundation (and XNNPACK packs it) once and "
         "switches adapters by passing other tensors (AdapterSession, edgelora-run --adapters)",
     )
+    model.add_argument(
+        "--switchable-slots",
+        default=None,
+        metavar="TARGETS:RANK",
+        help="with --switchable: give switchable.pte room for adapters that do not exist yet -- "
+        "a slot on every projection TARGETS names (all, or a comma list such as q_proj,v_proj) "
+        "of every layer, of rank at least RANK (e.g. all:32). Without it the slots are the "
+        "union of the --lora adapters given now; --add-to refuses an adapter that does not fit",
+    )
     quant = p.add_argument_group("quantization")
     quant.add_argument(
         "--qmode",
@@ -231,9 +240,31 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--output-dir",
         type=Path,
-        required=True,
-        help="directory to write; files are staged in a temporary directory and "
-        "moved into place only when every program succeeded",
+        default=None,
+        help="directory to write (required unless --add-to); files are staged in a temporary "
+        "directory and moved into place only when every program succeeded. One export or "
+        "update writes a directory at a time (the lock file .NAME.lock beside it)",
+    )
+    upd = p.add_argument_group("updating an export (adapters added later)")
+    upd.add_argument(
+        "--add-to",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="add the --lora adapters to the existing export OUT, leaving its foundation.ptd and "
+        "every other file as they are. Quantization and model settings come from OUT's "
+        "manifest (a flag that disagrees is refused). Without model arguments, writes "
+        "NAME.lora.safetensors for OUT's switchable.pte in seconds (no checkpoint, no "
+        "lowering); with OUT's --checkpoint (or --params and --seed) also NAME.pte, checked "
+        "to need exactly the foundation.ptd that is there",
+    )
+    upd.add_argument(
+        "--remove",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --add-to OUT: remove adapter NAME (its program and switchable inputs) from "
+        "OUT. Repeatable",
     )
     out.add_argument(
         "--overwrite",
@@ -297,6 +328,50 @@ def config_from_args(
         logits=ns.logits,
         bundle=ns.bundle,
         switchable=ns.switchable,
+        switchable_slots=None
+        if ns.switchable_slots is None
+        else parse_switchable_slots(ns.switchable_slots),
+    )
+
+
+# Flags that describe a whole export, not an adapter added to one.
+_NOT_WITH_ADD = ("merge", "bundle", "switchable", "tokenizer", "output_dir", "switchable_slots")
+
+
+def _given_flags(argv: list[str] | None) -> dict[str, object]:
+    """The flags given on the command line (not defaulted), by destination."""
+    parser = build_parser()
+    parser.set_defaults(**{a.dest: None for a in parser._actions if a.dest != "help"})
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v not in (None, [])}
+
+
+def update_export(ns: argparse.Namespace, argv: list[str] | None) -> None:
+    """``--add-to OUT``: add (or ``--remove``) adapters (:mod:`edgelora.export.update`)."""
+    from edgelora.export.update import ModelSource, add_adapters, remove_adapters
+
+    given = _given_flags(argv)
+    for name in _NOT_WITH_ADD:
+        if name in given:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} describes a whole export; it cannot be used with "
+                "--add-to"
+            )
+    if ns.remove:
+        if ns.lora:
+            raise ConfigError("--add-to: --lora and --remove go in separate runs")
+        remove_adapters(ns.add_to, ns.remove)
+        return
+    source = None
+    if ns.checkpoint is not None or ns.params is not None:
+        source = ModelSource(ns.checkpoint, ns.params, given.get("seed"))
+    elif "seed" in given:
+        raise ConfigError("--seed with --add-to needs the export's --params")
+    add_adapters(
+        ns.add_to,
+        [AdapterSpec.parse(s) for s in ns.lora],
+        source=source,
+        given={k: v for k, v in given.items() if k not in ("seed", "lora", "add_to")},
+        overwrite=ns.overwrite,
     )
 
 
@@ -304,6 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     quiet_third_party()
     try:
+        if ns.add_to is not None:
+            update_export(ns, argv)
+            return 0
+        if ns.remove:
+            raise ConfigError("--remove NAME needs --add-to OUT (the export to remove it from)")
+        if ns.output_dir is None:
+            raise ConfigError("--output-dir is required (or --add-to OUT to update an export)")
         from edgelora.export.pipeline import run_export
         from edgelora.weights.adapter_files import load_adapter
 

@@ -75,6 +75,20 @@ class AdapterSpec:
         return cls(name, Path(path), scale)
 
 
+def parse_switchable_slots(text: str) -> tuple[tuple[str, ...], int]:
+    """``--switchable-slots TARGETS:RANK``: ``all:32``, or ``q_proj,v_proj:16``."""
+    targets, sep, rank = text.rpartition(":")
+    try:
+        value = int(rank)
+    except ValueError:
+        value = 0
+    if not sep or not targets or value <= 0:
+        raise ConfigError(
+            f"--switchable-slots {text!r}: expected TARGETS:RANK, e.g. all:32 or q_proj,v_proj:16"
+        )
+    return tuple(t.strip() for t in targets.split(",")), value
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     model_args: ModelArgs
@@ -96,6 +110,8 @@ class ExportConfig:
     logits: str = "all"  # forward's logits: every position, or the last one only
     bundle: bool = False  # also write bundle.pte: base + every adapter as methods of one program
     switchable: bool = False  # also write switchable.pte: adapter weights as run-time inputs
+    # switchable.pte's slots also fit (projections, rank) for adapters added later
+    switchable_slots: tuple[tuple[str, ...], int] | None = None
     bos_id: int = 1  # what the runner prepends (from the checkpoint, or --bos-id)
     eos_ids: tuple[int, ...] = (2,)  # every id that ends generation
     tokenizer_files: tuple[Path, ...] = ()  # copied into the export (tokenizer.json first)
@@ -180,6 +196,16 @@ class ExportConfig:
                 f"special token ids must be in [0, {vocab}) and eos_ids not empty: bos_id "
                 f"{self.bos_id}, eos_ids {list(self.eos_ids)}"
             )
+        if self.switchable_slots is not None:
+            targets, rank = self.switchable_slots
+            if not self.switchable:
+                raise ConfigError(
+                    "--switchable-slots reserves room in switchable.pte: add --switchable"
+                )
+            if not targets or rank <= 0:
+                raise ConfigError(
+                    f"--switchable-slots: expected TARGETS:RANK with RANK > 0, got {targets}:{rank}"
+                )
         if self.merge is not None:
             if self.merge not in names:
                 raise ConfigError(

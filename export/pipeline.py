@@ -30,10 +30,9 @@ from pathlib import Path
 from edgelora.export.config import DTYPES, ExportConfig
 from edgelora.export.foundation import build_foundation
 from edgelora.export.memory import check_memory
-from edgelora.export.output import check_output_dir, commit_output
-from edgelora.export.programs import ProgramWriter
+from edgelora.export.output import check_output_dir, commit_output, export_lock, staging_prefix
+from edgelora.export.programs import ProgramWriter, write_adapter_inputs, write_program
 from edgelora.export.timing import StageTimer
-from edgelora.format.adapter_inputs import save_adapter_tensors
 from edgelora.format.checksums import stamp_program
 from edgelora.format.layout import (
     BASE_PROGRAM,
@@ -41,10 +40,8 @@ from edgelora.format.layout import (
     FOUNDATION_FILE,
     SWITCHABLE_FILE,
     adapter_inputs_file,
-    program_file,
 )
 from edgelora.format.manifest import (
-    AdapterEntry,
     BundleEntry,
     FileEntry,
     Manifest,
@@ -58,7 +55,8 @@ from edgelora.lora.slots import adapter_slots, adapter_tensors, switchable
 from edgelora.models.llama import Transformer
 from edgelora.quant.embedding import EmbeddingReport
 from edgelora.quant.linear import QuantReport
-from edgelora.weights.checkpoint import Checkpoint
+from edgelora.weights.checkpoint import Checkpoint, checkpoint_digest
+from edgelora.weights.synthetic import reservation_adapter
 
 
 @dataclass
@@ -77,6 +75,16 @@ def run_export(
 ) -> ExportResult:
     """Run the pipeline for an already-validated ``config`` and loaded ``adapters``
     (``checkpoint`` is ``config.checkpoint`` already opened, to avoid reading it twice)."""
+    with export_lock(config.output_dir, log=log):
+        return _run_export(config, adapters, checkpoint, log)
+
+
+def _run_export(
+    config: ExportConfig,
+    adapters: list[Adapter],
+    checkpoint: Checkpoint | None,
+    log: Callable[[str], None],
+) -> ExportResult:
     timer = StageTimer(log)
     args, out_dir = config.model_args, config.output_dir
     merged = next((a for a in adapters if a.name == config.merge), None)
@@ -118,15 +126,15 @@ def run_export(
         # 3. Base and adapter programs.
         programs = {}
         for adapter in [None, *adapters]:
-            name, entry = _write_program(writer, model, adapter, merged)
+            name, entry = write_program(writer, model, adapter, merged)
             programs[name] = entry
             log(f"  {entry.file}: {writer.size_mb(entry.file):.3f} MB")
         # 4. Bundle and switchable programs.
         bundle = switch = None
         if config.bundle and adapters:
             bundle = _write_bundle(writer, model, adapters, log)
-        if config.switchable and adapters:
-            switch = _write_switchable(writer, model, adapters, config.dtype, log)
+        if config.switchable and (adapters or config.switchable_slots):
+            switch = _write_switchable(writer, model, adapters, config, log)
         # 5. Stamp and commit.
         with timer("write manifest + move into place"):
             foundation_sha = FileEntry.of(stage / FOUNDATION_FILE).sha256
@@ -158,6 +166,9 @@ def run_export(
                 logits=config.logits,
                 checkpoint=None if config.checkpoint is None else str(config.checkpoint),
                 checkpoint_layout=None if checkpoint is None else checkpoint.layout,
+                checkpoint_sha256=None
+                if config.checkpoint is None
+                else checkpoint_digest(config.checkpoint),
                 bundle=bundle,
                 switchable=switch,
                 bos_id=config.bos_id,
@@ -205,7 +216,7 @@ def _staging(out_dir: Path):
     """``(stage, scratch)`` in a temporary directory beside ``out_dir`` (same file system, so
     the commit is a rename), removed on exit whatever happened."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=staging_prefix(out_dir)) as tmp:
         stage, scratch = Path(tmp) / "stage", Path(tmp) / "scratch"
         stage.mkdir()
         scratch.mkdir()
@@ -236,35 +247,6 @@ def _ship_tokenizer(config: ExportConfig, stage: Path, shipped: str | None, log)
         )
 
 
-def _adapter_entry(adapter: Adapter) -> AdapterEntry:
-    return AdapterEntry(
-        source=adapter.source,
-        scale=adapter.scale,
-        ranks=adapter.ranks,
-        modules=sorted(adapter.modules),
-        bytes_fp32=adapter.num_bytes,
-    )
-
-
-def _write_program(
-    writer: ProgramWriter, model: Transformer, adapter: Adapter | None, merged: Adapter | None
-) -> tuple[str, ProgramEntry]:
-    """``NAME.pte`` of ``adapter`` (``None``: the base, named after a merged adapter)."""
-    name = adapter.name if adapter is not None else merged.name if merged else BASE_PROGRAM
-    with adapter_attached(model, adapter):
-        ep = writer.trace(model, name)
-        lowered = writer.write(
-            program_file(name), ep, is_adapter=adapter_fqns(model).__contains__, label=name
-        )
-    return name, ProgramEntry(
-        file=program_file(name),
-        adapter=None if adapter is None else _adapter_entry(adapter),
-        merged_adapter=_adapter_entry(merged) if adapter is None and merged else None,
-        adapter_constants=sorted(lowered.split.adapter),
-        adapter_constants_in_foundation=sorted(lowered.split.shared),
-    )
-
-
 def _write_bundle(
     writer: ProgramWriter, model: Transformer, adapters: list[Adapter], log
 ) -> BundleEntry:
@@ -282,19 +264,22 @@ def _write_bundle(
 
 
 def _write_switchable(
-    writer: ProgramWriter, model: Transformer, adapters: list[Adapter], dtype: str, log
+    writer: ProgramWriter, model: Transformer, adapters: list[Adapter], config: ExportConfig, log
 ) -> SwitchableEntry:
     """``switchable.pte``: one program ``forward(tokens, input_pos, lora)`` whose adapter
     weights are run-time inputs (:mod:`edgelora.lora.slots`), and each adapter's inputs as
     ``NAME.lora.safetensors``. The program holds no adapter constant: all of it is the
     foundation, packed once however many adapters a process switches between."""
-    torch_dtype = DTYPES[dtype]
-    slots = adapter_slots(model, adapters)
+    torch_dtype = DTYPES[config.dtype]
+    reserved = []
+    if config.switchable_slots is not None:  # room for adapters made later
+        targets, rank = config.switchable_slots
+        reserved.append(reservation_adapter(model.args, targets, rank))
+    slots = adapter_slots(model, [*reserved, *adapters])
     files = {}
     for adapter in adapters:
         files[adapter.name] = adapter_inputs_file(adapter.name)
-        tensors = adapter_tensors(model, adapter, slots, torch_dtype)
-        save_adapter_tensors(writer.stage / files[adapter.name], tensors, slots)
+        write_adapter_inputs(model, adapter, slots, torch_dtype, writer.stage / files[adapter.name])
     example = adapter_tensors(model, None, slots, torch_dtype)
     with switchable(model, slots) as program:
         ep = writer.trace(program, "switchable", extra_inputs=example)

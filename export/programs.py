@@ -14,8 +14,13 @@ from edgelora._memory import release_free_memory
 from edgelora.errors import InternalError
 from edgelora.export.progress import Counter
 from edgelora.export.timing import StageTimer
+from edgelora.format.adapter_inputs import Slot, save_adapter_tensors
 from edgelora.format.checksums import program_methods
-from edgelora.format.layout import FOUNDATION_FILE, sha256_file
+from edgelora.format.layout import BASE_PROGRAM, FOUNDATION_FILE, program_file, sha256_file
+from edgelora.format.manifest import AdapterEntry, ProgramEntry
+from edgelora.lora.attach import adapter_attached, adapter_fqns
+from edgelora.lora.record import Adapter
+from edgelora.lora.slots import adapter_tensors
 from edgelora.models.args import ModelArgs
 
 
@@ -44,7 +49,8 @@ class ProgramWriter:
 
     The first program written (the base) writes ``stage/foundation.ptd``; every later one
     writes its foundation into ``scratch`` and must produce the same bytes (checked), so one
-    ``foundation.ptd`` serves them all. Constants ExecuTorch's passes derive from foundation
+    ``foundation.ptd`` serves them all. With ``foundation`` (an existing export's sha256 and
+    the pass-made constant names it holds), every program is a later one, checked against it. Constants ExecuTorch's passes derive from foundation
     weights in the base program are sent to the foundation by every later program too.
     """
 
@@ -57,6 +63,7 @@ class ProgramWriter:
         *,
         bos_id: int = 1,
         eos_ids: tuple[int, ...] = (2,),
+        foundation: tuple[str, frozenset[str]] | None = None,
     ) -> None:
         self.stage, self.scratch, self.args, self.timer = stage, scratch, args, timer
         self._methods = dict(
@@ -68,6 +75,8 @@ class ProgramWriter:
         )
         self._base_derived: frozenset[str] | None = None
         self._foundation_sha = ""
+        if foundation is not None:  # an existing export's: every program written must match it
+            self._foundation_sha, self._base_derived = foundation
 
     def trace(self, module: nn.Module, label: str, **kw) -> torch.export.ExportedProgram:
         with self.timer(f"{label}: torch.export"):
@@ -136,3 +145,41 @@ class ProgramWriter:
 
     def size_mb(self, file: str) -> float:
         return (self.stage / file).stat().st_size / 1e6
+
+
+def adapter_entry(adapter: Adapter) -> AdapterEntry:
+    return AdapterEntry(
+        source=adapter.source,
+        scale=adapter.scale,
+        ranks=adapter.ranks,
+        modules=sorted(adapter.modules),
+        bytes_fp32=adapter.num_bytes,
+    )
+
+
+def write_program(
+    writer: ProgramWriter, model: nn.Module, adapter: Adapter | None, merged: Adapter | None
+) -> tuple[str, ProgramEntry]:
+    """``NAME.pte`` of ``adapter`` (``None``: the base, named after a merged adapter)."""
+    name = adapter.name if adapter is not None else merged.name if merged else BASE_PROGRAM
+    with adapter_attached(model, adapter):
+        ep = writer.trace(model, name)
+        lowered = writer.write(
+            program_file(name), ep, is_adapter=adapter_fqns(model).__contains__, label=name
+        )
+    return name, ProgramEntry(
+        file=program_file(name),
+        adapter=None if adapter is None else adapter_entry(adapter),
+        merged_adapter=adapter_entry(merged) if adapter is None and merged else None,
+        adapter_constants=sorted(lowered.split.adapter),
+        adapter_constants_in_foundation=sorted(lowered.split.shared),
+    )
+
+
+def write_adapter_inputs(
+    model: nn.Module, adapter: Adapter, slots: list[Slot], dtype: torch.dtype, path: Path
+) -> None:
+    """``NAME.lora.safetensors``: ``adapter``'s run-time inputs for a switchable program with
+    ``slots`` (:func:`edgelora.lora.slots.adapter_tensors`; it refuses an adapter that does not
+    fit them)."""
+    save_adapter_tensors(path, adapter_tensors(model, adapter, slots, dtype), slots)

@@ -9,6 +9,7 @@ version is refused by name.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,7 @@ class Manifest:
     logits: str = "all"
     checkpoint: str | None = None
     checkpoint_layout: str | None = None
+    checkpoint_sha256: str | None = None  # of the files the checkpoint was read from
     bundle: BundleEntry | None = None
     switchable: SwitchableEntry | None = None
     bos_id: int = 1
@@ -132,6 +134,7 @@ class Manifest:
             "logits": self.logits,
             "checkpoint": self.checkpoint,
             "checkpoint_layout": self.checkpoint_layout,
+            "checkpoint_sha256": self.checkpoint_sha256,
             "programs": {n: program(p) for n, p in self.programs.items()},
             "bundle": None if self.bundle is None else vars(self.bundle).copy(),
             "switchable": None
@@ -176,6 +179,7 @@ class Manifest:
                 logits=d.get("logits", "all"),
                 checkpoint=d.get("checkpoint"),
                 checkpoint_layout=d.get("checkpoint_layout"),
+                checkpoint_sha256=d.get("checkpoint_sha256"),
                 bundle=None if d.get("bundle") is None else BundleEntry(**d["bundle"]),
                 bos_id=d.get("bos_id", 1),
                 eos_ids=list(d.get("eos_ids", [2])),
@@ -201,8 +205,15 @@ class Manifest:
         return cls.from_json(d, str(path))
 
     def write(self, directory: Path) -> Path:
+        """Write ``directory/manifest.json``, atomically: a temporary file, flushed to disk,
+        renamed over the old one (a kill leaves the old manifest or the new, never half)."""
         path = directory / MANIFEST_FILE
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp = directory / f".{MANIFEST_FILE}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(self.to_json(), indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
         return path
 
 

@@ -59,8 +59,13 @@ def adapter_tensors(
                 raise AdapterError(
                     f"adapter {adapter.name!r}: {fqn} (rank {m.rank}) does not fit the "
                     f"switchable program's slots ("
-                    + ("no slot" if slot is None else f"slot rank {slot.rank}")
-                    + "); re-export with this adapter"
+                    + (
+                        "the program has no slot for it"
+                        if slot is None
+                        else f"slot rank {slot.rank}"
+                    )
+                    + "); a re-export with --switchable and this adapter would fit it "
+                    "(--switchable-slots all:RANK reserves room for adapters made later)"
                 )
             found[fqn] = m.delta(torch.float32)
     tensors = []

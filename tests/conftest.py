@@ -242,6 +242,12 @@ EXPORTS: dict[str, Recipe] = {
         "8da4w g32 + int4 embedding, custom SDPA: base, chat, code, switchable with "
         "chat/code.lora.safetensors",
     ),
+    "8da4w_slots": Recipe(
+        ("params_file", "adapter_dirs"),
+        lambda p, a: _tiny(p, a, "chat") + _Q + ["--switchable", "--switchable-slots", "all:8"],
+        "as 8da4w with chat only and room in switchable.pte for later adapters (rank 8 on "
+        "every projection): base, chat, switchable (issue 19's --add-to starts from it)",
+    ),
     "8da4w_base_only": Recipe(
         ("params_file", "adapter_dirs"), lambda p, a: _tiny(p, a) + _Q, "the same, no adapters"
     ),

@@ -180,6 +180,30 @@ def _file_checkpoint(path: Path, sd: dict[str, torch.Tensor]) -> Checkpoint:
     return Checkpoint(path, "meta", sd)
 
 
+# What a checkpoint's weights and shapes are read from (tokenizer and generation settings are
+# not: they do not change the foundation).
+_DIGESTED = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pth",
+             "*.pt", HF_CONFIG, META_PARAMS)  # fmt: skip
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """A sha256 naming a checkpoint's content: of a file, its bytes; of a directory, every file
+    its weights and config are read from (weights, indexes, ``config.json``/``params.json``)
+    with their names. The same bytes give the same digest wherever they are."""
+    import hashlib
+
+    from edgelora.format.layout import sha256_file
+
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    files = sorted({f for pattern in _DIGESTED for f in path.glob(pattern) if f.is_file()})
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint file or directory (see the module docstring) into our key names.
 

@@ -47,3 +47,38 @@ def random_peft_adapter(model: nn.Module, path, args, name: str, **kwargs) -> Ad
 
     adapter = random_adapter(model, name, **kwargs)
     return load_adapter(save_peft_adapter(adapter, path, args), args, name)
+
+
+def reservation_adapter(args, targets: tuple[str, ...], rank: int) -> Adapter:
+    """An all-zero adapter of ``rank`` on ``targets`` of every layer (``("all",)``: every
+    projection): what ``--switchable-slots`` adds to the adapters a switchable program's slots
+    are fitted to, so adapters made later find room. ``targets`` are Hugging Face projection
+    names (``q_proj``) or paths inside a layer (``attention.wq``)."""
+    import dataclasses
+
+    from edgelora.errors import ConfigError
+    from edgelora.lora.fusion import set_fusion
+    from edgelora.models.llama import build_model
+
+    # split projections, whatever the export fuses: adapters name the pieces
+    model = build_model(dataclasses.replace(args, fused_mla_lora_proj=False), empty=True)
+    set_fusion(model, "none")
+    paths = list(model.projections())
+    if targets != ("all",):
+        paths = []
+        for t in targets:
+            path = _HF_TO_MODULE.get(t, t)
+            if path not in model.projections():
+                raise ConfigError(
+                    f"--switchable-slots: {t!r} is not a projection of this model (have "
+                    f"{', '.join(model.projections())} or their Hugging Face names)"
+                )
+            paths.append(path)
+    adapter = Adapter(name="reserved", source=f"--switchable-slots rank {rank}")
+    for i in range(len(model.layers)):
+        for path in paths:
+            lin = model.get_submodule(f"layers.{i}.{path}")
+            adapter.modules[f"layers.{i}.{path}"] = LoRAWeights(
+                torch.zeros(rank, lin.in_features), torch.zeros(lin.out_features, rank), rank
+            )
+    return adapter
