@@ -12,7 +12,9 @@ Two layouts of an export directory can do this, each a small class with the same
   packing of the foundation weights.
 
 :func:`AdapterSession` opens whichever the export has (switchable preferred). A switch starts
-a new sequence (``generate`` prefills from position 0).
+a new sequence: ``generate`` prefills from position 0, and ``append`` (a conversation's next
+turn) continues from the current position, which a switch resets -- one adapter's KV cache is
+never read by another's tokens.
 """
 
 from __future__ import annotations
@@ -43,8 +45,22 @@ class _Session:
             raise ProgramError(f"no adapter {name!r} in this export (have: {self.adapters})")
         return name
 
+    position = 0  # the next position of the current sequence
+
     def generate(self, prompt: list[int], max_new_tokens: int) -> Generation:
-        return self.program.generate(prompt, max_new_tokens)
+        """A new sequence: prefill ``prompt`` from position 0, decode greedily."""
+        self.position = 0
+        gen = self.program.generate(prompt, max_new_tokens)
+        self.position = len(prompt) + max(len(gen.tokens) - 1, 0)  # the last token is not fed
+        return gen
+
+    def append(self, tokens: list[int]) -> torch.Tensor:
+        """Continue the current sequence with ``tokens`` (a conversation's next turn); returns
+        their logits. After :meth:`use_adapter` the sequence is a new one: the KV cache of the
+        previous adapter is never attended to by the next adapter's tokens."""
+        logits = self.program.forward(tokens, self.position)
+        self.position += len(tokens)
+        return logits
 
 
 class SwitchableSession(_Session):
@@ -78,6 +94,7 @@ class SwitchableSession(_Session):
                 raise ProgramError(str(e)) from None
         self.program.extra_inputs = self._inputs[name]
         self._current = name
+        self.position = 0  # a switch starts a new sequence
         return time.perf_counter() - t
 
 
@@ -99,7 +116,9 @@ class BundleSession(_Session):
 
     def use_adapter(self, name: str | None) -> float:
         """Switch to adapter ``name`` (``None``/``"base"``: none); returns the seconds taken."""
-        return self.program.select_method(self._check(name))
+        seconds = self.program.select_method(self._check(name))
+        self.position = 0  # a switch starts a new sequence
+        return seconds
 
 
 def AdapterSession(  # noqa: N802 - a factory standing in for the class users construct

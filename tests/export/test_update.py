@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from edgelora.export import cli
 from edgelora.runtime.program import LlamaProgram
@@ -224,3 +225,23 @@ def test_concurrent_adds_wait_for_each_other(out, adapter_dirs, params_file):
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"code", "code2"} <= set(manifest["switchable"]["adapters"])
     assert "code" in manifest["programs"] and _complete(out)
+
+
+def test_zero_scale_adapter_really_removes_its_effect(out, adapter_dirs, params_file):
+    """An adapter added with scale 0 (as program and switchable inputs) gives the base model's
+    logits: the switchable program exactly its base inputs' (both add exact zeros), the
+    program base.pte's (x + 0 is x in every kernel; measured equal)."""
+    rc = _add(
+        "--add-to", out, "--lora", f"z={adapter_dirs['chat']}:scale=0", "--params", params_file
+    )
+    assert rc == 0
+    session = AdapterSession(out)
+    session.use_adapter("z")
+    zero = session.program.forward(TOKENS, 0)
+    session.use_adapter("base")
+    assert torch.equal(zero, session.program.forward(TOKENS, 0))
+    base = LlamaProgram(out / "base.pte", out / "foundation.ptd").forward(TOKENS, 0)
+    z = LlamaProgram(out / "z.pte", out / "foundation.ptd").forward(TOKENS, 0)
+    assert (z - base).abs().max().item() <= 1e-6
+    session.use_adapter("chat")  # and the adapter at scale 1 does change them
+    assert (session.program.forward(TOKENS, 0) - zero).abs().max().item() > 1e-3

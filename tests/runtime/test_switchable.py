@@ -79,3 +79,33 @@ def test_switchable_adapter_files_are_checked(export_8da4w, tmp_path):
     broken.write_bytes(b"\x00" * 10)
     with pytest.raises(Exception, match="cannot read adapter tensors"):
         load_adapter_tensors(broken, slots)
+
+
+@pytest.mark.parametrize("export, mode", [("8da4w", "switchable"), ("fused", "bundle")])
+def test_a_switch_starts_a_new_sequence(request, export, mode):
+    """Switching adapters mid-conversation: the next turn's logits are those of a fresh session
+    with the new adapter -- the previous adapter's KV cache is not attended to. Continuing at
+    the old position instead (what a reused cache would give) differs, so the check can fail."""
+    import torch
+
+    out = request.getfixturevalue(f"export_{export}")
+    turn2 = [8, 21, 5]
+    session = AdapterSession(out, mode)
+    session.use_adapter("chat")
+    session.append(PROMPT)
+    assert session.position == len(PROMPT)
+    session.use_adapter("code")
+    assert session.position == 0
+    got = session.append(turn2)
+    fresh = AdapterSession(out, mode)
+    fresh.use_adapter("code")
+    assert torch.equal(got, fresh.append(turn2))
+    stale = AdapterSession(out, mode)
+    stale.use_adapter("chat")
+    stale.append(PROMPT)
+    stale.use_adapter("code")
+    stale.position = len(PROMPT)  # as if the switch had kept the sequence
+    assert (stale.append(turn2) - got).abs().max().item() > 1e-3
+    # generate is a new sequence too, and leaves the position after what it fed
+    gen = session.generate(PROMPT, 4)
+    assert session.position == len(PROMPT) + len(gen.tokens) - 1
