@@ -6,7 +6,7 @@ A whole export is staged in ``.OUT.staging-XXXX`` beside ``OUT`` and renamed int
 renames it to its final name, and replaces ``manifest.json`` last, so a kill at any point leaves
 the previous export complete (a file the manifest does not list is not part of the export).
 Every writer holds ``.OUT.lock`` (an advisory ``flock``, released by the kernel when the
-process dies, SIGKILL included) for its whole run; holding it, a writer removes what a killed
+process dies, SIGKILL included; the file is removed when a writer finishes) for its whole run; holding it, a writer removes what a killed
 one left behind.
 """
 
@@ -78,34 +78,46 @@ def lock_file(out_dir: Path) -> Path:
 @contextlib.contextmanager
 def export_lock(out_dir: Path, *, log=print) -> Iterator[None]:
     """Hold ``out_dir``'s writer lock; if another export or update holds it, say so and wait.
-    Then remove what a killed writer left: staging directories beside ``out_dir``
-    and temporary files inside it."""
+    Then remove what a killed writer left: staging directories beside ``out_dir`` and
+    temporary files inside it. The lock file is removed on release (a waiter that locked the
+    removed file notices and locks the new one)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     path = lock_file(out_dir)
-    with open(path, "a+") as f:
+    told = False
+    while True:
+        f = open(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            log(f"  waiting for {holder} to finish writing {out_dir} ...")
+            if not told:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                log(f"  waiting for {holder} to finish writing {out_dir} ...")
+                told = True
             fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # the holder removed the file we locked: lock the current one
+    try:
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} ({' '.join(sys.argv[:1])})\n")
         f.flush()
-        try:
-            for stale in _leftovers(out_dir):
-                log(f"  removing {stale.name}, left by an export that did not finish")
-                if stale.is_dir():
-                    shutil.rmtree(stale, ignore_errors=True)
-                else:
-                    stale.unlink(missing_ok=True)
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f, fcntl.LOCK_UN)
+        for stale in _leftovers(out_dir):
+            log(f"  removing {stale.name}, left by an export that did not finish")
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 def staging_prefix(out_dir: Path) -> str:
