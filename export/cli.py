@@ -164,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
         "of every layer, of rank at least RANK (e.g. all:32). Without it the slots are the "
         "union of the --lora adapters given now; --add-to refuses an adapter that does not fit",
     )
+    model.add_argument(
+        "--adapter-dtype",
+        choices=["fp32", "fp16", "int8"],
+        default=None,
+        help="with --switchable: how adapter weights are stored in NAME.lora.safetensors and "
+        "passed to switchable.pte: fp32, fp16 (half the bytes), or int8 with one fp32 scale per "
+        "rank component (a quarter); the program casts them back (default: the compute dtype). "
+        "Per-adapter programs keep fp32 adapter weights",
+    )
     quant = p.add_argument_group("quantization")
     quant.add_argument(
         "--qmode",
@@ -328,6 +337,7 @@ def config_from_args(
         logits=ns.logits,
         bundle=ns.bundle,
         switchable=ns.switchable,
+        adapter_dtype=ns.adapter_dtype,
         switchable_slots=None
         if ns.switchable_slots is None
         else parse_switchable_slots(ns.switchable_slots),
@@ -335,7 +345,9 @@ def config_from_args(
 
 
 # Flags that describe a whole export, not an adapter added to one.
-_NOT_WITH_ADD = ("merge", "bundle", "switchable", "tokenizer", "output_dir", "switchable_slots")
+_NOT_WITH_ADD = (
+    "merge", "bundle", "switchable", "tokenizer", "output_dir", "switchable_slots", "adapter_dtype",
+)  # fmt: skip
 
 
 def _given_flags(argv: list[str] | None) -> dict[str, object]:

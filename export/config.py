@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from edgelora.errors import ConfigError
+from edgelora.format.adapter_inputs import ADAPTER_DTYPES
 from edgelora.lora.fusion import FUSE_MODES
 from edgelora.models.args import ModelArgs
 from edgelora.models.llama import LOGITS_MODES, SDPA_MODES
@@ -112,6 +113,8 @@ class ExportConfig:
     switchable: bool = False  # also write switchable.pte: adapter weights as run-time inputs
     # switchable.pte's slots also fit (projections, rank) for adapters added later
     switchable_slots: tuple[tuple[str, ...], int] | None = None
+    # dtype of switchable.pte's adapter inputs (NAME.lora.safetensors); None: the compute dtype
+    adapter_dtype: str | None = None
     bos_id: int = 1  # what the runner prepends (from the checkpoint, or --bos-id)
     eos_ids: tuple[int, ...] = (2,)  # every id that ends generation
     tokenizer_files: tuple[Path, ...] = ()  # copied into the export (tokenizer.json first)
@@ -196,6 +199,10 @@ class ExportConfig:
                 f"special token ids must be in [0, {vocab}) and eos_ids not empty: bos_id "
                 f"{self.bos_id}, eos_ids {list(self.eos_ids)}"
             )
+        if self.adapter_dtype is not None and self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ConfigError(
+                f"adapter_dtype must be one of {sorted(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}"
+            )
         if self.switchable_slots is not None:
             targets, rank = self.switchable_slots
             if not self.switchable:
@@ -220,6 +227,13 @@ class ExportConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def adapter_torch_dtype(self) -> torch.dtype:
+        """The dtype of the switchable program's adapter inputs."""
+        return (
+            self.torch_dtype if self.adapter_dtype is None else ADAPTER_DTYPES[self.adapter_dtype]
+        )
 
     @property
     def foundation(self) -> FoundationSpec:

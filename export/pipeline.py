@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgelora.export.config import DTYPES, ExportConfig
+from edgelora.export.config import ExportConfig
 from edgelora.export.foundation import build_foundation
 from edgelora.export.memory import check_memory
 from edgelora.export.output import check_output_dir, commit_output, export_lock, staging_prefix
@@ -270,7 +270,7 @@ def _write_switchable(
     weights are run-time inputs (:mod:`edgelora.lora.slots`), and each adapter's inputs as
     ``NAME.lora.safetensors``. The program holds no adapter constant: all of it is the
     foundation, packed once however many adapters a process switches between."""
-    torch_dtype = DTYPES[config.dtype]
+    torch_dtype = config.adapter_torch_dtype
     reserved = []
     if config.switchable_slots is not None:  # room for adapters made later
         targets, rank = config.switchable_slots
@@ -281,7 +281,7 @@ def _write_switchable(
         files[adapter.name] = adapter_inputs_file(adapter.name)
         write_adapter_inputs(model, adapter, slots, torch_dtype, writer.stage / files[adapter.name])
     example = adapter_tensors(model, None, slots, torch_dtype)
-    with switchable(model, slots) as program:
+    with switchable(model, slots, torch_dtype) as program:
         ep = writer.trace(program, "switchable", extra_inputs=example)
     writer.write(SWITCHABLE_FILE, ep, is_adapter=lambda fqn: False, label="switchable")
     log(

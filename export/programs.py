@@ -182,4 +182,4 @@ def write_adapter_inputs(
     """``NAME.lora.safetensors``: ``adapter``'s run-time inputs for a switchable program with
     ``slots`` (:func:`edgelora.lora.slots.adapter_tensors`; it refuses an adapter that does not
     fit them)."""
-    save_adapter_tensors(path, adapter_tensors(model, adapter, slots, dtype), slots)
+    save_adapter_tensors(path, adapter_tensors(model, adapter, slots, dtype), slots, dtype)

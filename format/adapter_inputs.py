@@ -1,9 +1,12 @@
 """A switchable program's adapter slots, and the files holding each adapter's run-time inputs.
 
-``switchable.pte`` is ``forward(tokens, input_pos, lora)`` where ``lora`` holds two tensors per
-slot (one adapted projection): ``a_t [1, in, rank]`` and ``b_t [1, rank, out]``, the adapter's
-scale folded into ``b_t``. ``NAME.lora.safetensors`` stores one adapter's list under the keys
-:func:`tensor_names`; the slots themselves are recorded in the manifest.
+``switchable.pte`` is ``forward(tokens, input_pos, lora)`` where ``lora`` holds, per slot (one
+adapted projection), ``a_t [1, in, rank]`` and ``b_t [1, rank, out]``, the adapter's scale
+folded into ``b_t``, in the export's adapter dtype (``--adapter-dtype``): float32, float16, or
+int8 with one float32 scale per rank component (``a_t.scale [1, 1, rank]``,
+``b_t.scale [1, rank, 1]``; symmetric, so ``w = q * scale``). The program casts (and scales) them to its compute dtype.
+``NAME.lora.safetensors`` stores one adapter's list under the keys :func:`tensor_names`; the
+slots and the dtype are recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -29,6 +32,18 @@ class Slot:
     def shapes(self) -> dict[str, tuple[int, int, int]]:
         return {"a_t": (1, self.in_features, self.rank), "b_t": (1, self.rank, self.out_features)}
 
+    def parts(self, dtype: torch.dtype = torch.float32) -> dict[str, tuple[tuple, torch.dtype]]:
+        """The slot's inputs in order, name -> (shape, dtype), for adapter dtype ``dtype``."""
+        if dtype != torch.int8:
+            return {n: (shape, dtype) for n, shape in self.shapes().items()}
+        a, b = self.shapes()["a_t"], self.shapes()["b_t"]
+        return {
+            "a_t": (a, torch.int8),
+            "a_t.scale": ((1, 1, a[2]), torch.float32),
+            "b_t": (b, torch.int8),
+            "b_t.scale": ((1, b[1], 1), torch.float32),
+        }
+
     def to_dict(self) -> dict:
         return {
             "module": self.module,
@@ -42,27 +57,38 @@ class Slot:
         return cls(str(d["module"]), int(d["in"]), int(d["out"]), int(d["rank"]))
 
 
-def tensor_names(slots: Sequence[Slot]) -> list[str]:
+ADAPTER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
+
+
+def tensor_names(slots: Sequence[Slot], dtype: torch.dtype = torch.float32) -> list[str]:
     """Names of the ``lora`` inputs in order (the keys of an adapter's tensor file)."""
-    return [f"{s.module}.{part}" for s in slots for part in ("a_t", "b_t")]
+    return [f"{s.module}.{part}" for s in slots for part in s.parts(dtype)]
 
 
 def zero_inputs(slots: Sequence[Slot], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """The ``lora`` inputs of no adapter (the base model): zeros of every slot's shapes."""
-    return [torch.zeros(shape, dtype=dtype) for s in slots for shape in s.shapes().values()]
+    """The ``lora`` inputs of no adapter (the base model): zeros (scales of one)."""
+    return [
+        (torch.ones if name.endswith(".scale") else torch.zeros)(shape, dtype=dt)
+        for s in slots
+        for name, (shape, dt) in s.parts(dtype).items()
+    ]
 
 
-def save_adapter_tensors(path, tensors: Sequence[torch.Tensor], slots: Sequence[Slot]) -> None:
+def save_adapter_tensors(
+    path, tensors: Sequence[torch.Tensor], slots: Sequence[Slot], dtype: torch.dtype = torch.float32
+) -> None:
     """Write one adapter's ``lora`` inputs as safetensors (keys :func:`tensor_names`)."""
     from safetensors.torch import save_file
 
-    names = tensor_names(slots)
+    names = tensor_names(slots, dtype)
     save_file({n: t.contiguous() for n, t in zip(names, tensors, strict=True)}, str(path))
 
 
-def load_adapter_tensors(path: str | Path, slots: Sequence[Slot]) -> list[torch.Tensor]:
-    """Read an adapter's ``lora`` inputs back, checking every key and shape against the slots.
-    Raises :class:`AdapterError` naming the file and the first mismatch."""
+def load_adapter_tensors(
+    path: str | Path, slots: Sequence[Slot], dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor]:
+    """Read an adapter's ``lora`` inputs back, checking every key, shape and dtype against the
+    slots. Raises :class:`AdapterError` naming the file and the first mismatch."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -72,7 +98,7 @@ def load_adapter_tensors(path: str | Path, slots: Sequence[Slot]) -> list[torch.
         raise AdapterError(f"{path}: cannot read adapter tensors ({e})") from None
     out = []
     for slot in slots:
-        for part, shape in slot.shapes().items():
+        for part, (shape, dt) in slot.parts(dtype).items():
             key = f"{slot.module}.{part}"
             t = found.get(key)
             if t is None:
@@ -82,8 +108,13 @@ def load_adapter_tensors(path: str | Path, slots: Sequence[Slot]) -> list[torch.
                     f"{path}: {key} has shape {list(t.shape)}, the program's slot needs "
                     f"{list(shape)}"
                 )
+            if t.dtype != dt:
+                raise AdapterError(
+                    f"{path}: {key} is {str(t.dtype).removeprefix('torch.')}, the program "
+                    f"takes {str(dt).removeprefix('torch.')}"
+                )
             out.append(t)
-    extra = set(found) - set(tensor_names(slots))
+    extra = set(found) - set(tensor_names(slots, dtype))
     if extra:
         raise AdapterError(f"{path}: tensors the program has no slot for: {sorted(extra)[:3]}")
     return out

@@ -48,7 +48,8 @@ def adapter_tensors(
     dtype: torch.dtype = torch.float32,
 ) -> list[torch.Tensor]:
     """The ``lora`` input list of a switchable program for ``adapter`` (``None``: the base
-    model, all zeros). Raises :class:`AdapterError` if the adapter adapts a projection that has
+    model, all zeros), in adapter dtype ``dtype`` (int8: each tensor followed by its scales,
+    :func:`quantize_int8`). Raises :class:`AdapterError` if the adapter adapts a projection that has
     no slot or needs a larger rank than its slot."""
     by_fqn = {s.module: s for s in slots}
     found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -70,21 +71,39 @@ def adapter_tensors(
             found[fqn] = m.delta(torch.float32)
     tensors = []
     for slot in slots:
-        a_t = torch.zeros(slot.shapes()["a_t"], dtype=dtype)
-        b_t = torch.zeros(slot.shapes()["b_t"], dtype=dtype)
+        a_t = torch.zeros(slot.shapes()["a_t"])
+        b_t = torch.zeros(slot.shapes()["b_t"])
         if slot.module in found:
             a, b = found[slot.module]
             a_t[0, :, : a.shape[0]] = a.T
             b_t[0, : b.shape[1], :] = b.T
-        tensors.extend((a_t, b_t))
+        for t, across in ((a_t, 1), (b_t, 2)):  # one scale per rank component of A and of B
+            tensors.extend(quantize_int8(t, across) if dtype == torch.int8 else [t.to(dtype)])
     return tensors
+
+
+def quantize_int8(t: torch.Tensor, across: int) -> list[torch.Tensor]:
+    """``[q, scale]``: ``t`` (float32) as int8 with one symmetric float32 scale per slice along
+    dim ``across`` (``t ~ q * scale``; an all-zero slice gets scale 1)."""
+    amax = t.abs().amax(dim=across, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(t / scale).clamp(-127, 127).to(torch.int8)
+    return [q, scale.to(torch.float32)]
+
+
+def _dequantize(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """A slot input back in the compute dtype: a cast (float inputs) or ``q * scale`` (int8)."""
+    if len(parts) == 2:
+        return parts[0].to(dtype) * parts[1].to(dtype)
+    return parts[0] if parts[0].dtype == dtype else parts[0].to(dtype)
 
 
 class _SlotInputs:
     """Holds the ``lora`` list of the current forward call for the slot modules to read."""
 
-    def __init__(self, num_slots: int) -> None:
+    def __init__(self, num_slots: int, per_slot: int = 2) -> None:
         self.num_slots = num_slots
+        self.per_slot = per_slot  # 2 (a_t, b_t), or 4 with int8 (each with its scale)
         self.tensors: Sequence[torch.Tensor] | None = None
 
 
@@ -103,7 +122,9 @@ class InputLoRALinear(LinearWrapper):
         tensors = self._inputs.tensors
         if tensors is None:
             raise RuntimeError(f"adapter slot {self.index} called without lora inputs")
-        a_t, b_t = tensors[2 * self.index], tensors[2 * self.index + 1]
+        n = self._inputs.per_slot
+        mine = tensors[n * self.index : n * (self.index + 1)]
+        a_t, b_t = _dequantize(mine[: n // 2], x.dtype), _dequantize(mine[n // 2 :], x.dtype)
         if x.dim() == 3 and x.shape[0] == 1:  # the model's [1, seq, dim]: no reshapes, which
             return self.linear(x) + torch.bmm(torch.bmm(x, a_t), b_t)  # would split delegates
         flat = x.reshape(1, -1, x.shape[-1])
@@ -132,9 +153,10 @@ class SwitchableModel(nn.Module):
         self, tokens: torch.Tensor, input_pos: torch.Tensor, lora: Sequence[torch.Tensor]
     ) -> torch.Tensor:
         inputs = self._slot_inputs
-        if len(lora) != 2 * inputs.num_slots:
+        if len(lora) != inputs.per_slot * inputs.num_slots:
             raise ValueError(
-                f"expected {2 * inputs.num_slots} lora tensors (2 per slot), got {len(lora)}"
+                f"expected {inputs.per_slot * inputs.num_slots} lora tensors ({inputs.per_slot} "
+                f"per slot), got {len(lora)}"
             )
         inputs.tensors = lora
         try:
@@ -144,11 +166,14 @@ class SwitchableModel(nn.Module):
 
 
 @contextmanager
-def switchable(model: nn.Module, slots: Sequence[Slot]) -> Iterator[SwitchableModel]:
-    """``with switchable(model, slots) as m:`` ``m(tokens, input_pos, lora)`` runs ``model``
-    with an :class:`InputLoRALinear` at every slot; the plain layers are back on exit.
+def switchable(
+    model: nn.Module, slots: Sequence[Slot], dtype: torch.dtype = torch.float32
+) -> Iterator[SwitchableModel]:
+    """``with switchable(model, slots, dtype) as m:`` ``m(tokens, input_pos, lora)`` runs
+    ``model`` with an :class:`InputLoRALinear` at every slot, its inputs in adapter dtype
+    ``dtype`` (:mod:`edgelora.format.adapter_inputs`); the plain layers are back on exit.
     ``model`` must have no adapter attached."""
-    inputs = _SlotInputs(len(slots))
+    inputs = _SlotInputs(len(slots), 4 if dtype == torch.int8 else 2)
     installed = []
     try:
         for i, slot in enumerate(slots):

@@ -73,7 +73,8 @@ class SwitchableSession(_Session):
         self.slots = entry.slots
         self._files = {name: export_dir / f for name, f in entry.adapters.items()}
         self.adapters = list(self._files)
-        zeros = zero_inputs(self.slots, getattr(torch, entry.dtype))
+        self._dtype = getattr(torch, entry.dtype)
+        zeros = zero_inputs(self.slots, self._dtype)
         self._inputs: dict[str, list[torch.Tensor]] = {BASE_PROGRAM: zeros}
         self.program = LlamaProgram(export_dir / entry.file, export_dir / entry.foundation)
         self.program.extra_inputs = zeros
@@ -89,7 +90,9 @@ class SwitchableSession(_Session):
         t = time.perf_counter()
         if name not in self._inputs:
             try:
-                self._inputs[name] = load_adapter_tensors(self._files[name], self.slots)
+                self._inputs[name] = load_adapter_tensors(
+                    self._files[name], self.slots, self._dtype
+                )
             except AdapterError as e:
                 raise ProgramError(str(e)) from None
         self.program.extra_inputs = self._inputs[name]

@@ -77,3 +77,71 @@ def test_adapter_must_fit_slots():
         adapter_tensors(model, other, slots)
     with pytest.raises(TypeError):  # the model itself has one signature: no lora inputs
         _logits(model, lora=[[]])
+
+
+@pytest.mark.parametrize(
+    "dtype, bound",
+    # fp16 rounds each adapter weight to 11 bits (relative 2^-11), int8 to 1/254 of its rank
+    # component's largest value; the LoRA delta here is ~0.3 of logits of magnitude ~1, so the
+    # logits move by at most those fractions of it (measured: fp16 ~1e-4, int8 ~3e-3)
+    [(torch.float16, 1e-3), (torch.int8, 1e-2)],
+)
+def test_narrow_adapter_inputs(dtype, bound, tmp_path):
+    """fp16 and int8 inputs: smaller files (about 1/2 and 1/4 of fp32 plus the safetensors
+    header and int8 scales), logits within the bound of the fp32 inputs', and the base (zero
+    inputs) exactly the base."""
+    from edgelora.format.adapter_inputs import (
+        load_adapter_tensors,
+        save_adapter_tensors,
+        zero_inputs,
+    )
+
+    model = build_model(ModelArgs.from_dict(ARGS), seed=3)
+    wide = random_adapter(model, "wide", rank=8, seed=1)
+    slots = adapter_slots(model, [wide])
+    fp32 = adapter_tensors(model, wide, slots)
+    with switchable(model, slots) as program:
+        want = _logits(model, program, [fp32])
+        base = _logits(model, program, [zero_inputs(slots)])
+    files = {}
+    for dt in (torch.float32, dtype):
+        files[dt] = tmp_path / f"{dt}.safetensors"
+        save_adapter_tensors(files[dt], adapter_tensors(model, wide, slots, dt), slots, dt)
+    narrow = load_adapter_tensors(files[dtype], slots, dtype)
+    with switchable(model, slots, dtype) as program:
+        got = _logits(model, program, [narrow])
+        assert torch.equal(_logits(model, program, [zero_inputs(slots, dtype)]), base)
+    err = (got - want).abs().max().item()
+    assert 0 < err < bound, err
+    values = sum(s.in_features * s.rank + s.rank * s.out_features for s in slots)
+    size, fp32 = files[dtype].stat().st_size, files[torch.float32].stat().st_size
+    assert size < fp32 * (0.6 if dtype == torch.float16 else 0.4)
+    assert size <= values * dtype.itemsize + 64 * 1024  # the values, + header and scales
+    with pytest.raises(AdapterError, match="program takes"):  # a file of another dtype
+        load_adapter_tensors(files[torch.float32], slots, dtype)
+
+
+def test_int8_inputs_on_the_runtime(tmp_path):
+    """An int8 switchable program lowered to XNNPACK runs its dequantization on the runtime
+    and matches the eager program (1e-4: fp32 kernels reorder sums)."""
+    from edgelora.backends.xnnpack.lower import lower_to_xnnpack
+    from edgelora.export.programs import trace
+    from edgelora.runtime.program import LlamaProgram
+
+    args = ModelArgs.from_dict(ARGS)
+    model = build_model(args, seed=3)
+    wide = random_adapter(model, "wide", rank=8, seed=1)
+    slots = adapter_slots(model, [wide])
+    tensors = adapter_tensors(model, wide, slots, torch.int8)
+    example = adapter_tensors(model, None, slots, torch.int8)
+    with switchable(model, slots, torch.int8) as program:
+        want = _logits(model, program, [tensors])[0]
+        lowered = lower_to_xnnpack(
+            trace(program, args, extra_inputs=example), is_adapter=lambda fqn: False
+        )
+    lowered.write_pte(tmp_path / "s.pte")
+    lowered.write_data_files(tmp_path)
+    rt = LlamaProgram(tmp_path / "s.pte", tmp_path / "foundation.ptd")
+    rt.extra_inputs = tensors
+    got = rt.forward(TOKENS[0].tolist(), 0)
+    assert (got - want).abs().max().item() < 1e-4
