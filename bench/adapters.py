@@ -1,0 +1,145 @@
+"""Adapters as updates, measured: what adding an adapter costs, what the adapter dtypes cost in
+bytes and quality, and the switchable program's decode speed against ``base.pte``.
+
+    python bench/adapters.py [--model DIR --adapters DIR/adapters --eval DIR/eval]
+                             [--work DIR] [--rounds 5] [--limit N] [--json OUT.json]
+
+Defaults to the trained tiny model shipped in ``examples/tiny`` (two PEFT adapters with
+held-out task files). For each adapter dtype (fp32, fp16, int8) it exports the model with the
+first adapter and ``--switchable --adapter-dtype D``, then, timed, adds the second adapter with
+``export_llama --add-to`` (switchable inputs only: no lowering), adds it again as a program
+(``--checkpoint``: one lowering), and compares with a full re-export. Every adapter is scored
+on its task file through the switchable program on the runtime (exact-match accuracy,
+perplexity, max |logit - fp32's|), and decode ms/token of ``base.pte``, an adapter program and
+the switchable program (with an adapter selected) is the median step of a 32-token greedy
+generation in ``--rounds`` rounds alternating over all of them in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "examples" / "tiny"
+DTYPES = ("fp32", "fp16", "int8")
+
+
+def _cli(*argv: str) -> float:
+    cmd = [sys.executable, "-m", "edgelora.export.cli", *map(str, argv)]
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=TINY / "model")
+    p.add_argument("--adapters", type=Path, default=TINY / "adapters")
+    p.add_argument("--eval", type=Path, default=TINY / "eval")
+    p.add_argument("--work", type=Path, default=None)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--limit", type=int, default=None, help="score the first N lines per task")
+    p.add_argument("--json", type=Path, default=None)
+    ns = p.parse_args()
+    from edgelora._quiet import quiet_third_party
+
+    quiet_third_party()
+    work = ns.work or Path(tempfile.mkdtemp(prefix="edgelora-adapters-"))
+    first, second = sorted(d.name for d in ns.adapters.iterdir() if d.is_dir())[:2]
+    result: dict = {"model": str(ns.model), "adapters": [first, second], "dtypes": {}}
+    common = ["--checkpoint", ns.model, "--switchable"]
+    for dtype in DTYPES:
+        out = work / dtype
+        rec = result["dtypes"][dtype] = {}
+        rec["export_s"] = _cli(
+            *common, "--adapter-dtype", dtype, f"--lora={first}={ns.adapters / first}",
+            "--output-dir", out, "--overwrite",
+        )  # fmt: skip
+        rec["add_inputs_s"] = _cli("--add-to", out, f"--lora={second}={ns.adapters / second}")
+        rec["add_program_s"] = _cli(
+            "--add-to", out, f"--lora={second}={ns.adapters / second}", "--checkpoint",
+            ns.model, "--overwrite",
+        )  # fmt: skip
+        rec["full_export_both_s"] = _cli(
+            *common, "--adapter-dtype", dtype, f"--lora={first}={ns.adapters / first}",
+            f"--lora={second}={ns.adapters / second}", "--output-dir", work / f"{dtype}-full",
+            "--overwrite",
+        )  # fmt: skip
+        rec["input_bytes"] = {
+            a: (out / f"{a}.lora.safetensors").stat().st_size for a in (first, second)
+        }
+        print(f"{dtype}: {json.dumps(rec)}", flush=True)
+    _score(result, work, ns, (first, second))
+    _decode(result, work, ns.rounds, first)
+    print(json.dumps(result, indent=1))
+    if ns.json:
+        ns.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _score(result: dict, work: Path, ns, adapters: tuple[str, str]) -> None:
+    from tokenizers import Tokenizer
+
+    from edgelora.format.manifest import read_export
+    from edgelora.quality.runtime import open_runtime
+    from edgelora.quality.scoring import encode_set, score_set
+    from edgelora.quality.tasks import read_eval_file
+
+    for adapter in adapters:
+        s = read_eval_file(ns.eval / f"{adapter}.jsonl", ns.limit)
+        ref = None
+        for dtype in DTYPES:
+            out = work / dtype
+            manifest = read_export(out)
+            tok = Tokenizer.from_file(str(out / manifest.tokenizer))
+            scorer = open_runtime(out, adapter=adapter, switchable=True)
+            enc = encode_set(s, tok)
+            r = score_set(scorer, s, enc, tok, manifest.eos_ids)
+            logits = [scorer.logits(e.ids) for e in enc[:20]]
+            if ref is None:
+                ref = logits
+            err = max((a - b).abs().max().item() for a, b in zip(logits, ref, strict=True))
+            result["dtypes"][dtype].setdefault("tasks", {})[adapter] = {
+                "accuracy": r.accuracy,
+                "perplexity": r.perplexity,
+                "max_abs_logit_diff_vs_fp32": err,
+            }
+            print(f"{dtype} {adapter}: acc {r.accuracy:.3f} ppl {r.perplexity:.4f} err {err:.2e}")
+
+
+def _decode(result: dict, work: Path, rounds: int, adapter: str) -> None:
+    from edgelora.runtime.program import LlamaProgram
+    from edgelora.runtime.sessions import AdapterSession
+
+    fp32 = work / "fp32"
+    programs = {
+        "base.pte": LlamaProgram(fp32 / "base.pte", fp32 / "foundation.ptd"),
+        f"{adapter}.pte": LlamaProgram(fp32 / f"{adapter}.pte", fp32 / "foundation.ptd"),
+    }
+    for dtype in DTYPES:
+        session = AdapterSession(work / dtype, "switchable")
+        session.use_adapter(adapter)
+        programs[f"switchable ({dtype} inputs)"] = session.program
+    prompt = list(range(3, 19))
+    samples: dict[str, list[float]] = {n: [] for n in programs}
+    for _ in range(rounds):
+        for name, program in programs.items():
+            samples[name].append(program.generate(prompt, 32).decode_ms_per_token)
+    ms = {n: statistics.median(v) for n, v in samples.items()}
+    base = ms["base.pte"]
+    result["decode_ms_per_token"] = ms
+    result["decode_vs_base"] = {n: v / base for n, v in ms.items()}
+    for n, v in ms.items():
+        print(f"  {n:28s} {v:.3f} ms/token ({v / base:.2f}x base)")
+
+
+if __name__ == "__main__":
+    main()
