@@ -10,9 +10,11 @@ what the export keeps plus the larger of two transients, each counted from the m
 * **building**: one part's fp32 working copy (the largest: often the output layer) plus its
   checkpoint pages and a block of torchao's temporaries (weights are quantized a block of rows
   at a time, :mod:`edgelora.quant.rows`);
-* **lowering**: XNNPACK's packed weights (half a byte per 4-bit value, a scale per group), held
-  twice while a program is serialised (the delegate blobs and the data file's buffer), plus the
-  float constants written to ``foundation.ptd``;
+* **lowering**: XNNPACK's packed weights (half a byte per 4-bit value, a scale per group), the
+  float constants the emitter copies for ``foundation.ptd``, and the packing temporaries of
+  the largest partition (the output layer's: ~3x its packed size at 1B), bounded here by the
+  packed weights a second time. (ExecuTorch's deep copy of every partition's weights before
+  compiling any is avoided, ``backends/xnnpack/lower.py``.)
 
 and a fixed overhead (PyTorch, ExecuTorch and torchao loaded, the tracing machinery), then a
 margin. Measured on Llama-3.2-1B and -3B shapes (``bench/scale.py``); tested to stay an upper
