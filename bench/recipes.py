@@ -39,6 +39,7 @@ RECIPES: dict[str, list[str]] = {
     "8da4w g32 emb8": ["--qmode", "8da4w", "--group-size", "32", *_E8],
     "8da4w g32 emb4": ["--qmode", "8da4w", "--group-size", "32", *_E4],
     "8da4w g32 out8": ["--qmode", "8da4w", "--group-size", "32", *_O8],
+    "8da4w g32 hqq emb8": ["--qmode", "8da4w", "--group-size", "32", "--qparams", "hqq", *_E8],
     "8da4w g32 hqq emb8 out8": ["--qmode", "8da4w", "--qparams", "hqq", *_E8, *_O8],
     "8da4w g128 hqq emb8 out8": [
         "--qmode",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,8 +92,11 @@ def rope_tables(args: ModelArgs, *, local: bool = False) -> tuple[torch.Tensor, 
         freqs = _llama3_scale_freqs(freqs, args)
     if args.rope_linear_factor != 1.0 and not local:
         freqs = freqs / args.rope_linear_factor
-    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), freqs)
-    return torch.cos(angles).float(), torch.sin(angles).float()
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), freqs).numpy()
+    # numpy, in this thread: torch's multi-threaded cos/sin gave tables 1 ulp apart between two
+    # runs of one export (seen as a foundation.ptd with another sha256 when an adapter program
+    # was added to an export), and the tables are foundation constants that must be reproducible
+    return torch.from_numpy(np.cos(angles)).float(), torch.from_numpy(np.sin(angles)).float()
 
 
 def apply_rope(
