@@ -193,10 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument(
         "--qparams",
         choices=["affine", "hqq"],
-        default="affine",
+        default="hqq",
         help="how the linears' weight scales are chosen: from each group's max |w| (affine) "
-        "or by torchao's HQQ scale-only search for the least rounding error (hqq; slower "
-        "to export, same program layout and speed) (default affine)",
+        "or by torchao's HQQ scale-only search for the least rounding error (hqq; same program layout and speed) (default hqq: the measured recipe, see README)",
     )
     quant.add_argument(
         "--output-bits",
@@ -211,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--embedding-bits",
         type=int,
         choices=[0, 4, 8],
-        default=0,
-        help="token-embedding weight-only quantization bits; 0 keeps it fp32 (default 0)",
+        default=8,
+        help="token-embedding weight-only quantization bits; 0 keeps it float (the checkpoint's "
+        "bf16/fp16, else fp32) (default 8: the measured recipe, see README)",
     )
     quant.add_argument(
         "--embedding-group-size",
