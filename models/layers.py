@@ -87,12 +87,16 @@ def rope_tables(args: ModelArgs, *, local: bool = False) -> tuple[torch.Tensor, 
     no scaling)."""
     half = args.rope_dim // 2
     theta = args.rope_local_theta if local and args.rope_local_theta else args.rope_theta
-    freqs = 1.0 / (theta ** (torch.arange(0, half, dtype=torch.float64) * 2 / args.rope_dim))
+    # on the CPU whatever the default device (a meta-device model still gets real tables)
+    freqs = 1.0 / (
+        theta ** (torch.arange(0, half, dtype=torch.float64, device="cpu") * 2 / args.rope_dim)
+    )
     if args.use_scaled_rope and not local:
         freqs = _llama3_scale_freqs(freqs, args)
     if args.rope_linear_factor != 1.0 and not local:
         freqs = freqs / args.rope_linear_factor
-    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), freqs).numpy()
+    positions = torch.arange(args.max_seq_len, dtype=torch.float64, device="cpu")
+    angles = torch.outer(positions, freqs).numpy()
     # numpy, in this thread: torch's multi-threaded cos/sin gave tables 1 ulp apart between two
     # runs of one export (seen as a foundation.ptd with another sha256 when an adapter program
     # was added to an export), and the tables are foundation constants that must be reproducible
