@@ -118,19 +118,8 @@ def eager_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: in
 def eager_reference(manifest: Manifest, merged=None):
     """The eager model of an export's foundation: same seed or checkpoint, same quantization,
     full logits and plain attention (the reference every program is compared with)."""
-    q = manifest.quantization
-    spec = FoundationSpec(
-        checkpoint=manifest.checkpoint,
-        seed=manifest.seed,
-        qmode=q.qmode,
-        group_size=q.group_size,
-        embedding_bits=q.embedding_bits,
-        embedding_group_size=q.embedding_group_size,
-        qparams=q.qparams,
-        output_bits=q.output_bits,
-        dtype=manifest.dtype,
-        fuse=manifest.fuse,
-    )
+    # plain attention and every position's logits, whatever the export traced
+    spec = FoundationSpec.of_export(manifest, sdpa="plain", logits="all")
     model, _, _ = build_foundation(ModelArgs.from_dict(manifest.model), spec, merge=merged)
     return model
 

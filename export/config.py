@@ -43,6 +43,27 @@ class FoundationSpec:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @classmethod
+    def of_export(cls, manifest, **overrides) -> FoundationSpec:
+        """The spec an export's foundation was built with, from its manifest (``overrides``:
+        e.g. ``checkpoint``, ``sdpa``)."""
+        q = manifest.quantization
+        fields = dict(
+            checkpoint=manifest.checkpoint,
+            seed=manifest.seed,
+            qmode=q.qmode,
+            group_size=q.group_size,
+            embedding_bits=q.embedding_bits,
+            embedding_group_size=q.embedding_group_size,
+            qparams=q.qparams,
+            output_bits=q.output_bits,
+            dtype=manifest.dtype,
+            fuse=manifest.fuse,
+            sdpa=manifest.sdpa,
+            logits=manifest.logits,
+        )
+        return cls(**{**fields, **overrides})
+
 
 @dataclass(frozen=True)
 class AdapterSpec:

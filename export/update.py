@@ -317,21 +317,7 @@ def _rebuild_foundation(
 ) -> Transformer:
     from edgelora.export.foundation import build_foundation
 
-    q = manifest.quantization
-    spec = FoundationSpec(
-        checkpoint=source.checkpoint,
-        seed=manifest.seed,
-        qmode=q.qmode,
-        group_size=q.group_size,
-        embedding_bits=q.embedding_bits,
-        embedding_group_size=q.embedding_group_size,
-        qparams=q.qparams,
-        output_bits=q.output_bits,
-        dtype=manifest.dtype,
-        fuse=manifest.fuse,
-        sdpa=manifest.sdpa,
-        logits=manifest.logits,
-    )
+    spec = FoundationSpec.of_export(manifest, checkpoint=source.checkpoint)
     checkpoint = None if source.checkpoint is None else open_checkpoint(source.checkpoint)
     with timer("build + quantize foundation"):
         model, _, _ = build_foundation(args, spec, checkpoint=checkpoint, log=log)

@@ -69,6 +69,7 @@ def test_exports_are_deterministic(export_8da4w, export_8da4w_base_only):
 
 
 def _complete(out: Path) -> bool:
+    """Every file the manifest lists is there with its sha256, and nothing else is."""
     manifest = json.loads((out / "manifest.json").read_text())
     names = {p.name for p in out.iterdir()}
     if names != set(manifest["files"]) | {"manifest.json"}:

@@ -5,7 +5,6 @@ file is touched; a killed or concurrent update leaves a complete export."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import signal
@@ -21,23 +20,13 @@ from edgelora.export import cli
 from edgelora.runtime.program import LlamaProgram
 from edgelora.runtime.sessions import AdapterSession
 
+from .test_integrity import _complete
+
 TOKENS = [1, 5, 9, 33, 2, 7, 11]
 
 
 def _files(out: Path) -> dict[str, tuple[bytes, int]]:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.iterdir())}
-
-
-def _complete(out: Path) -> bool:
-    """Every file the manifest lists is there with its sha256, and nothing else is."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    names = {p.name for p in out.iterdir()}
-    if names != set(manifest["files"]) | {"manifest.json"}:
-        return False
-    return all(
-        hashlib.sha256((out / n).read_bytes()).hexdigest() == e["sha256"]
-        for n, e in manifest["files"].items()
-    )
 
 
 @pytest.fixture
