@@ -128,7 +128,7 @@ def staging_prefix(out_dir: Path) -> str:
 def _leftovers(out_dir: Path) -> list[Path]:
     found = [p for p in out_dir.parent.glob(staging_prefix(out_dir) + "*") if p.is_dir()]
     if out_dir.is_dir():
-        found += sorted(out_dir.glob(TEMP_PREFIX + "*"))
+        found += out_dir.glob(TEMP_PREFIX + "*")
     return sorted(found)
 
 

@@ -37,7 +37,7 @@ def out(tmp_path, export_8da4w_slots) -> Path:
     return dst
 
 
-def _add(*argv: str, capsys=None) -> int:
+def _add(*argv) -> int:
     return cli.main([str(a) for a in argv])
 
 
