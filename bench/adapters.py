@@ -5,7 +5,10 @@ bytes and quality, and the switchable program's decode speed against ``base.pte`
                              [--work DIR] [--rounds 5] [--limit N] [--json OUT.json]
 
 Defaults to the trained tiny model shipped in ``examples/tiny`` (two PEFT adapters with
-held-out task files). For each adapter dtype (fp32, fp16, int8) it exports the model with the
+held-out task files). ``--config stories15m|stories110m`` instead writes a random model of that
+shape (Meta checkpoint + ``params.json``) and two random rank-16 adapters on every projection,
+exports fp32 adapter inputs only (the other dtypes' bytes are written from the same model, not
+exported) and scores nothing (a random model has no task). For each adapter dtype (fp32, fp16, int8) it exports the model with the
 first adapter and ``--switchable --adapter-dtype D``, then, timed, adds the second adapter with
 ``export_llama --add-to`` (switchable inputs only: no lowering), adds it again as a program
 (``--checkpoint``: one lowering), and compares with a full re-export. Every adapter is scored
@@ -49,15 +52,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--limit", type=int, default=None, help="score the first N lines per task")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--config", default=None, help="a random model of bench/spine.py's CONFIGS")
     ns = p.parse_args()
     from edgelora._quiet import quiet_third_party
 
     quiet_third_party()
     work = ns.work or Path(tempfile.mkdtemp(prefix="edgelora-adapters-"))
+    dtypes, model_args, options = DTYPES, ["--checkpoint", ns.model], []
+    if ns.config:
+        ns.adapters, model_args, extra_bytes = _random_inputs(ns.config, work)
+        dtypes, options = ("fp32",), ["--logits", "last"]  # as bench/run.py's programs
+    common = [*model_args, *options, "--switchable"]
     first, second = sorted(d.name for d in ns.adapters.iterdir() if d.is_dir())[:2]
-    result: dict = {"model": str(ns.model), "adapters": [first, second], "dtypes": {}}
-    common = ["--checkpoint", ns.model, "--switchable"]
-    for dtype in DTYPES:
+    result: dict = {"model": ns.config or str(ns.model), "adapters": [first, second], "dtypes": {}}
+    for dtype in dtypes:
         out = work / dtype
         rec = result["dtypes"][dtype] = {}
         rec["export_s"] = _cli(
@@ -66,8 +74,8 @@ def main() -> None:
         )  # fmt: skip
         rec["add_inputs_s"] = _cli("--add-to", out, f"--lora={second}={ns.adapters / second}")
         rec["add_program_s"] = _cli(
-            "--add-to", out, f"--lora={second}={ns.adapters / second}", "--checkpoint",
-            ns.model, "--overwrite",
+            "--add-to", out, f"--lora={second}={ns.adapters / second}", *model_args,
+            "--overwrite",
         )  # fmt: skip
         rec["full_export_both_s"] = _cli(
             *common, "--adapter-dtype", dtype, f"--lora={first}={ns.adapters / first}",
@@ -78,8 +86,12 @@ def main() -> None:
             a: (out / f"{a}.lora.safetensors").stat().st_size for a in (first, second)
         }
         print(f"{dtype}: {json.dumps(rec)}", flush=True)
-    _score(result, work, ns, (first, second))
-    _decode(result, work, ns.rounds, first)
+    if ns.config:
+        result["input_bytes_per_dtype"] = extra_bytes
+        result["parameters_per_adapter"] = extra_bytes.pop("parameters")
+    else:
+        _score(result, work, ns, (first, second))
+    _decode(result, work, ns.rounds, first, dtypes)
     print(json.dumps(result, indent=1))
     if ns.json:
         ns.json.write_text(json.dumps(result, indent=1) + "\n")
@@ -115,7 +127,47 @@ def _score(result: dict, work: Path, ns, adapters: tuple[str, str]) -> None:
             print(f"{dtype} {adapter}: acc {r.accuracy:.3f} ppl {r.perplexity:.4f} err {err:.2e}")
 
 
-def _decode(result: dict, work: Path, rounds: int, adapter: str) -> None:
+def _random_inputs(config: str, work: Path) -> tuple[Path, list, dict]:
+    """A random ``config``-shaped checkpoint and two random adapters in ``work``; the export
+    arguments; each adapter dtype's ``.lora.safetensors`` bytes for the first adapter."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from spine import CONFIGS
+
+    from edgelora.export.programs import write_adapter_inputs
+    from edgelora.lora.slots import adapter_slots
+    from edgelora.models.args import ModelArgs
+    from edgelora.models.llama import build_model
+    from edgelora.weights.adapter_files import save_peft_adapter
+    from edgelora.weights.synthetic import random_adapter
+    from edgelora.weights.tensor_files import save_checkpoint
+
+    params = CONFIGS[config]
+    args = ModelArgs.from_dict(params)
+    model = build_model(args, seed=0)
+    (work / "params.json").write_text(json.dumps(params))
+    save_checkpoint(model, work / "model.pth")
+    adapters = [random_adapter(model, f"a{i}", rank=16, alpha=32, seed=10 + i) for i in (0, 1)]
+    for a in adapters:
+        save_peft_adapter(a, work / "adapters" / a.name, args)
+    slots = adapter_slots(model, adapters[:1])
+    sizes = {"parameters": sum(s.in_features * s.rank + s.rank * s.out_features for s in slots)}
+    for name in DTYPES:
+        path = work / f"inputs-{name}.safetensors"
+        write_adapter_inputs(model, adapters[0], slots, getattr(torch, _TORCH[name]), path)
+        sizes[name] = path.stat().st_size
+    return (
+        work / "adapters",
+        ["--params", work / "params.json", "--checkpoint", work / "model.pth"],
+        sizes,
+    )
+
+
+_TORCH = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+
+
+def _decode(result: dict, work: Path, rounds: int, adapter: str, dtypes=DTYPES) -> None:
     from edgelora.runtime.program import LlamaProgram
     from edgelora.runtime.sessions import AdapterSession
 
@@ -124,7 +176,7 @@ def _decode(result: dict, work: Path, rounds: int, adapter: str) -> None:
         "base.pte": LlamaProgram(fp32 / "base.pte", fp32 / "foundation.ptd"),
         f"{adapter}.pte": LlamaProgram(fp32 / f"{adapter}.pte", fp32 / "foundation.ptd"),
     }
-    for dtype in DTYPES:
+    for dtype in dtypes:
         session = AdapterSession(work / dtype, "switchable")
         session.use_adapter(adapter)
         programs[f"switchable ({dtype} inputs)"] = session.program

@@ -6,7 +6,8 @@ For every program in each export directory (read from its manifest), prefills a 
 decodes ``--steps`` tokens with ETDump profiling on, and reports per decode step (median over
 steps): the number of XNNPACK delegate calls and their time, the XNNPACK operators inside the
 delegates by kind (count and time), and the operators that run outside any delegate (portable
-kernels) by name (count and time).
+kernels) by name (count and time). A switchable program is profiled with its first adapter's
+inputs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
 
-def profile_program(pte: Path, ptd: Path, steps: int) -> dict:
+def profile_program(pte: Path, ptd: Path, steps: int, extra: list | None = None) -> dict:
     import torch
     from executorch.devtools import Inspector
     from executorch.runtime import Runtime
@@ -39,9 +40,10 @@ def profile_program(pte: Path, ptd: Path, steps: int) -> dict:
         pte, data_path=ptd, enable_etdump=True, debug_buffer_size=0
     )
     forward = program.load_method("forward")
-    forward.execute([torch.arange(3, 3 + PROMPT).view(1, -1), torch.tensor([0])])
+    extra = extra or []  # a switchable program's lora inputs
+    forward.execute([torch.arange(3, 3 + PROMPT).view(1, -1), torch.tensor([0]), *extra])
     for i in range(steps):
-        forward.execute([torch.tensor([[5 + i % 7]]), torch.tensor([PROMPT + i])])
+        forward.execute([torch.tensor([[5 + i % 7]]), torch.tensor([PROMPT + i]), *extra])
     with tempfile.TemporaryDirectory() as tmp:
         etdump = Path(tmp) / "run.etdp"
         program.write_etdump_result_to_file(str(etdump), str(Path(tmp) / "debug.bin"))
@@ -102,27 +104,45 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="write the full profile here")
     ns = p.parse_args()
 
+    import torch
+
     from edgelora._quiet import quiet_third_party
+    from edgelora.format.adapter_inputs import load_adapter_tensors
+    from edgelora.format.manifest import read_export
 
     quiet_third_party()
     results = {}
     for export in ns.exports:
-        manifest = json.loads((export / "manifest.json").read_text())
-        for name in manifest["programs"]:
+        manifest = read_export(export)
+        for name in manifest.programs:
             key = f"{export.name}/{name}"
-            prof = profile_program(export / f"{name}.pte", export / "foundation.ptd", ns.steps)
-            results[key] = prof
-            print(
-                f"{key}: {prof['step_ms']:.3f} ms/step = delegates {prof['delegate_ms']:.3f} ms "
-                f"({prof['delegate_calls']} calls, {prof['xnnpack_ops']} XNNPACK ops) + "
-                f"outside {prof['portable_ms']:.3f} ms ({prof['portable_ops']} portable ops)"
+            results[key] = profile_program(
+                export / f"{name}.pte", export / "foundation.ptd", ns.steps
             )
-            for title, rows in (("XNNPACK", prof["xnnpack"]), ("portable", prof["portable"])):
-                for op, r in list(rows.items())[: ns.top]:
-                    print(f"    {title:8s} {r['ms']:8.3f} ms  x{r['count']:<4d} {op}")
+            _print(key, results[key], ns.top)
+        sw = manifest.switchable
+        if sw is not None and sw.adapters:  # with its first adapter's inputs
+            name, file = next(iter(sw.adapters.items()))
+            extra = load_adapter_tensors(export / file, sw.slots, getattr(torch, sw.dtype))
+            key = f"{export.name}/{sw.file} ({name} inputs)"
+            results[key] = profile_program(
+                export / sw.file, export / sw.foundation, ns.steps, extra
+            )
+            _print(key, results[key], ns.top)
     if ns.json:
         ns.json.parent.mkdir(parents=True, exist_ok=True)
         ns.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _print(key: str, prof: dict, top: int) -> None:
+    print(
+        f"{key}: {prof['step_ms']:.3f} ms/step = delegates {prof['delegate_ms']:.3f} ms "
+        f"({prof['delegate_calls']} calls, {prof['xnnpack_ops']} XNNPACK ops) + "
+        f"outside {prof['portable_ms']:.3f} ms ({prof['portable_ops']} portable ops)"
+    )
+    for title, rows in (("XNNPACK", prof["xnnpack"]), ("portable", prof["portable"])):
+        for op, r in list(rows.items())[:top]:
+            print(f"    {title:8s} {r['ms']:8.3f} ms  x{r['count']:<4d} {op}")
 
 
 if __name__ == "__main__":
