@@ -58,6 +58,7 @@ def main() -> None:
 
     quiet_third_party()
     work = ns.work or Path(tempfile.mkdtemp(prefix="edgelora-adapters-"))
+    work.mkdir(parents=True, exist_ok=True)
     dtypes, model_args, options = DTYPES, ["--checkpoint", ns.model], []
     if ns.config:
         ns.adapters, model_args, extra_bytes = _random_inputs(ns.config, work)
