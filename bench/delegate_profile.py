@@ -104,10 +104,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="write the full profile here")
     ns = p.parse_args()
 
-    import torch
-
     from edgelora._quiet import quiet_third_party
-    from edgelora.format.adapter_inputs import load_adapter_tensors
+    from edgelora.format.adapter_inputs import load_adapter_tensors, program_inputs
     from edgelora.format.manifest import read_export
 
     quiet_third_party()
@@ -123,7 +121,10 @@ def main() -> None:
         sw = manifest.switchable
         if sw is not None and sw.adapters:  # with its first adapter's inputs
             name, file = next(iter(sw.adapters.items()))
-            extra = load_adapter_tensors(export / file, sw.slots, getattr(torch, sw.dtype))
+            stored, dtype = sw.input_dtypes
+            extra = program_inputs(
+                load_adapter_tensors(export / file, sw.slots, stored), sw.slots, stored, dtype
+            )
             key = f"{export.name}/{sw.file} ({name} inputs)"
             results[key] = profile_program(
                 export / sw.file, export / sw.foundation, ns.steps, extra

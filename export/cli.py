@@ -168,11 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter-dtype",
         choices=["fp32", "fp16", "int8"],
         default=None,
-        help="with --switchable: how adapter weights are stored in NAME.lora.safetensors and "
-        "passed to switchable.pte: fp32, fp16 (half the bytes), or int8 with one fp32 scale per "
-        "rank component (a quarter); the program casts them back, which costs decode speed "
-        "(measured 2.2-2.5x the fp32 inputs' on the tiny model) (default: the compute dtype). "
-        "Per-adapter programs keep fp32 adapter weights",
+        help="with --switchable: how adapter weights are stored in NAME.lora.safetensors: "
+        "fp32, fp16 (half the bytes), or int8 with one fp32 scale per rank component (a "
+        "quarter). switchable.pte takes them in the compute dtype: a process converts an "
+        "adapter's tensors once when it switches to it, so decode speed does not depend on this "
+        "(default: the compute dtype). Per-adapter programs keep fp32 adapter weights",
     )
     quant = p.add_argument_group("quantization")
     quant.add_argument(

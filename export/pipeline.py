@@ -280,8 +280,11 @@ def _write_switchable(
     for adapter in adapters:
         files[adapter.name] = adapter_inputs_file(adapter.name)
         write_adapter_inputs(model, adapter, slots, torch_dtype, writer.stage / files[adapter.name])
-    example = adapter_tensors(model, None, slots, torch_dtype)
-    with switchable(model, slots, torch_dtype) as program:
+    # The program takes its inputs in the compute dtype: a process converts an adapter's
+    # stored tensors once, when it switches (format/adapter_inputs.program_inputs).
+    program_dtype = config.torch_dtype
+    example = adapter_tensors(model, None, slots, program_dtype)
+    with switchable(model, slots, program_dtype) as program:
         ep = writer.trace(program, "switchable", extra_inputs=example)
     writer.write(SWITCHABLE_FILE, ep, is_adapter=lambda fqn: False, label="switchable")
     log(
@@ -294,4 +297,5 @@ def _write_switchable(
         slots=slots,
         dtype=str(torch_dtype).removeprefix("torch."),
         adapters=files,
+        program_dtype=str(program_dtype).removeprefix("torch."),
     )

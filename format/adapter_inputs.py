@@ -4,9 +4,12 @@
 adapted projection), ``a_t [1, in, rank]`` and ``b_t [1, rank, out]``, the adapter's scale
 folded into ``b_t``, in the export's adapter dtype (``--adapter-dtype``): float32, float16, or
 int8 with one float32 scale per rank component (``a_t.scale [1, 1, rank]``,
-``b_t.scale [1, rank, 1]``; symmetric, so ``w = q * scale``). The program casts (and scales) them to its compute dtype.
+``b_t.scale [1, rank, 1]``; symmetric, so ``w = q * scale``).
 ``NAME.lora.safetensors`` stores one adapter's list under the keys :func:`tensor_names`; the
-slots and the dtype are recorded in the manifest.
+slots and the dtype are recorded in the manifest. The program takes its inputs in its compute
+dtype (the manifest's ``program_dtype``): a process converts an adapter's stored tensors once,
+when it switches to it (:func:`program_inputs`), so a smaller file costs no decode speed.
+(Exports made before ``program_dtype`` existed take their inputs in the stored dtype.)
 """
 
 from __future__ import annotations
@@ -72,6 +75,21 @@ def zero_inputs(slots: Sequence[Slot], dtype: torch.dtype = torch.float32) -> li
         for s in slots
         for name, (shape, dt) in s.parts(dtype).items()
     ]
+
+
+def program_inputs(
+    tensors: Sequence[torch.Tensor], slots: Sequence[Slot], stored: torch.dtype, to: torch.dtype
+) -> list[torch.Tensor]:
+    """An adapter's stored ``lora`` tensors (adapter dtype ``stored``) as inputs of a program
+    that takes dtype ``to``: cast, or ``q * scale`` for int8 (in float32, then cast)."""
+    if stored == to:
+        return list(tensors)
+    if stored != torch.int8:
+        return [t.to(to) for t in tensors]
+    if len(tensors) != 4 * len(slots):
+        raise ValueError(f"expected 4 int8 tensors per slot, got {len(tensors)} for {len(slots)}")
+    pairs = zip(tensors[0::2], tensors[1::2], strict=True)  # [q, scale]: a_t, b_t of each slot
+    return [(q.to(torch.float32) * scale).to(to) for q, scale in pairs]
 
 
 def save_adapter_tensors(

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from edgelora.errors import ProgramError
 from edgelora.format.adapter_inputs import Slot
 from edgelora.format.layout import FOUNDATION_FILE, MANIFEST_FILE, sha256_file
@@ -67,13 +69,21 @@ class BundleEntry:
 
 @dataclass(frozen=True)
 class SwitchableEntry:
-    """``switchable.pte`` and each adapter's input file (adapter name -> file name)."""
+    """``switchable.pte`` and each adapter's input file (adapter name -> file name); ``dtype``
+    is the files' adapter dtype, ``program_dtype`` the dtype the program takes its inputs in
+    (empty in exports made before it was recorded: the files' dtype)."""
 
     file: str
     slots: list[Slot]
     dtype: str
     adapters: dict[str, str]
     foundation: str = FOUNDATION_FILE
+    program_dtype: str = ""
+
+    @property
+    def input_dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        """(stored, program) adapter dtypes as torch dtypes."""
+        return getattr(torch, self.dtype), getattr(torch, self.program_dtype or self.dtype)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from edgelora.errors import AdapterError, ProgramError
-from edgelora.format.adapter_inputs import load_adapter_tensors, zero_inputs
+from edgelora.format.adapter_inputs import load_adapter_tensors, program_inputs, zero_inputs
 from edgelora.format.layout import BASE_PROGRAM
 from edgelora.format.manifest import Manifest, read_export
 from edgelora.generation import Generation
@@ -73,7 +73,7 @@ class SwitchableSession(_Session):
         self.slots = entry.slots
         self._files = {name: export_dir / f for name, f in entry.adapters.items()}
         self.adapters = list(self._files)
-        self._dtype = getattr(torch, entry.dtype)
+        self._stored, self._dtype = entry.input_dtypes
         zeros = zero_inputs(self.slots, self._dtype)
         self._inputs: dict[str, list[torch.Tensor]] = {BASE_PROGRAM: zeros}
         self.program = LlamaProgram(export_dir / entry.file, export_dir / entry.foundation)
@@ -90,9 +90,8 @@ class SwitchableSession(_Session):
         t = time.perf_counter()
         if name not in self._inputs:
             try:
-                self._inputs[name] = load_adapter_tensors(
-                    self._files[name], self.slots, self._dtype
-                )
+                stored = load_adapter_tensors(self._files[name], self.slots, self._stored)
+                self._inputs[name] = program_inputs(stored, self.slots, self._stored, self._dtype)
             except AdapterError as e:
                 raise ProgramError(str(e)) from None
         self.program.extra_inputs = self._inputs[name]

@@ -121,6 +121,26 @@ def test_narrow_adapter_inputs(dtype, bound, tmp_path):
         load_adapter_tensors(files[torch.float32], slots, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
+def test_stored_inputs_converted_at_switch_equal_the_in_program_conversion(dtype):
+    """An export's program takes fp32 inputs and a process converts the stored fp16/int8
+    tensors once per switch (``program_inputs``): the logits equal (bit for bit: the same
+    cast and product) those of a program that converts them itself on every call."""
+    from edgelora.format.adapter_inputs import program_inputs
+
+    model = build_model(ModelArgs.from_dict(ARGS), seed=3)
+    wide = random_adapter(model, "wide", rank=8, seed=1)
+    slots = adapter_slots(model, [wide])
+    stored = adapter_tensors(model, wide, slots, dtype)
+    with switchable(model, slots, dtype) as program:
+        want = _logits(model, program, [stored])
+    converted = program_inputs(stored, slots, dtype, torch.float32)
+    assert [t.dtype for t in converted] == [torch.float32] * (2 * len(slots))
+    with switchable(model, slots) as program:
+        assert torch.equal(_logits(model, program, [converted]), want)
+    assert program_inputs(stored, slots, dtype, dtype) == stored  # nothing to convert
+
+
 def test_int8_inputs_on_the_runtime(tmp_path):
     """An int8 switchable program lowered to XNNPACK runs its dequantization on the runtime
     and matches the eager program (1e-4: fp32 kernels reorder sums)."""

@@ -23,6 +23,26 @@ from edgelora.runtime.sessions import AdapterSession
 PROMPT = [3, 9, 27, 4, 11]
 
 
+def test_program_takes_inputs_in_the_compute_dtype(export_8da4w):
+    """Whatever ``--adapter-dtype`` stores, ``switchable.pte`` takes fp32 adapter inputs (its
+    compute dtype, recorded as the manifest's ``program_dtype``): a session converts an
+    adapter's tensors once per switch, so no cast runs on every decode step."""
+    from executorch.runtime import Runtime
+
+    from edgelora.runtime.program import register_kernels
+
+    register_kernels()  # the custom SDPA/KV-cache ops
+    entry = json.loads((export_8da4w / "manifest.json").read_text())["switchable"]
+    assert entry["program_dtype"] == "float32"
+    program = Runtime.get().load_program(
+        export_8da4w / entry["file"], data_path=export_8da4w / entry["foundation"]
+    )
+    meta = program.load_method("forward").metadata
+    float32 = 6  # ExecuTorch's ScalarType::Float
+    dtypes = {meta.input_tensor_meta(i).dtype() for i in range(2, meta.num_inputs())}
+    assert meta.num_inputs() == 2 + 2 * len(entry["slots"]) and dtypes == {float32}
+
+
 def test_switchable_matches_separate_programs(export_8da4w):
     manifest = json.loads((export_8da4w / "manifest.json").read_text())
     entry = manifest["switchable"]
