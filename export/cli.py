@@ -168,11 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter-dtype",
         choices=["fp32", "fp16", "int8"],
         default=None,
-        help="with --switchable: how adapter weights are stored in NAME.lora.safetensors: "
-        "fp32, fp16 (half the bytes), or int8 with one fp32 scale per rank component (a "
-        "quarter). switchable.pte takes them in the compute dtype: a process converts an "
-        "adapter's tensors once when it switches to it, so decode speed does not depend on this "
-        "(default: the compute dtype). Per-adapter programs keep fp32 adapter weights",
+        help="adapter weights' dtype. Switchable inputs (NAME.lora.safetensors): fp32, fp16 "
+        "(half the bytes) or int8 with one fp32 scale per rank component (a quarter); "
+        "switchable.pte takes them in the compute dtype, converted once when a process "
+        "switches, so decode speed does not depend on it. Adapter programs (NAME.pte): int8 "
+        "stores lora_A/lora_B as int8 per output channel with int8 dynamic activations "
+        "(XNNPACK's QC8W linear, a quarter of the bytes); fp16 is not applied to them (they "
+        "stay fp32: XNNPACK delegates no fp16-weight linear here), nor to bundle.pte "
+        "(default: the compute dtype)",
     )
     quant = p.add_argument_group("quantization")
     quant.add_argument(

@@ -125,13 +125,21 @@ def _run_export(
         _ship_tokenizer(config, stage, tokenizer, log)
         # 3. Base and adapter programs.
         programs = {}
+        program_dtype = "int8" if config.adapter_dtype == "int8" else ""
+        if config.adapter_dtype == "fp16" and adapters:
+            log(
+                "  --adapter-dtype fp16 applies to switchable inputs only: adapter programs "
+                "keep fp32 lora_A/lora_B (XNNPACK delegates no fp16-weight linear here)"
+            )
         for adapter in [None, *adapters]:
-            name, entry = write_program(writer, model, adapter, merged)
+            name, entry = write_program(writer, model, adapter, merged, program_dtype)
             programs[name] = entry
             log(f"  {entry.file}: {writer.size_mb(entry.file):.3f} MB")
         # 4. Bundle and switchable programs.
         bundle = switch = None
         if config.bundle and adapters:
+            if program_dtype:
+                log("  bundle.pte keeps fp32 adapter weights (--adapter-dtype int8: NAME.pte only)")
             bundle = _write_bundle(writer, model, adapters, log)
         if config.switchable and (adapters or config.switchable_slots):
             switch = _write_switchable(writer, model, adapters, config, log)

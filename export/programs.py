@@ -18,10 +18,11 @@ from edgelora.format.adapter_inputs import Slot, save_adapter_tensors
 from edgelora.format.checksums import program_methods
 from edgelora.format.layout import BASE_PROGRAM, FOUNDATION_FILE, program_file, sha256_file
 from edgelora.format.manifest import AdapterEntry, ProgramEntry
-from edgelora.lora.attach import adapter_attached, adapter_fqns
+from edgelora.lora.attach import adapter_attached, adapter_fqns, is_adapter_tensor
 from edgelora.lora.record import Adapter
 from edgelora.lora.slots import adapter_tensors
 from edgelora.models.args import ModelArgs
+from edgelora.quant.linear import quantize_adapter_weights
 
 
 def trace(
@@ -158,21 +159,30 @@ def adapter_entry(adapter: Adapter) -> AdapterEntry:
 
 
 def write_program(
-    writer: ProgramWriter, model: nn.Module, adapter: Adapter | None, merged: Adapter | None
+    writer: ProgramWriter,
+    model: nn.Module,
+    adapter: Adapter | None,
+    merged: Adapter | None,
+    adapter_dtype: str = "",
 ) -> tuple[str, ProgramEntry]:
-    """``NAME.pte`` of ``adapter`` (``None``: the base, named after a merged adapter)."""
+    """``NAME.pte`` of ``adapter`` (``None``: the base, named after a merged adapter), its
+    adapter weights float, or int8 (``adapter_dtype="int8"``: XNNPACK's QC8W linear with int8
+    dynamic activations, :func:`edgelora.quant.linear.quantize_adapter_weights`)."""
     name = adapter.name if adapter is not None else merged.name if merged else BASE_PROGRAM
+    adapter_dtype = adapter_dtype if adapter is not None else ""
     with adapter_attached(model, adapter):
+        if adapter_dtype == "int8":
+            quantize_adapter_weights(model)  # the attached copies: detached on exit
         ep = writer.trace(model, name)
-        lowered = writer.write(
-            program_file(name), ep, is_adapter=adapter_fqns(model).__contains__, label=name
-        )
+        is_adapter = is_adapter_tensor(adapter_fqns(model))
+        lowered = writer.write(program_file(name), ep, is_adapter=is_adapter, label=name)
     return name, ProgramEntry(
         file=program_file(name),
         adapter=None if adapter is None else adapter_entry(adapter),
         merged_adapter=adapter_entry(merged) if adapter is None and merged else None,
         adapter_constants=sorted(lowered.split.adapter),
         adapter_constants_in_foundation=sorted(lowered.split.shared),
+        adapter_dtype=adapter_dtype,
     )
 
 

@@ -153,8 +153,10 @@ def add_adapters(
                         frozenset(read_ptd(out_dir / FOUNDATION_FILE)),
                     ),
                 )
+                # the export's adapter programs' dtype (int8 or float)
+                dtype = next((p.adapter_dtype for p in manifest.programs.values() if p.adapter), "")
                 for adapter in adapters:
-                    name, entry = write_program(writer, model, adapter, None)
+                    name, entry = write_program(writer, model, adapter, None, dtype)
                     stamp_program(stage / entry.file, manifest.foundation_sha256)
                     programs[name] = replace(entry, foundation_sha256=manifest.foundation_sha256)
                     new_files[entry.file] = stage / entry.file

@@ -13,7 +13,7 @@ both use it, never a list of name components.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -40,6 +40,18 @@ def adapter_fqns(model: nn.Module) -> frozenset[str]:
                 out.add(f"{fqn}.{name}")
                 out.update(f"{fqn}.{name}.{p}" for p, _ in module.named_parameters(recurse=False))
     return frozenset(out)
+
+
+def is_adapter_tensor(fqns: frozenset[str]) -> Callable[[str], bool]:
+    """``is_adapter(name)`` for a traced program's constants: ``name`` is in ``fqns``
+    (:func:`adapter_fqns`) or inside one of its modules -- a quantized adapter weight is traced
+    as its parts (``...wq.lora_a.parametrizations.weight.original0``)."""
+
+    def is_adapter(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in fqns for i in range(len(parts), 0, -1))
+
+    return is_adapter
 
 
 def _attach_linear(model: nn.Module, adapter: Adapter, fqn: str, w: LoRAWeights) -> None:
