@@ -5,17 +5,22 @@ bytes and quality, and the switchable program's decode speed against ``base.pte`
                              [--work DIR] [--rounds 5] [--limit N] [--json OUT.json]
 
 Defaults to the trained tiny model shipped in ``examples/tiny`` (two PEFT adapters with
-held-out task files). ``--config stories15m|stories110m`` instead writes a random model of that
-shape (Meta checkpoint + ``params.json``) and two random rank-16 adapters on every projection,
-exports fp32 adapter inputs only (the other dtypes' bytes are written from the same model, not
-exported) and scores nothing (a random model has no task). For each adapter dtype (fp32, fp16, int8) it exports the model with the
+held-out task files). For each adapter dtype (fp32, fp16, int8) it exports the model with the
 first adapter and ``--switchable --adapter-dtype D``, then, timed, adds the second adapter with
 ``export_llama --add-to`` (switchable inputs only: no lowering), adds it again as a program
 (``--checkpoint``: one lowering), and compares with a full re-export. Every adapter is scored
 on its task file through the switchable program on the runtime (exact-match accuracy,
-perplexity, max |logit - fp32's|), and decode ms/token of ``base.pte``, an adapter program and
-the switchable program (with an adapter selected) is the median step of a 32-token greedy
-generation in ``--rounds`` rounds alternating over all of them in one process.
+perplexity, max |logit - fp32's|).
+
+``--config stories15m|stories110m`` instead writes a random model of that shape (Meta
+checkpoint + ``params.json``) and two random rank-16 adapters on every projection, exports it
+with fp32 and with int8 adapters (the add times measured once, on fp32), writes each adapter
+dtype's input file from the same model, and scores nothing (a random model has no task).
+
+Decode ms/token of ``base.pte``, the adapter programs and the switchable program (with an
+adapter selected) is the median step of a 32-token greedy generation in ``--rounds`` rounds
+alternating over all of them in one process, for each ``--threads`` size of the XNNPACK
+threadpool.
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="score the first N lines per task")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--config", default=None, help="a random model of bench/spine.py's CONFIGS")
+    p.add_argument(
+        "--threads", type=lambda s: [int(t) for t in s.split(",")], default=[2, 1],
+        help="XNNPACK threadpool sizes to measure decode with (default 2,1)",
+    )  # fmt: skip
     ns = p.parse_args()
     from edgelora._quiet import quiet_third_party
 
@@ -62,7 +71,7 @@ def main() -> None:
     dtypes, model_args, options = DTYPES, ["--checkpoint", ns.model], []
     if ns.config:
         ns.adapters, model_args, extra_bytes = _random_inputs(ns.config, work)
-        dtypes, options = ("fp32",), ["--logits", "last"]  # as bench/run.py's programs
+        dtypes, options = ("fp32", "int8"), ["--logits", "last"]  # as bench/run.py's programs
     common = [*model_args, *options, "--switchable"]
     first, second = sorted(d.name for d in ns.adapters.iterdir() if d.is_dir())[:2]
     result: dict = {"model": ns.config or str(ns.model), "adapters": [first, second], "dtypes": {}}
@@ -73,6 +82,9 @@ def main() -> None:
             *common, "--adapter-dtype", dtype, f"--lora={first}={ns.adapters / first}",
             "--output-dir", out, "--overwrite",
         )  # fmt: skip
+        rec["adapter_program_bytes"] = (out / f"{first}.pte").stat().st_size
+        if ns.config and dtype != "fp32":  # a random model: the add times once (fp32)
+            continue
         rec["add_inputs_s"] = _cli("--add-to", out, f"--lora={second}={ns.adapters / second}")
         rec["add_program_s"] = _cli(
             "--add-to", out, f"--lora={second}={ns.adapters / second}", *model_args,
@@ -92,7 +104,8 @@ def main() -> None:
         result["parameters_per_adapter"] = extra_bytes.pop("parameters")
     else:
         _score(result, work, ns, (first, second))
-    _decode(result, work, ns.rounds, first, dtypes)
+    for threads in ns.threads:
+        _decode(result, work, ns.rounds, first, dtypes, threads)
     print(json.dumps(result, indent=1))
     if ns.json:
         ns.json.write_text(json.dumps(result, indent=1) + "\n")
@@ -168,15 +181,25 @@ def _random_inputs(config: str, work: Path) -> tuple[Path, list, dict]:
 _TORCH = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 
 
-def _decode(result: dict, work: Path, rounds: int, adapter: str, dtypes=DTYPES) -> None:
+def _decode(
+    result: dict, work: Path, rounds: int, adapter: str, dtypes=DTYPES, threads: int = 2
+) -> None:
+    from executorch.extension.pybindings import portable_lib
+
     from edgelora.runtime.program import LlamaProgram
     from edgelora.runtime.sessions import AdapterSession
 
+    portable_lib._unsafe_reset_threadpool(threads)
     fp32 = work / "fp32"
     programs = {
         "base.pte": LlamaProgram(fp32 / "base.pte", fp32 / "foundation.ptd"),
         f"{adapter}.pte": LlamaProgram(fp32 / f"{adapter}.pte", fp32 / "foundation.ptd"),
     }
+    if "int8" in dtypes:  # the adapter program with int8 lora_A/lora_B
+        d = work / "int8"
+        programs[f"{adapter}.pte (int8 adapter)"] = LlamaProgram(
+            d / f"{adapter}.pte", d / "foundation.ptd"
+        )
     for dtype in dtypes:
         session = AdapterSession(work / dtype, "switchable")
         session.use_adapter(adapter)
@@ -188,8 +211,10 @@ def _decode(result: dict, work: Path, rounds: int, adapter: str, dtypes=DTYPES) 
             samples[name].append(program.generate(prompt, 32).decode_ms_per_token)
     ms = {n: statistics.median(v) for n, v in samples.items()}
     base = ms["base.pte"]
-    result["decode_ms_per_token"] = ms
-    result["decode_vs_base"] = {n: v / base for n, v in ms.items()}
+    key = f"{threads} threads"
+    result.setdefault("decode_ms_per_token", {})[key] = ms
+    result.setdefault("decode_vs_base", {})[key] = {n: v / base for n, v in ms.items()}
+    print(f"  decode with {threads} XNNPACK threads:")
     for n, v in ms.items():
         print(f"  {n:28s} {v:.3f} ms/token ({v / base:.2f}x base)")
 
