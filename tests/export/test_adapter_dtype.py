@@ -24,13 +24,11 @@ TOKENS = [1, 5, 9, 33, 2, 7, 11, 40, 3]
 def test_int8_adapter_programs(tmp_path, params_file, adapter_dirs):
     out = tmp_path / "out"
     argv = ["--params", params_file, f"--lora=chat={adapter_dirs['chat']}", "--adapter-dtype"]
-    argv += ["int8", "--switchable", "--switchable-slots", "all:8", "--output-dir", out]
+    argv += ["int8", "--output-dir", out]
     assert cli.main([str(a) for a in argv]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     programs = manifest["programs"]
     assert programs["chat"]["adapter_dtype"] == "int8" and programs["base"]["adapter_dtype"] == ""
-    assert manifest["switchable"]["dtype"] == "int8"
-    assert manifest["switchable"]["program_dtype"] == "float32"
 
     # About one byte per adapter parameter (+ the program's graph and the channels' scales).
     parameters = programs["chat"]["adapter"]["bytes_fp32"] // 4
