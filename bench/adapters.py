@@ -144,12 +144,11 @@ def _score(result: dict, work: Path, ns, adapters: tuple[str, str]) -> None:
 def _random_inputs(config: str, work: Path) -> tuple[Path, list, dict]:
     """A random ``config``-shaped checkpoint and two random adapters in ``work``; the export
     arguments; each adapter dtype's ``.lora.safetensors`` bytes for the first adapter."""
-    import torch
-
     sys.path.insert(0, str(ROOT / "bench"))
     from spine import CONFIGS
 
     from edgelora.export.programs import write_adapter_inputs
+    from edgelora.format.adapter_inputs import ADAPTER_DTYPES
     from edgelora.lora.slots import adapter_slots
     from edgelora.models.args import ModelArgs
     from edgelora.models.llama import build_model
@@ -169,16 +168,13 @@ def _random_inputs(config: str, work: Path) -> tuple[Path, list, dict]:
     sizes = {"parameters": sum(s.in_features * s.rank + s.rank * s.out_features for s in slots)}
     for name in DTYPES:
         path = work / f"inputs-{name}.safetensors"
-        write_adapter_inputs(model, adapters[0], slots, getattr(torch, _TORCH[name]), path)
+        write_adapter_inputs(model, adapters[0], slots, ADAPTER_DTYPES[name], path)
         sizes[name] = path.stat().st_size
     return (
         work / "adapters",
         ["--params", work / "params.json", "--checkpoint", work / "model.pth"],
         sizes,
     )
-
-
-_TORCH = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 
 
 def _decode(

@@ -77,19 +77,25 @@ def zero_inputs(slots: Sequence[Slot], dtype: torch.dtype = torch.float32) -> li
     ]
 
 
+def dequantize(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """One stored input (``[t]``, or int8 ``[q, scale]``) in dtype ``dtype``: a cast, or
+    ``q * scale`` -- in a program's graph and when a process converts at switch time alike."""
+    if len(parts) == 2:
+        return parts[0].to(dtype) * parts[1].to(dtype)
+    return parts[0] if parts[0].dtype == dtype else parts[0].to(dtype)
+
+
 def program_inputs(
     tensors: Sequence[torch.Tensor], slots: Sequence[Slot], stored: torch.dtype, to: torch.dtype
 ) -> list[torch.Tensor]:
     """An adapter's stored ``lora`` tensors (adapter dtype ``stored``) as inputs of a program
-    that takes dtype ``to``: cast, or ``q * scale`` for int8 (in float32, then cast)."""
+    that takes dtype ``to`` (:func:`dequantize` of each)."""
     if stored == to:
         return list(tensors)
-    if stored != torch.int8:
-        return [t.to(to) for t in tensors]
-    if len(tensors) != 4 * len(slots):
-        raise ValueError(f"expected 4 int8 tensors per slot, got {len(tensors)} for {len(slots)}")
-    pairs = zip(tensors[0::2], tensors[1::2], strict=True)  # [q, scale]: a_t, b_t of each slot
-    return [(q.to(torch.float32) * scale).to(to) for q, scale in pairs]
+    n = 2 if stored == torch.int8 else 1  # tensors per input
+    if len(tensors) != 2 * n * len(slots):
+        raise ValueError(f"expected {2 * n} tensors per slot, got {len(tensors)} for {len(slots)}")
+    return [dequantize(tensors[i : i + n], to) for i in range(0, len(tensors), n)]
 
 
 def save_adapter_tensors(

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from edgelora.errors import AdapterError
-from edgelora.format.adapter_inputs import Slot
+from edgelora.format.adapter_inputs import Slot, dequantize
 from edgelora.lora.attach import adapter_attached, attached
 from edgelora.lora.modules import LinearWrapper, LoRAWrapper
 from edgelora.lora.record import Adapter
@@ -91,13 +91,6 @@ def quantize_int8(t: torch.Tensor, across: int) -> list[torch.Tensor]:
     return [q, scale.to(torch.float32)]
 
 
-def _dequantize(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """A slot input back in the compute dtype: a cast (float inputs) or ``q * scale`` (int8)."""
-    if len(parts) == 2:
-        return parts[0].to(dtype) * parts[1].to(dtype)
-    return parts[0] if parts[0].dtype == dtype else parts[0].to(dtype)
-
-
 class _SlotInputs:
     """Holds the ``lora`` list of the current forward call for the slot modules to read."""
 
@@ -124,7 +117,7 @@ class InputLoRALinear(LinearWrapper):
             raise RuntimeError(f"adapter slot {self.index} called without lora inputs")
         n = self._inputs.per_slot
         mine = tensors[n * self.index : n * (self.index + 1)]
-        a_t, b_t = _dequantize(mine[: n // 2], x.dtype), _dequantize(mine[n // 2 :], x.dtype)
+        a_t, b_t = dequantize(mine[: n // 2], x.dtype), dequantize(mine[n // 2 :], x.dtype)
         if x.dim() == 3 and x.shape[0] == 1:  # the model's [1, seq, dim]: no reshapes, which
             return self.linear(x) + torch.bmm(torch.bmm(x, a_t), b_t)  # would split delegates
         flat = x.reshape(1, -1, x.shape[-1])
