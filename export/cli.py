@@ -165,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
         "union of the --lora adapters given now; --add-to refuses an adapter that does not fit",
     )
     model.add_argument(
+        "--adapter-template",
+        action="store_true",
+        help="with --switchable: also write template.pte, a lowered program with switchable."
+        "pte's slots as constants. --add-to OUT --lora NAME=DIR (no model arguments) then also "
+        "makes NAME.pte from it in seconds by replacing its adapter bytes -- no checkpoint, no "
+        "lowering -- a program as fast as a lowered adapter program (its weights are packed "
+        "once, at load, not on every call as switchable.pte's inputs are). Costs one more "
+        "lowering now",
+    )
+    model.add_argument(
         "--adapter-dtype",
         choices=["fp32", "fp16", "int8"],
         default=None,
@@ -341,6 +351,7 @@ def config_from_args(
         logits=ns.logits,
         bundle=ns.bundle,
         switchable=ns.switchable,
+        adapter_template=ns.adapter_template,
         adapter_dtype=ns.adapter_dtype,
         switchable_slots=None
         if ns.switchable_slots is None
@@ -351,6 +362,7 @@ def config_from_args(
 # Flags that describe a whole export, not an adapter added to one.
 _NOT_WITH_ADD = (
     "merge", "bundle", "switchable", "tokenizer", "output_dir", "switchable_slots", "adapter_dtype",
+    "adapter_template",
 )  # fmt: skip
 
 

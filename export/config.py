@@ -134,6 +134,9 @@ class ExportConfig:
     switchable: bool = False  # also write switchable.pte: adapter weights as run-time inputs
     # switchable.pte's slots also fit (projections, rank) for adapters added later
     switchable_slots: tuple[tuple[str, ...], int] | None = None
+    # also write template.pte (switchable.pte's slots as constants): --add-to makes NAME.pte
+    # from it without lowering
+    adapter_template: bool = False
     # dtype of switchable.pte's adapter inputs (NAME.lora.safetensors); None: the compute dtype
     adapter_dtype: str | None = None
     bos_id: int = 1  # what the runner prepends (from the checkpoint, or --bos-id)
@@ -223,6 +226,15 @@ class ExportConfig:
         if self.adapter_dtype is not None and self.adapter_dtype not in ADAPTER_DTYPES:
             raise ConfigError(
                 f"adapter_dtype must be one of {sorted(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}"
+            )
+        if self.adapter_template and not self.switchable:
+            raise ConfigError(
+                "--adapter-template writes a program with switchable.pte's slots: add --switchable"
+            )
+        if self.adapter_template and self.dtype != "fp32":
+            raise ConfigError(
+                f"--adapter-template with --dtype {self.dtype}: the template needs its adapter "
+                "weights inside XNNPACK's delegate, which takes fp32 linears here; use --dtype fp32"
             )
         if self.switchable_slots is not None:
             targets, rank = self.switchable_slots

@@ -12,9 +12,10 @@
    wrappers around the shared quantized layers, ``torch.export`` with a dynamic sequence
    length, lower to XNNPACK with every non-adapter constant tagged for ``foundation.ptd``, and
    detach it again. Each program's foundation must equal the base's byte for byte.
-4. **Bundle and switchable programs** (``--bundle``, ``--switchable``), by the same writer.
+4. **Bundle, switchable and template programs** (``--bundle``, ``--switchable``,
+   ``--adapter-template``), by the same writer.
 5. **Stamp and commit**: write the foundation's sha256 and each program's own checksum into
-   every ``.pte``, write ``manifest.json`` (the tokenizer files were copied beside the
+   every ``.pte`` (then find the template's weights in it, :mod:`edgelora.format.template`), write ``manifest.json`` (the tokenizer files were copied beside the
    programs), and move the staging directory into place (no partial output on failure).
 """
 
@@ -24,14 +25,19 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgelora.export.config import ExportConfig
 from edgelora.export.foundation import build_foundation
 from edgelora.export.memory import check_memory
 from edgelora.export.output import check_output_dir, commit_output, export_lock, staging_prefix
-from edgelora.export.programs import ProgramWriter, write_adapter_inputs, write_program
+from edgelora.export.programs import (
+    ProgramWriter,
+    write_adapter_inputs,
+    write_program,
+    write_template,
+)
 from edgelora.export.timing import StageTimer
 from edgelora.format.checksums import stamp_program
 from edgelora.format.layout import (
@@ -39,6 +45,7 @@ from edgelora.format.layout import (
     BUNDLE_FILE,
     FOUNDATION_FILE,
     SWITCHABLE_FILE,
+    TEMPLATE_FILE,
     adapter_inputs_file,
 )
 from edgelora.format.manifest import (
@@ -49,6 +56,7 @@ from edgelora.format.manifest import (
     QuantizationEntry,
     SwitchableEntry,
 )
+from edgelora.format.template import locate_template
 from edgelora.lora.attach import adapter_attached, adapter_fqns
 from edgelora.lora.record import Adapter
 from edgelora.lora.slots import adapter_slots, adapter_tensors, switchable
@@ -141,13 +149,20 @@ def _run_export(
             if program_dtype:
                 log("  bundle.pte keeps fp32 adapter weights (--adapter-dtype int8: NAME.pte only)")
             bundle = _write_bundle(writer, model, adapters, log)
+        fill = None
         if config.switchable and (adapters or config.switchable_slots):
             switch = _write_switchable(writer, model, adapters, config, log)
+            if config.adapter_template:
+                fill = write_template(writer, model, switch.slots, config.torch_dtype)
+                log(f"  {TEMPLATE_FILE}: {writer.size_mb(TEMPLATE_FILE):.3f} MB")
         # 5. Stamp and commit.
         with timer("write manifest + move into place"):
             foundation_sha = FileEntry.of(stage / FOUNDATION_FILE).sha256
             for pte in stage.glob("*.pte"):
                 stamp_program(pte, foundation_sha)
+            if fill is not None:
+                template = locate_template(stage / TEMPLATE_FILE, switch.slots, fill)
+                switch = replace(switch, template=template)
             programs = {
                 n: ProgramEntry(**{**vars(p), "foundation_sha256": foundation_sha})
                 for n, p in programs.items()

@@ -16,11 +16,18 @@ from edgelora.export.progress import Counter
 from edgelora.export.timing import StageTimer
 from edgelora.format.adapter_inputs import Slot, save_adapter_tensors
 from edgelora.format.checksums import program_methods
-from edgelora.format.layout import BASE_PROGRAM, FOUNDATION_FILE, program_file, sha256_file
-from edgelora.format.manifest import AdapterEntry, ProgramEntry
+from edgelora.format.layout import (
+    BASE_PROGRAM,
+    FOUNDATION_FILE,
+    TEMPLATE_FILE,
+    program_file,
+    sha256_file,
+)
+from edgelora.format.manifest import AdapterEntry, Manifest, ProgramEntry
+from edgelora.format.template import patch_template, slot_weights, template_fill
 from edgelora.lora.attach import adapter_attached, adapter_fqns, is_adapter_tensor
 from edgelora.lora.record import Adapter
-from edgelora.lora.slots import adapter_tensors
+from edgelora.lora.slots import adapter_tensors, slot_constants
 from edgelora.models.args import ModelArgs
 from edgelora.quant.linear import quantize_adapter_weights
 
@@ -193,3 +200,39 @@ def write_adapter_inputs(
     ``slots`` (:func:`edgelora.lora.slots.adapter_tensors`; it refuses an adapter that does not
     fit them)."""
     save_adapter_tensors(path, adapter_tensors(model, adapter, slots, dtype), slots, dtype)
+
+
+def write_template(
+    writer: ProgramWriter, model: nn.Module, slots: list[Slot], dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """``template.pte``: ``model`` with ``slots``' weights as constants, filled with seeded
+    random values (:mod:`edgelora.format.template`); returns the fill, which
+    :func:`~edgelora.format.template.locate_template` finds in the stamped file."""
+    fill = template_fill(slots, dtype)
+    with slot_constants(model, slots, fill):
+        ep = writer.trace(model, "template")
+        is_adapter = is_adapter_tensor(adapter_fqns(model))
+        writer.write(TEMPLATE_FILE, ep, is_adapter=is_adapter, label="template")
+    return fill
+
+
+def write_patched_program(
+    out_dir: Path, manifest: Manifest, model: nn.Module, adapter: Adapter, path: Path
+) -> ProgramEntry:
+    """``NAME.pte`` for ``adapter`` at ``path``: ``out_dir``'s ``template.pte`` with the
+    adapter's weights in place of its own -- no lowering (``model`` needs only the export's
+    layout, its weights are not read). Refuses an adapter that does not fit the slots."""
+    switchable = manifest.switchable
+    template = switchable.template
+    dtype = getattr(torch, template.dtype)
+    inputs = adapter_tensors(model, adapter, switchable.slots, torch.float32)
+    weights = [w.to(dtype) for w in slot_weights(inputs)]
+    sha = manifest.files[template.file].sha256
+    path.write_bytes(patch_template(out_dir / template.file, template, weights, sha))
+    return ProgramEntry(
+        file=path.name,
+        adapter=adapter_entry(adapter),
+        adapter_constants=sorted(f"{p.module}.lora_{p.part}.weight" for p in template.parts),
+        foundation_sha256=manifest.foundation_sha256,
+        template=template.file,
+    )

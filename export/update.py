@@ -9,7 +9,9 @@ without touching the foundation or any other program.
    checkpoint's sha256, or the params and seed).
 3. **Switchable inputs** (``OUT`` has ``switchable.pte``): each adapter's
    ``NAME.lora.safetensors``, read off a meta-device model of the export's config and layout --
-   no checkpoint, no lowering -- and refused if it does not fit the program's slots.
+   no checkpoint, no lowering -- and refused if it does not fit the program's slots. If ``OUT``
+   has ``template.pte`` (``--adapter-template``), also ``NAME.pte``: the template's bytes with
+   the adapter's weights in place of its own (:mod:`edgelora.format.template`).
 4. **Programs** (only with model arguments): rebuild the foundation, export and lower only the
    new programs, each checked to need exactly the ``foundation.ptd`` already there.
 5. **Commit**: each new file is renamed into place, then ``manifest.json`` is replaced
@@ -30,10 +32,20 @@ import torch
 from edgelora.errors import ConfigError, OutputError
 from edgelora.export.config import AdapterSpec, FoundationSpec
 from edgelora.export.output import export_lock, place_file, staging_prefix
-from edgelora.export.programs import ProgramWriter, write_adapter_inputs, write_program
+from edgelora.export.programs import (
+    ProgramWriter,
+    write_adapter_inputs,
+    write_patched_program,
+    write_program,
+)
 from edgelora.export.timing import StageTimer
 from edgelora.format.checksums import stamp_program
-from edgelora.format.layout import FOUNDATION_FILE, adapter_inputs_file, sha256_file
+from edgelora.format.layout import (
+    FOUNDATION_FILE,
+    adapter_inputs_file,
+    program_file,
+    sha256_file,
+)
 from edgelora.format.manifest import FileEntry, Manifest, read_export
 from edgelora.format.pte import read_ptd
 from edgelora.lora.fusion import set_fusion
@@ -98,8 +110,9 @@ def add_adapters(
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Add the adapters of ``specs`` to the export in ``out_dir`` (see the module docstring);
-    returns the new manifest. Without ``source``, only switchable inputs are written (the
-    export must have ``switchable.pte``); with it, also one ``NAME.pte`` per adapter.
+    returns the new manifest. Without ``source``, switchable inputs are written (the export must
+    have ``switchable.pte``), and a ``NAME.pte`` patched from ``template.pte`` if it has one;
+    with it, one lowered ``NAME.pte`` per adapter (and the inputs).
 
     Raises :class:`ConfigError`/:class:`AdapterError`/:class:`OutputError` naming what does not
     fit, before anything is written."""
@@ -138,6 +151,14 @@ def add_adapters(
                 with timer("switchable inputs"):
                     model = layout_model(args, manifest)
                     _write_inputs(stage, model, adapters, manifest, new_files)
+                if manifest.switchable.template is not None:
+                    # 3b. Programs from template.pte: its bytes with the adapter's in place.
+                    with timer("programs from template.pte"):
+                        for adapter in adapters:
+                            path = stage / program_file(adapter.name)
+                            entry = write_patched_program(out_dir, manifest, model, adapter, path)
+                            programs[adapter.name] = entry
+                            new_files[entry.file] = path
             else:
                 # 4. Programs.
                 model = _rebuild_foundation(out_dir, manifest, args, source, timer, log)

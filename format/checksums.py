@@ -80,6 +80,15 @@ def stamp_program(pte: Path, foundation_sha: str) -> None:
     pte.write_bytes(data.replace(_PROGRAM_PLACEHOLDER, own))
 
 
+def restamp(data: bytes, offset: int) -> bytes:
+    """``data`` (a stamped program whose bytes changed) with its own checksum, the 32 bytes at
+    ``offset``, computed again."""
+    out = bytearray(data)
+    out[offset : offset + 32] = bytes(32)
+    out[offset : offset + 32] = hashlib.sha256(out).digest()
+    return bytes(out)
+
+
 def _checksum_matches(pte: Path, own: bytes) -> bool:
     blob = pte.read_bytes()
     return blob.count(own) == 1 and hashlib.sha256(blob.replace(own, bytes(32))).digest() == own

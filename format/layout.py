@@ -9,6 +9,7 @@ FOUNDATION_FILE = "foundation.ptd"
 MANIFEST_FILE = "manifest.json"
 BUNDLE_FILE = "bundle.pte"
 SWITCHABLE_FILE = "switchable.pte"
+TEMPLATE_FILE = "template.pte"
 BASE_PROGRAM = "base"
 # Names an adapter may not take: they are (or prefix) the files above.
 RESERVED_NAMES = ("base", "foundation", "manifest")

@@ -19,6 +19,7 @@ import torch
 from edgelora.errors import ProgramError
 from edgelora.format.adapter_inputs import Slot
 from edgelora.format.layout import FOUNDATION_FILE, MANIFEST_FILE, sha256_file
+from edgelora.format.template import TemplateEntry
 
 FORMAT = "edgelora-export/1"
 
@@ -57,6 +58,7 @@ class ProgramEntry:
     adapter_constants_in_foundation: list[str] = field(default_factory=list)
     foundation_sha256: str = ""
     adapter_dtype: str = ""  # "int8": lora_A/lora_B as int8 (--adapter-dtype int8); "": float
+    template: str = ""  # made from this template program by replacing bytes (no lowering)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class SwitchableEntry:
     adapters: dict[str, str]
     foundation: str = FOUNDATION_FILE
     program_dtype: str = ""
+    # template.pte (--adapter-template): adapter programs made from it by replacing bytes
+    template: TemplateEntry | None = None
 
     @property
     def input_dtypes(self) -> tuple[torch.dtype, torch.dtype]:
@@ -150,7 +154,11 @@ class Manifest:
             "bundle": None if self.bundle is None else vars(self.bundle).copy(),
             "switchable": None
             if sw is None
-            else {**vars(sw), "slots": [s.to_dict() for s in sw.slots]},
+            else {
+                **vars(sw),
+                "slots": [s.to_dict() for s in sw.slots],
+                "template": None if sw.template is None else sw.template.to_dict(),
+            },
             "bos_id": self.bos_id,
             "eos_ids": list(self.eos_ids),
             "tokenizer": self.tokenizer,
@@ -197,7 +205,15 @@ class Manifest:
                 tokenizer=d.get("tokenizer"),
                 switchable=None
                 if sw is None
-                else SwitchableEntry(**{**sw, "slots": [Slot.from_dict(s) for s in sw["slots"]]}),
+                else SwitchableEntry(
+                    **{
+                        **sw,
+                        "slots": [Slot.from_dict(s) for s in sw["slots"]],
+                        "template": None
+                        if sw.get("template") is None
+                        else TemplateEntry.from_dict(sw["template"]),
+                    }
+                ),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ProgramError(f"{source}: malformed manifest ({type(e).__name__}: {e})") from None

@@ -159,14 +159,8 @@ class SwitchableModel(nn.Module):
 
 
 @contextmanager
-def switchable(
-    model: nn.Module, slots: Sequence[Slot], dtype: torch.dtype = torch.float32
-) -> Iterator[SwitchableModel]:
-    """``with switchable(model, slots, dtype) as m:`` ``m(tokens, input_pos, lora)`` runs
-    ``model`` with an :class:`InputLoRALinear` at every slot, its inputs in adapter dtype
-    ``dtype`` (:mod:`edgelora.format.adapter_inputs`); the plain layers are back on exit.
-    ``model`` must have no adapter attached."""
-    inputs = _SlotInputs(len(slots), 4 if dtype == torch.int8 else 2)
+def _installed(model: nn.Module, slots: Sequence[Slot], make) -> Iterator[None]:
+    """``make(i, base)``'s wrapper at every slot's projection; the plain layers back on exit."""
     installed = []
     try:
         for i, slot in enumerate(slots):
@@ -175,9 +169,57 @@ def switchable(
             base = parent._modules[leaf]
             if isinstance(base, (LoRAWrapper, InputLoRALinear)):
                 raise ValueError(f"{slot.module} already carries an adapter")
-            parent._modules[leaf] = InputLoRALinear(base, inputs, i)
+            parent._modules[leaf] = make(i, base)
             installed.append((parent, leaf, base))
-        yield SwitchableModel(model, inputs)
+        yield
     finally:
         for parent, leaf, base in installed:
             parent._modules[leaf] = base
+
+
+@contextmanager
+def switchable(
+    model: nn.Module, slots: Sequence[Slot], dtype: torch.dtype = torch.float32
+) -> Iterator[SwitchableModel]:
+    """``with switchable(model, slots, dtype) as m:`` ``m(tokens, input_pos, lora)`` runs
+    ``model`` with an :class:`InputLoRALinear` at every slot, its inputs in adapter dtype
+    ``dtype`` (:mod:`edgelora.format.adapter_inputs`); the plain layers are back on exit.
+    ``model`` must have no adapter attached."""
+    inputs = _SlotInputs(len(slots), 4 if dtype == torch.int8 else 2)
+    with _installed(model, slots, lambda i, base: InputLoRALinear(base, inputs, i)):
+        yield SwitchableModel(model, inputs)
+
+
+class SlotLoRALinear(LoRAWrapper):
+    """``linear(x) + lora_b(lora_a(x))``: a slot's adapter as constants, its scale folded into
+    ``lora_b`` -- the form of a template program (:mod:`edgelora.format.template`)."""
+
+    def __init__(self, linear: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = linear
+        self.lora_a = nn.Linear(a.shape[1], a.shape[0], bias=False, device="meta")
+        self.lora_a.weight = nn.Parameter(a, requires_grad=False)
+        self.lora_b = nn.Linear(b.shape[1], b.shape[0], bias=False, device="meta")
+        self.lora_b.weight = nn.Parameter(b, requires_grad=False)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.out_features
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_a.weight.detach().to(dtype), self.lora_b.weight.detach().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.lora_b(self.lora_a(x))
+
+
+@contextmanager
+def slot_constants(
+    model: nn.Module, slots: Sequence[Slot], weights: Sequence[torch.Tensor]
+) -> Iterator[nn.Module]:
+    """``with slot_constants(model, slots, weights):`` ``model`` with a :class:`SlotLoRALinear`
+    at every slot, ``weights`` holding ``A [rank, in]`` then ``B [out, rank]`` per slot."""
+    with _installed(
+        model, slots, lambda i, base: SlotLoRALinear(base, weights[2 * i], weights[2 * i + 1])
+    ):
+        yield model
