@@ -244,9 +244,13 @@ EXPORTS: dict[str, Recipe] = {
     ),
     "8da4w_slots": Recipe(
         ("params_file", "adapter_dirs"),
-        lambda p, a: _tiny(p, a, "chat") + _Q + ["--switchable", "--switchable-slots", "all:8"],
+        lambda p, a: (
+            _tiny(p, a, "chat") + _Q + ["--switchable", "--switchable-slots", "all:8"]
+            + ["--adapter-template"]
+        ),
         "as 8da4w with chat only and room in switchable.pte for later adapters (rank 8 on "
-        "every projection): base, chat, switchable (issue 19's --add-to starts from it)",
+        "every projection), and template.pte with those slots: base, chat, switchable, "
+        "template (issue 19's --add-to starts from it)",
     ),
     "8da4w_base_only": Recipe(
         ("params_file", "adapter_dirs"), lambda p, a: _tiny(p, a) + _Q, "the same, no adapters"

@@ -135,6 +135,11 @@ def test_bad_inputs(tmp_path, params_file, adapter_dirs, capsys):
         (base + ["--tokenizer", str(metaspace)], "Unsupported PreTokenizer type: Metaspace"),
         (base + ["--tokenizer", str(tmp_path / "none.json")], "tokenizer file not found"),
         (base + ["--eos-id", "500"], "special token ids must be in [0, 96)"),
+        (base + ["--adapter-template"], "--adapter-template writes a program with switchable"),
+        (
+            base + ["--switchable", "--adapter-template", "--dtype", "fp16"],
+            "--adapter-template with --dtype fp16",
+        ),
     ]
     for argv, message in cases:
         code, err = _run(argv, capsys)

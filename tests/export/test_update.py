@@ -41,13 +41,15 @@ def _add(*argv) -> int:
     return cli.main([str(a) for a in argv])
 
 
-def test_add_switchable_inputs_in_seconds_without_lowering(
+def test_add_without_model_arguments_in_seconds_without_lowering(
     out, adapter_dirs, export_8da4w, monkeypatch, capsys
 ):
     """No checkpoint, no lowering (the lowering function fails if called): the adapter's
-    inputs are read off the manifest's config; the switchable program then gives exactly the
-    logits of the export made with chat and code together."""
+    inputs are read off the manifest's config, and its program is template.pte with the
+    adapter's bytes in place of the template's. Both give the logits of the export made with
+    chat and code together; nothing that was there changes."""
     from edgelora.backends.xnnpack import lower
+    from edgelora.format.checksums import verify_program
 
     def no_lowering(*a, **k):
         raise AssertionError("--add-to without model arguments lowered a program")
@@ -59,17 +61,39 @@ def test_add_switchable_inputs_in_seconds_without_lowering(
     seconds = time.perf_counter() - t
     assert seconds < 10, seconds
     after = _files(out)
-    assert set(after) == set(before) | {"code.lora.safetensors"}
+    assert set(after) == set(before) | {"code.lora.safetensors", "code.pte"}
     for name in set(before) - {"manifest.json"}:
         assert after[name] == before[name], name  # bytes and mtime
     assert _complete(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["programs"]["code"]["template"] == "template.pte"
+    assert manifest["programs"]["code"]["adapter"]["ranks"] == [8]
+    verify_program(out / "code.pte", out / "foundation.ptd")  # its own checksum, rewritten
+    want = LlamaProgram(export_8da4w / "code.pte", export_8da4w / "foundation.ptd")
+    want = want.forward(TOKENS, 0)
     session = AdapterSession(out)
     session.use_adapter("code")
-    got = session.program.forward(TOKENS, 0)
-    want = LlamaProgram(export_8da4w / "code.pte", export_8da4w / "foundation.ptd")
-    # the same weights and kernels; zero-padded slot ranks add exact zeros (1e-5: the bound
-    # the issue sets; measured 0)
-    assert (got - want.forward(TOKENS, 0)).abs().max().item() <= 1e-5
+    switched = session.program.forward(TOKENS, 0)
+    patched = LlamaProgram(out / "code.pte", out / "foundation.ptd").forward(TOKENS, 0)
+    template = LlamaProgram(out / "template.pte", out / "foundation.ptd").forward(TOKENS, 0)
+    # the same weights and kernels; zero-padded slot ranks add exact zeros; the patched
+    # program folds the scale into B first (1e-5: the bound the issue sets; measured 0)
+    for got in (switched, patched):
+        assert (got - want).abs().max().item() <= 1e-5
+    assert (template - want).abs().max().item() > 1e-3  # the template's own weights differ
+
+
+def test_add_refuses_an_altered_template(out, adapter_dirs, capsys):
+    """A template.pte whose bytes are not the manifest's is refused naming both hashes, and
+    nothing is written."""
+    data = bytearray((out / "template.pte").read_bytes())
+    data[-100] ^= 1
+    (out / "template.pte").write_bytes(bytes(data))
+    before = _files(out)
+    assert _add("--add-to", out, "--lora", f"code={adapter_dirs['code']}") == 2
+    err = capsys.readouterr().err
+    assert "template.pte was altered" in err and "the manifest records" in err, err
+    assert _files(out) == before
 
 
 def test_add_program_with_model_arguments_is_the_whole_exports(
