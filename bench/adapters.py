@@ -6,9 +6,10 @@ bytes and quality, and the switchable program's decode speed against ``base.pte`
 
 Defaults to the trained tiny model shipped in ``examples/tiny`` (two PEFT adapters with
 held-out task files). For each adapter dtype (fp32, fp16, int8) it exports the model with the
-first adapter and ``--switchable --adapter-dtype D``, then, timed, adds the second adapter with
-``export_llama --add-to`` (switchable inputs only: no lowering), adds it again as a program
-(``--checkpoint``: one lowering), and compares with a full re-export. Every adapter is scored
+first adapter and ``--switchable --adapter-template --adapter-dtype D``, then, timed, adds the
+second adapter with ``export_llama --add-to`` and no model arguments (its switchable inputs and
+its program made from ``template.pte``: no lowering), adds it again under ``NAME_lowered`` as a
+lowered program (``--checkpoint``: one lowering), and compares with a full re-export. Every adapter is scored
 on its task file through the switchable program on the runtime (exact-match accuracy,
 perplexity, max |logit - fp32's|).
 
@@ -17,8 +18,8 @@ checkpoint + ``params.json``) and two random rank-16 adapters on every projectio
 with fp32 and with int8 adapters (the add times measured once, on fp32), writes each adapter
 dtype's input file from the same model, and scores nothing (a random model has no task).
 
-Decode ms/token of ``base.pte``, the adapter programs and the switchable program (with an
-adapter selected) is the median step of a 32-token greedy generation in ``--rounds`` rounds
+Decode ms/token of ``base.pte``, the adapter programs (lowered, and made from the template) and
+the switchable program (with an adapter selected) is the median step of a 32-token greedy generation in ``--rounds`` rounds
 alternating over all of them in one process, for each ``--threads`` size of the XNNPACK
 threadpool.
 """
@@ -72,7 +73,7 @@ def main() -> None:
     if ns.config:
         ns.adapters, model_args, extra_bytes = _random_inputs(ns.config, work)
         dtypes, options = ("fp32", "int8"), ["--logits", "last"]  # as bench/run.py's programs
-    common = [*model_args, *options, "--switchable"]
+    common = [*model_args, *options, "--switchable", "--adapter-template"]
     first, second = sorted(d.name for d in ns.adapters.iterdir() if d.is_dir())[:2]
     result: dict = {"model": ns.config or str(ns.model), "adapters": [first, second], "dtypes": {}}
     for dtype in dtypes:
@@ -85,11 +86,11 @@ def main() -> None:
         rec["adapter_program_bytes"] = (out / f"{first}.pte").stat().st_size
         if ns.config and dtype != "fp32":  # a random model: the add times once (fp32)
             continue
-        rec["add_inputs_s"] = _cli("--add-to", out, f"--lora={second}={ns.adapters / second}")
+        # inputs + NAME.pte from template.pte
+        rec["add_template_s"] = _cli("--add-to", out, f"--lora={second}={ns.adapters / second}")
         rec["add_program_s"] = _cli(
-            "--add-to", out, f"--lora={second}={ns.adapters / second}", *model_args,
-            "--overwrite",
-        )  # fmt: skip
+            "--add-to", out, f"--lora={second}_lowered={ns.adapters / second}", *model_args
+        )
         rec["full_export_both_s"] = _cli(
             *common, "--adapter-dtype", dtype, f"--lora={first}={ns.adapters / first}",
             f"--lora={second}={ns.adapters / second}", "--output-dir", work / f"{dtype}-full",
@@ -105,7 +106,7 @@ def main() -> None:
     else:
         _score(result, work, ns, (first, second))
     for threads in ns.threads:
-        _decode(result, work, ns.rounds, first, dtypes, threads)
+        _decode(result, work, ns.rounds, (first, second), dtypes, threads)
     print(json.dumps(result, indent=1))
     if ns.json:
         ns.json.write_text(json.dumps(result, indent=1) + "\n")
@@ -178,7 +179,7 @@ def _random_inputs(config: str, work: Path) -> tuple[Path, list, dict]:
 
 
 def _decode(
-    result: dict, work: Path, rounds: int, adapter: str, dtypes=DTYPES, threads: int = 2
+    result: dict, work: Path, rounds: int, adapters: tuple[str, str], dtypes=DTYPES, threads=2
 ) -> None:
     from executorch.extension.pybindings import portable_lib
 
@@ -186,11 +187,15 @@ def _decode(
     from edgelora.runtime.sessions import AdapterSession
 
     portable_lib._unsafe_reset_threadpool(threads)
-    fp32 = work / "fp32"
+    fp32, (adapter, second) = work / "fp32", adapters
     programs = {
         "base.pte": LlamaProgram(fp32 / "base.pte", fp32 / "foundation.ptd"),
         f"{adapter}.pte": LlamaProgram(fp32 / f"{adapter}.pte", fp32 / "foundation.ptd"),
     }
+    for name, label in ((f"{second}_lowered", "lowered"), (second, "from template.pte")):
+        if (fp32 / f"{name}.pte").exists():
+            path = fp32 / f"{name}.pte"
+            programs[f"{second}.pte ({label})"] = LlamaProgram(path, fp32 / "foundation.ptd")
     if "int8" in dtypes:  # the adapter program with int8 lora_A/lora_B
         d = work / "int8"
         programs[f"{adapter}.pte (int8 adapter)"] = LlamaProgram(
