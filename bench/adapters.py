@@ -14,7 +14,8 @@ on its task file through the switchable program on the runtime (exact-match accu
 perplexity, max |logit - fp32's|).
 
 ``--config stories15m|stories110m`` instead writes a random model of that shape (Meta
-checkpoint + ``params.json``) and two random rank-16 adapters on every projection, exports it
+checkpoint + ``params.json``) and two random rank-16 adapters on every projection (and
+``qv8``, PEFT's default for Llama: rank 8 on q_proj and v_proj, added as a lowered program), exports it
 with fp32 and with int8 adapters (the add times measured once, on fp32), writes each adapter
 dtype's input file from the same model, and scores nothing (a random model has no task).
 
@@ -91,6 +92,8 @@ def main() -> None:
         rec["add_program_s"] = _cli(
             "--add-to", out, f"--lora={second}_lowered={ns.adapters / second}", *model_args
         )
+        if (ns.adapters / "qv8").is_dir():  # a lowered program of PEFT's default adapter
+            _cli("--add-to", out, f"--lora=qv8={ns.adapters / 'qv8'}", *model_args)
         rec["full_export_both_s"] = _cli(
             *common, "--adapter-dtype", dtype, f"--lora={first}={ns.adapters / first}",
             f"--lora={second}={ns.adapters / second}", "--output-dir", work / f"{dtype}-full",
@@ -163,7 +166,9 @@ def _random_inputs(config: str, work: Path) -> tuple[Path, list, dict]:
     (work / "params.json").write_text(json.dumps(params))
     save_checkpoint(model, work / "model.pth")
     adapters = [random_adapter(model, f"a{i}", rank=16, alpha=32, seed=10 + i) for i in (0, 1)]
-    for a in adapters:
+    # PEFT's default LoRA for Llama: rank 8 on q_proj and v_proj
+    qv8 = random_adapter(model, "qv8", rank=8, alpha=16, targets=("q_proj", "v_proj"), seed=12)
+    for a in [*adapters, qv8]:
         save_peft_adapter(a, work / "adapters" / a.name, args)
     slots = adapter_slots(model, adapters[:1])
     sizes = {"parameters": sum(s.in_features * s.rank + s.rank * s.out_features for s in slots)}
@@ -192,10 +197,14 @@ def _decode(
         "base.pte": LlamaProgram(fp32 / "base.pte", fp32 / "foundation.ptd"),
         f"{adapter}.pte": LlamaProgram(fp32 / f"{adapter}.pte", fp32 / "foundation.ptd"),
     }
-    for name, label in ((f"{second}_lowered", "lowered"), (second, "from template.pte")):
+    for name, label in (
+        (f"{second}_lowered", f"{second}.pte (lowered)"),
+        (second, f"{second}.pte (from template.pte)"),
+        ("qv8", "qv8.pte (rank 8 on q, v; lowered)"),
+    ):
         if (fp32 / f"{name}.pte").exists():
             path = fp32 / f"{name}.pte"
-            programs[f"{second}.pte ({label})"] = LlamaProgram(path, fp32 / "foundation.ptd")
+            programs[label] = LlamaProgram(path, fp32 / "foundation.ptd")
     if "int8" in dtypes:  # the adapter program with int8 lora_A/lora_B
         d = work / "int8"
         programs[f"{adapter}.pte (int8 adapter)"] = LlamaProgram(

@@ -12,7 +12,10 @@ once, after the template is written (:func:`locate_template`).
 
 A patched program computes exactly what the switchable program computes with the same adapter
 (the same slots, ranks zero-padded), at the speed of a lowered adapter program: its adapter
-weights are constants XNNPACK packs once, not run-time inputs it packs on every call.
+weights are constants XNNPACK packs once, not run-time inputs it packs on every call. It can be
+made at export time (``--add-to``, from the adapter) or on the device, from the template and
+the adapter's ``NAME.lora.safetensors`` (:func:`program_from_inputs`; an int8 file is a quarter
+of the fp32 weights).
 
 A patched weight's key is the sha256 of its slot, its part and its bytes (not of the bytes
 alone: an adapter that leaves two slots empty has two all-zero weights, and keys must differ).
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 
 from edgelora.errors import InternalError, ProgramError
-from edgelora.format.adapter_inputs import Slot
+from edgelora.format.adapter_inputs import Slot, load_adapter_tensors, program_inputs
 from edgelora.format.checksums import PROGRAM_SHA_METHOD, restamp
 
 KEY_BYTES = 64  # a sha256 as hex: XNNPACK's named-data key of a constant
@@ -154,3 +157,19 @@ def patch_template(
                 )
             data[at : at + KEY_BYTES] = key
     return restamp(bytes(data), entry.checksum_offset)
+
+
+def program_from_inputs(
+    template: Path,
+    entry: TemplateEntry,
+    sha256: str,
+    slots: Sequence[Slot],
+    inputs: Path,
+    stored: torch.dtype,
+) -> bytes:
+    """The program of the adapter whose switchable inputs are ``inputs`` (adapter dtype
+    ``stored``: fp32, fp16 or int8, dequantized as the switchable program does): ``template``
+    with them as its weights. What a device can do with the template and a small input file."""
+    tensors = load_adapter_tensors(inputs, slots, stored)
+    weights = slot_weights(program_inputs(tensors, slots, stored, getattr(torch, entry.dtype)))
+    return patch_template(template, entry, weights, sha256)

@@ -60,7 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="with an export directory: hold the foundation once and run the prompt with each "
         "named adapter in turn ('base' for none), switching in one process; prints each "
         "switch's latency and the process's resident memory. Uses switchable.pte "
-        "(--switchable export), else bundle.pte (--bundle); needs --prompt-ids",
+        "(--switchable export), else bundle.pte (--bundle), or what --session names; needs "
+        "--prompt-ids",
+    )
+    p.add_argument(
+        "--session",
+        choices=["auto", "switchable", "bundle", "template"],
+        default="auto",
+        help="with --adapters: how to switch. switchable: one program, adapter weights passed "
+        "as inputs (fastest switch, slower decode); bundle: one method per adapter; template: "
+        "each adapter's program made from template.pte and its NAME.lora.safetensors at the "
+        "switch and loaded in place of the previous one (decode at adapter-program speed, "
+        "the foundation packed again per switch); auto: switchable, else bundle",
     )
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument(
@@ -173,7 +184,7 @@ def _switch_demo(ns: argparse.Namespace) -> int:
             "--adapters A,B,... needs an export directory and --prompt-ids (not --adapter, "
             "--data or --prompt)"
         )
-    session = AdapterSession(ns.pte)
+    session = AdapterSession(ns.pte, ns.session)
     results = []
     for name in names:
         switch_s = session.use_adapter(name)
@@ -190,7 +201,8 @@ def _switch_demo(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps({"export": str(ns.pte), "mode": session.mode, "runs": results}))
         return 0
-    print(f"{ns.pte} ({session.mode}.pte, foundation loaded once)")
+    how = "a program per switch" if session.mode == "template" else "foundation loaded once"
+    print(f"{ns.pte} ({session.mode}.pte, {how})")
     for r in results:
         decode = (
             "" if r["decode_ms_per_token"] is None else f", {r['decode_ms_per_token']:.3f} ms/token"

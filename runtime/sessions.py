@@ -10,8 +10,15 @@ Two layouts of an export directory can do this, each a small class with the same
 * :class:`BundleSession` (``export_llama --bundle``): ``base`` plus one method per adapter; a
   switch loads that method on first use. Each method keeps its own KV cache and its own XNNPACK
   packing of the foundation weights.
+* :class:`TemplateSession` (``--switchable --adapter-template``): a switch makes the adapter's
+  program from ``template.pte`` and its ``NAME.lora.safetensors``
+  (:func:`~edgelora.format.template.program_from_inputs`) and loads it in place of the previous
+  one: decode at a lowered adapter program's speed, each adapter stored as its small input
+  file. A switch loads a program, so XNNPACK packs the foundation again (this runtime has no
+  shared weight cache): slower switches, one program in memory at a time.
 
-:func:`AdapterSession` opens whichever the export has (switchable preferred). A switch starts
+:func:`AdapterSession` opens whichever the export has (switchable preferred) or the ``mode``
+asked for. A switch starts
 a new sequence: ``generate`` prefills from position 0, and ``append`` (a conversation's next
 turn) continues from the current position, which a switch resets -- one adapter's KV cache is
 never read by another's tokens.
@@ -19,19 +26,26 @@ never read by another's tokens.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from edgelora.errors import AdapterError, ProgramError
-from edgelora.format.adapter_inputs import load_adapter_tensors, program_inputs, zero_inputs
-from edgelora.format.layout import BASE_PROGRAM
+from edgelora.format.adapter_inputs import (
+    load_adapter_tensors,
+    program_inputs,
+    save_adapter_tensors,
+    zero_inputs,
+)
+from edgelora.format.layout import BASE_PROGRAM, program_file
 from edgelora.format.manifest import Manifest, read_export
+from edgelora.format.template import program_from_inputs
 from edgelora.generation import Generation
 from edgelora.runtime.program import LlamaProgram
 
-MODES = ("auto", "switchable", "bundle")
+MODES = ("auto", "switchable", "bundle", "template")
 
 
 class _Session:
@@ -123,17 +137,81 @@ class BundleSession(_Session):
         return seconds
 
 
+class TemplateSession(_Session):
+    """``template.pte`` and each adapter's inputs (see the module docstring)."""
+
+    mode = "template"
+
+    def __init__(self, export_dir: Path, manifest: Manifest) -> None:
+        entry = manifest.switchable
+        self._dir, self._entry = export_dir, entry
+        self._sha = manifest.files[entry.template.file].sha256
+        self.adapters = list(entry.adapters)
+        self._stored, _ = entry.input_dtypes
+        self._scratch = tempfile.TemporaryDirectory(prefix="edgelora-template-")
+        base = manifest.programs.get(BASE_PROGRAM)
+        self._base = None if base is None else export_dir / base.file
+        self._current = ""
+        self.use_adapter(None)
+
+    @property
+    def adapter(self) -> str | None:
+        return None if self._current == BASE_PROGRAM else self._current
+
+    def use_adapter(self, name: str | None) -> float:
+        """Switch to adapter ``name`` (``None``/``"base"``: none); returns the seconds taken
+        (making the program and loading it)."""
+        name = self._check(name)
+        t = time.perf_counter()
+        path = self._base
+        if name != BASE_PROGRAM or path is None:  # the base: the template with zero weights
+            entry = self._entry
+            try:
+                data = program_from_inputs(
+                    self._dir / entry.template.file,
+                    entry.template,
+                    self._sha,
+                    entry.slots,
+                    self._dir / entry.adapters[name] if name != BASE_PROGRAM else self._zeros(),
+                    self._stored,
+                )
+            except AdapterError as e:
+                raise ProgramError(str(e)) from None
+            path = Path(self._scratch.name) / program_file(name)
+            path.write_bytes(data)
+        self.program = None  # release the previous program (and its packed foundation) first
+        self.program = LlamaProgram(path, self._dir / self._entry.foundation)
+        self._current = name
+        self.position = 0  # a switch starts a new sequence
+        return time.perf_counter() - t
+
+    def _zeros(self) -> Path:
+        path = Path(self._scratch.name) / "zeros.lora.safetensors"
+        if not path.exists():
+            slots = self._entry.slots
+            save_adapter_tensors(path, zero_inputs(slots, self._stored), slots, self._stored)
+        return path
+
+
 def AdapterSession(  # noqa: N802 - a factory standing in for the class users construct
     export_dir: str | Path, mode: str = "auto"
-) -> SwitchableSession | BundleSession:
-    """The session of an export directory: ``mode`` ``switchable``, ``bundle``, or ``auto``
-    (switchable if the export has it). :class:`ProgramError` if the export has no such program."""
+) -> SwitchableSession | BundleSession | TemplateSession:
+    """The session of an export directory: ``mode`` ``switchable``, ``bundle``, ``template``,
+    or ``auto`` (switchable if the export has it). :class:`ProgramError` if the export has no
+    such program."""
     export_dir = Path(export_dir)
     if mode not in MODES:
         raise ProgramError(f"mode must be one of {MODES}, got {mode!r}")
     manifest = read_export(export_dir)
     if mode == "auto":
         mode = "switchable" if manifest.switchable else "bundle"
+    if mode == "template":
+        if manifest.switchable is None or manifest.switchable.template is None:
+            raise ProgramError(
+                f"{export_dir}: no template program in this export (re-export with "
+                "--switchable --adapter-template)"
+            )
+        return TemplateSession(export_dir, manifest)
     if getattr(manifest, mode) is None:
         raise ProgramError(
             f"{export_dir}: no {mode} program in this export (re-export with --{mode})"

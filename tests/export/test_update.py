@@ -258,3 +258,29 @@ def test_zero_scale_adapter_really_removes_its_effect(out, adapter_dirs, params_
     assert (z - base).abs().max().item() <= 1e-6
     session.use_adapter("chat")  # and the adapter at scale 1 does change them
     assert (session.program.forward(TOKENS, 0) - zero).abs().max().item() > 1e-3
+
+
+def test_template_session_makes_programs_from_the_inputs(out, adapter_dirs, export_8da4w):
+    """edgelora-run --session template: each switch makes the adapter's program from
+    template.pte and NAME.lora.safetensors and loads it. It gives the switchable program's
+    logits (1e-5: the same weights, kernels and zero padding; measured 0), a switch starts a
+    new sequence, and switching back to base gives base.pte's logits exactly."""
+    assert _add("--add-to", out, "--lora", f"code={adapter_dirs['code']}") == 0
+    template, switchable = AdapterSession(out, "template"), AdapterSession(out, "switchable")
+    assert template.mode == "template" and sorted(template.adapters) == ["chat", "code"]
+    for name in ("chat", "code"):
+        template.use_adapter(name)
+        switchable.use_adapter(name)
+        got, want = template.append(TOKENS), switchable.append(TOKENS)
+        assert (got - want).abs().max().item() <= 1e-5, name
+    # mid-conversation: code's next turn equals a fresh session's, not a continuation
+    template.use_adapter("chat")
+    template.append(TOKENS)
+    template.use_adapter("code")
+    assert template.position == 0
+    fresh = AdapterSession(out, "template")
+    fresh.use_adapter("code")
+    assert torch.equal(template.append([8, 21, 5]), fresh.append([8, 21, 5]))
+    template.use_adapter(None)
+    base = LlamaProgram(out / "base.pte", out / "foundation.ptd")
+    assert torch.equal(template.append(TOKENS), base.forward(TOKENS, 0))
