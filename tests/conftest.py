@@ -245,8 +245,9 @@ EXPORTS: dict[str, Recipe] = {
     "8da4w_slots": Recipe(
         ("params_file", "adapter_dirs"),
         lambda p, a: (
-            _tiny(p, a, "chat") + _Q + ["--switchable", "--switchable-slots", "all:8"]
-            + ["--adapter-template"]
+            _tiny(p, a, "chat")
+            + _Q
+            + ["--switchable", "--switchable-slots", "all:8", "--adapter-template"]
         ),
         "as 8da4w with chat only and room in switchable.pte for later adapters (rank 8 on "
         "every projection), and template.pte with those slots: base, chat, switchable, "
