@@ -19,6 +19,8 @@ checkpoint + ``params.json``) and two random rank-16 adapters on every projectio
 with fp32 and with int8 adapters (the add times measured once, on fp32), writes each adapter
 dtype's input file from the same model, and scores nothing (a random model has no task).
 
+A template session's switch (make the program from ``template.pte`` and the adapter's inputs,
+load it, one forward: XNNPACK packs the foundation then) is timed four times.
 Decode ms/token of ``base.pte``, the adapter programs (lowered, and made from the template) and
 the switchable program (with an adapter selected) is the median step of a 32-token greedy generation in ``--rounds`` rounds
 alternating over all of them in one process, for each ``--threads`` size of the XNNPACK
@@ -210,6 +212,17 @@ def _decode(
         programs[f"{adapter}.pte (int8 adapter)"] = LlamaProgram(
             d / f"{adapter}.pte", d / "foundation.ptd"
         )
+    if (fp32 / "template.pte").exists():  # a switch: make the program, load it, first forward
+        session = AdapterSession(fp32, "template")
+        switch = []
+        for name in (adapter, second, adapter, second):
+            t = time.perf_counter()
+            session.use_adapter(name)
+            session.generate([1, 2], 1)
+            switch.append(time.perf_counter() - t)
+        result.setdefault("template_switch_s", {})[f"{threads} threads"] = switch
+        print(f"  template session switches: {', '.join(f'{x:.3f}' for x in switch)} s")
+        del session
     for dtype in dtypes:
         session = AdapterSession(work / dtype, "switchable")
         session.use_adapter(adapter)

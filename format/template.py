@@ -148,14 +148,22 @@ def patch_template(
                 f"{tuple(p.shape)} {entry.dtype}"
             )
         raw = _bytes(w)
+        old = bytes(data[p.offset : p.offset + p.size]) if p.offset >= 0 else b""
+        if len(raw) != p.size or hashlib.sha256(old).hexdigest() != p.key:
+            raise ProgramError(
+                f"{path}: the manifest's place for {p.module} weight {p.part} does not hold it; "
+                "re-export"
+            )
         data[p.offset : p.offset + p.size] = raw
         key = hashlib.sha256(f"{p.module}.{p.part}\0".encode() + raw).hexdigest().encode()
         for at in p.key_offsets:
-            if data[at : at + KEY_BYTES] != p.key.encode():
+            if at < 0 or data[at : at + KEY_BYTES] != p.key.encode():
                 raise ProgramError(
                     f"{path}: the key of {p.module} weight {p.part} moved; re-export"
                 )
             data[at : at + KEY_BYTES] = key
+    if not 0 <= entry.checksum_offset <= len(data) - 32:
+        raise ProgramError(f"{path}: the manifest's checksum offset is outside the file; re-export")
     return restamp(bytes(data), entry.checksum_offset)
 
 

@@ -96,6 +96,29 @@ def test_add_refuses_an_altered_template(out, adapter_dirs, capsys):
     assert _files(out) == before
 
 
+@pytest.mark.parametrize("field", ["offset", "key_offsets", "checksum_offset"])
+def test_add_refuses_a_template_place_that_does_not_hold_its_bytes(
+    out, adapter_dirs, capsys, field
+):
+    """The manifest's places in template.pte are checked before a byte is written: the
+    weight's bytes must hash to its key, the key must be where recorded, the checksum inside
+    the file -- else a refusal, and nothing is written."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    template = manifest["switchable"]["template"]
+    if field == "offset":
+        template["parts"][3]["offset"] += 4
+    elif field == "key_offsets":
+        template["parts"][0]["key_offsets"][0] -= 1
+    else:
+        template["checksum_offset"] = (out / "template.pte").stat().st_size
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = _files(out)
+    assert _add("--add-to", out, "--lora", f"code={adapter_dirs['code']}") == 2
+    err = capsys.readouterr().err
+    assert "template.pte" in err and "re-export" in err and "Traceback" not in err, err
+    assert _files(out) == before
+
+
 def test_add_program_with_model_arguments_is_the_whole_exports(
     out, adapter_dirs, params_file, export_8da4w
 ):
@@ -284,3 +307,19 @@ def test_template_session_makes_programs_from_the_inputs(out, adapter_dirs, expo
     template.use_adapter(None)
     base = LlamaProgram(out / "base.pte", out / "foundation.ptd")
     assert torch.equal(template.append(TOKENS), base.forward(TOKENS, 0))
+
+
+def test_run_switches_adapters_with_each_session(out, capsys):
+    """edgelora-run OUT --adapters chat,base --session S: the same tokens whichever way it
+    switches (template programs compute what the switchable program computes)."""
+    from edgelora.runtime import cli as run_cli
+
+    runs = {}
+    for session in ("switchable", "template"):
+        argv = [str(out), "--adapters", "chat,base", "--prompt-ids", "1,5,9", "--json"]
+        assert run_cli.main([*argv, "--max-new-tokens", "4", "--session", session]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert report["mode"] == session
+        runs[session] = [(r["adapter"], r["tokens"]) for r in report["runs"]]
+    assert runs["switchable"] == runs["template"]
+    assert [a for a, _ in runs["template"]] == ["chat", "base"]
