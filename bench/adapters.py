@@ -178,6 +178,11 @@ def _random_inputs(config: str, work: Path) -> tuple[Path, list, dict]:
         path = work / f"inputs-{name}.safetensors"
         write_adapter_inputs(model, adapters[0], slots, ADAPTER_DTYPES[name], path)
         sizes[name] = path.stat().st_size
+        # qv8's file for the same slots (rank 16 on every projection): its own parameters only
+        path = work / f"inputs-qv8-{name}.safetensors"
+        write_adapter_inputs(model, qv8, slots, ADAPTER_DTYPES[name], path)
+        sizes[f"qv8 {name}"] = path.stat().st_size
+    sizes["qv8 parameters"] = sum(w.lora_a.numel() + w.lora_b.numel() for w in qv8.modules.values())
     return (
         work / "adapters",
         ["--params", work / "params.json", "--checkpoint", work / "model.pth"],

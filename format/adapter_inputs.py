@@ -5,8 +5,9 @@ adapted projection), ``a_t [1, in, rank]`` and ``b_t [1, rank, out]``, the adapt
 folded into ``b_t``, in the export's adapter dtype (``--adapter-dtype``): float32, float16, or
 int8 with one float32 scale per rank component (``a_t.scale [1, 1, rank]``,
 ``b_t.scale [1, rank, 1]``; symmetric, so ``w = q * scale``).
-``NAME.lora.safetensors`` stores one adapter's list under the keys :func:`tensor_names`; the
-slots and the dtype are recorded in the manifest. The program takes its inputs in its compute
+``NAME.lora.safetensors`` stores one adapter's list under the keys :func:`tensor_names`,
+compact (only the slots it uses, at its own ranks: its bytes are its parameters', however much
+room the slots reserve); the slots and the dtype are recorded in the manifest. The program takes its inputs in its compute
 dtype (the manifest's ``program_dtype``): a process converts an adapter's stored tensors once,
 when it switches to it (:func:`program_inputs`), so a smaller file costs no decode speed.
 (Exports made before ``program_dtype`` existed take their inputs in the stored dtype.)
@@ -98,21 +99,43 @@ def program_inputs(
     return [dequantize(tensors[i : i + n], to) for i in range(0, len(tensors), n)]
 
 
+# The axis of each stored part that runs over the rank components.
+_RANK_AXIS = {"a_t": 2, "b_t": 1, "a_t.scale": 2, "b_t.scale": 1}
+
+
 def save_adapter_tensors(
     path, tensors: Sequence[torch.Tensor], slots: Sequence[Slot], dtype: torch.dtype = torch.float32
 ) -> None:
-    """Write one adapter's ``lora`` inputs as safetensors (keys :func:`tensor_names`)."""
+    """Write one adapter's ``lora`` inputs as safetensors (keys :func:`tensor_names`), compact:
+    a slot's trailing rank components that are zero in both ``a_t`` and ``b_t`` (the padding up
+    to the slot's rank) are left out, and so is a slot the adapter does not use -- the file holds
+    the adapter's own parameters, however much room the slots reserve. Exact: a rank component
+    with a zero ``a_t`` column or a zero ``b_t`` row adds nothing. :func:`load_adapter_tensors`
+    pads them back."""
     from safetensors.torch import save_file
 
-    names = tensor_names(slots, dtype)
-    save_file({n: t.contiguous() for n, t in zip(names, tensors, strict=True)}, str(path))
+    out: dict[str, torch.Tensor] = {}
+    at = 0
+    for slot in slots:
+        parts = dict(zip(slot.parts(dtype), tensors[at : at + len(slot.parts(dtype))], strict=True))
+        at += len(parts)
+        used = (parts["a_t"][0] != 0).any(0) | (parts["b_t"][0] != 0).any(1)
+        rank = int(used.nonzero().max()) + 1 if bool(used.any()) else 0
+        for part, t in parts.items():
+            if rank:
+                out[f"{slot.module}.{part}"] = t.narrow(_RANK_AXIS[part], 0, rank).contiguous()
+    if at != len(tensors):
+        raise ValueError(f"{len(tensors)} tensors for {at} slot inputs")
+    save_file(out, str(path))
 
 
 def load_adapter_tensors(
     path: str | Path, slots: Sequence[Slot], dtype: torch.dtype = torch.float32
 ) -> list[torch.Tensor]:
-    """Read an adapter's ``lora`` inputs back, checking every key, shape and dtype against the
-    slots. Raises :class:`AdapterError` naming the file and the first mismatch."""
+    """Read an adapter's ``lora`` inputs back as the program's full list: every slot the file
+    leaves out is zeros (scales of one), every rank up to the slot's zero-padded. Checks every
+    key, shape and dtype against the slots; raises :class:`AdapterError` naming the file and
+    the first mismatch."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -122,22 +145,41 @@ def load_adapter_tensors(
         raise AdapterError(f"{path}: cannot read adapter tensors ({e})") from None
     out = []
     for slot in slots:
-        for part, (shape, dt) in slot.parts(dtype).items():
-            key = f"{slot.module}.{part}"
-            t = found.get(key)
+        parts = slot.parts(dtype)
+        keys = {part: f"{slot.module}.{part}" for part in parts}
+        present = [k for k in keys.values() if k in found]
+        for part, key in keys.items():
+            if key in found and found[key].dtype != parts[part][1]:
+                raise AdapterError(
+                    f"{path}: {key} is {str(found[key].dtype).removeprefix('torch.')}, the "
+                    f"program takes {str(parts[part][1]).removeprefix('torch.')}"
+                )
+        if present and len(present) != len(keys):
+            missing = next(k for k in keys.values() if k not in found)
+            raise AdapterError(f"{path}: missing tensor {missing}")
+        ranks = set()
+        for part, (shape, dt) in parts.items():
+            full = (torch.ones if part.endswith(".scale") else torch.zeros)(shape, dtype=dt)
+            t = found.get(keys[part])
             if t is None:
-                raise AdapterError(f"{path}: missing tensor {key}")
-            if tuple(t.shape) != shape:
+                out.append(full)
+                continue
+            axis = _RANK_AXIS[part]
+            rank = t.shape[axis] if t.dim() == len(shape) else -1
+            want = list(shape)
+            want[axis] = rank
+            if tuple(t.shape) != tuple(want) or not 0 < rank <= slot.rank:
                 raise AdapterError(
-                    f"{path}: {key} has shape {list(t.shape)}, the program's slot needs "
-                    f"{list(shape)}"
+                    f"{path}: {keys[part]} has shape {list(t.shape)}, the program's slot needs "
+                    f"{list(shape)} (its rank at most {slot.rank})"
                 )
-            if t.dtype != dt:
-                raise AdapterError(
-                    f"{path}: {key} is {str(t.dtype).removeprefix('torch.')}, the program "
-                    f"takes {str(dt).removeprefix('torch.')}"
-                )
-            out.append(t)
+            ranks.add(rank)
+            full.narrow(axis, 0, rank).copy_(t)
+            out.append(full)
+        if len(ranks) > 1:
+            raise AdapterError(
+                f"{path}: {slot.module}'s tensors disagree on its rank {sorted(ranks)}"
+            )
     extra = set(found) - set(tensor_names(slots, dtype))
     if extra:
         raise AdapterError(f"{path}: tensors the program has no slot for: {sorted(extra)[:3]}")

@@ -121,6 +121,44 @@ def test_narrow_adapter_inputs(dtype, bound, tmp_path):
         load_adapter_tensors(files[torch.float32], slots, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8])
+def test_adapter_file_holds_its_own_parameters_whatever_the_slots(dtype, tmp_path):
+    """A rank-4 adapter on q/v stored for slots reserving rank 16 on every projection: the file
+    holds its own parameters (+ header and scales, <= 64 KiB), not the slots' room, and reads
+    back as exactly the padded inputs. A file written padded (before files were compact) reads
+    back the same."""
+    from safetensors.torch import save_file
+
+    from edgelora.format.adapter_inputs import (
+        Slot,
+        load_adapter_tensors,
+        save_adapter_tensors,
+        tensor_names,
+    )
+
+    model = build_model(ModelArgs.from_dict(ARGS), seed=3)
+    room = random_adapter(model, "room", rank=16, seed=1)
+    qv = random_adapter(model, "qv", rank=4, targets=("q_proj", "v_proj"), seed=2)
+    slots = adapter_slots(model, [room, qv])
+    want = adapter_tensors(model, qv, slots, dtype)
+    path = tmp_path / "qv.safetensors"
+    save_adapter_tensors(path, want, slots, dtype)
+    got = load_adapter_tensors(path, slots, dtype)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    own = sum(w.lora_a.numel() + w.lora_b.numel() for w in qv.modules.values())
+    room_values = sum(s.in_features * s.rank + s.rank * s.out_features for s in slots)
+    assert path.stat().st_size <= own * dtype.itemsize + 64 * 1024
+    assert own * 8 < room_values  # so a padded file would be far larger
+    padded = tmp_path / "padded.safetensors"
+    save_file(dict(zip(tensor_names(slots, dtype), want, strict=True)), str(padded))
+    back = load_adapter_tensors(padded, slots, dtype)
+    assert all(torch.equal(g, w) for g, w in zip(back, want, strict=True))
+    assert slots[0].module.endswith("wq")  # qv's rank 4 does not fit a rank-2 slot there
+    narrow = [Slot(slots[0].module, slots[0].in_features, slots[0].out_features, 2), *slots[1:]]
+    with pytest.raises(AdapterError, match="rank at most 2"):
+        load_adapter_tensors(path, narrow, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
 def test_stored_inputs_converted_at_switch_equal_the_in_program_conversion(dtype):
     """An export's program takes fp32 inputs and a process converts the stored fp16/int8
