@@ -28,6 +28,13 @@ from edgelora.models.args import ModelArgs
 from .hf_fixtures import FAMILIES
 from .tiny import TINY
 
+# ci/setup.sh runs two workers on two cores: one intra-op thread each. With torch's default
+# (one per core) the eager transformers reference of examples/tiny (thousands of tiny
+# forwards) ran 28x slower beside an export -- 357 s against 12.7 s alone -- its threads
+# waiting on each other while the other worker held the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 FAMILY_NAMES = sorted(FAMILIES)
 # Family exports that run ExecuTorch's custom SDPA (with their own scales, a sliding layer
 # beside a full one); the others take the plain path, whose programs lower faster.
