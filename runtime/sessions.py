@@ -18,10 +18,9 @@ Two layouts of an export directory can do this, each a small class with the same
   shared weight cache): slower switches, one program in memory at a time.
 
 :func:`AdapterSession` opens whichever the export has (switchable preferred) or the ``mode``
-asked for. A switch starts
-a new sequence: ``generate`` prefills from position 0, and ``append`` (a conversation's next
-turn) continues from the current position, which a switch resets -- one adapter's KV cache is
-never read by another's tokens.
+asked for. A switch starts a new sequence: ``generate`` prefills from position 0, and
+``append`` (a conversation's next turn) continues from the current position, which a switch
+resets -- one adapter's KV cache is never read by another's tokens.
 """
 
 from __future__ import annotations
