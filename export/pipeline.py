@@ -15,8 +15,9 @@
 4. **Bundle, switchable and template programs** (``--bundle``, ``--switchable``,
    ``--adapter-template``), by the same writer.
 5. **Stamp and commit**: write the foundation's sha256 and each program's own checksum into
-   every ``.pte`` (then find the template's weights in it, :mod:`edgelora.format.template`), write ``manifest.json`` (the tokenizer files were copied beside the
-   programs), and move the staging directory into place (no partial output on failure).
+   every ``.pte`` (then find the template's weights in it, :mod:`edgelora.format.template`),
+   write ``manifest.json`` (the tokenizer files were copied beside the programs), and move the
+   staging directory into place (no partial output on failure).
 """
 
 from __future__ import annotations

@@ -228,7 +228,7 @@ def write_patched_program(
     inputs = adapter_tensors(model, adapter, switchable.slots, torch.float32)
     weights = [w.to(dtype) for w in slot_weights(inputs)]
     sha = manifest.files[template.file].sha256
-    path.write_bytes(patch_template(out_dir / template.file, template, weights, sha))
+    path.write_bytes(patch_template(out_dir / template.file, template, sha, weights))
     return ProgramEntry(
         file=path.name,
         adapter=adapter_entry(adapter),

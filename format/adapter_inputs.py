@@ -7,10 +7,11 @@ int8 with one float32 scale per rank component (``a_t.scale [1, 1, rank]``,
 ``b_t.scale [1, rank, 1]``; symmetric, so ``w = q * scale``).
 ``NAME.lora.safetensors`` stores one adapter's list under the keys :func:`tensor_names`,
 compact (only the slots it uses, at its own ranks: its bytes are its parameters', however much
-room the slots reserve); the slots and the dtype are recorded in the manifest. The program takes its inputs in its compute
-dtype (the manifest's ``program_dtype``): a process converts an adapter's stored tensors once,
-when it switches to it (:func:`program_inputs`), so a smaller file costs no decode speed.
-(Exports made before ``program_dtype`` existed take their inputs in the stored dtype.)
+room the slots reserve); the slots and the dtype are recorded in the manifest. The program
+takes its inputs in its compute dtype (the manifest's ``program_dtype``): a process converts an
+adapter's stored tensors once, when it switches to it (:func:`program_inputs`), so a smaller
+file costs no decode speed. (Exports made before ``program_dtype`` existed take their inputs
+in the stored dtype.)
 """
 
 from __future__ import annotations
@@ -117,8 +118,9 @@ def save_adapter_tensors(
     out: dict[str, torch.Tensor] = {}
     at = 0
     for slot in slots:
-        parts = dict(zip(slot.parts(dtype), tensors[at : at + len(slot.parts(dtype))], strict=True))
-        at += len(parts)
+        names = slot.parts(dtype)
+        parts = dict(zip(names, tensors[at : at + len(names)], strict=True))
+        at += len(names)
         used = (parts["a_t"][0] != 0).any(0) | (parts["b_t"][0] != 0).any(1)
         rank = int(used.nonzero().max()) + 1 if bool(used.any()) else 0
         for part, t in parts.items():

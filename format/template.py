@@ -128,7 +128,7 @@ def locate_template(
 
 
 def patch_template(
-    path: Path, entry: TemplateEntry, weights: Sequence[torch.Tensor], sha256: str
+    path: Path, entry: TemplateEntry, sha256: str, weights: Sequence[torch.Tensor]
 ) -> bytes:
     """``path`` (``template.pte``, whose bytes must have sha256 ``sha256``) with ``weights``
     (one per part, in the template's dtype and shapes) in place of its own."""
@@ -180,4 +180,4 @@ def program_from_inputs(
     with them as its weights. What a device can do with the template and a small input file."""
     tensors = load_adapter_tensors(inputs, slots, stored)
     weights = slot_weights(program_inputs(tensors, slots, stored, getattr(torch, entry.dtype)))
-    return patch_template(template, entry, weights, sha256)
+    return patch_template(template, entry, sha256, weights)

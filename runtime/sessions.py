@@ -32,15 +32,10 @@ from pathlib import Path
 import torch
 
 from edgelora.errors import AdapterError, ProgramError
-from edgelora.format.adapter_inputs import (
-    load_adapter_tensors,
-    program_inputs,
-    save_adapter_tensors,
-    zero_inputs,
-)
+from edgelora.format.adapter_inputs import load_adapter_tensors, program_inputs, zero_inputs
 from edgelora.format.layout import BASE_PROGRAM, program_file
 from edgelora.format.manifest import Manifest, read_export
-from edgelora.format.template import program_from_inputs
+from edgelora.format.template import patch_template, program_from_inputs, slot_weights
 from edgelora.generation import Generation
 from edgelora.runtime.program import LlamaProgram
 
@@ -165,15 +160,16 @@ class TemplateSession(_Session):
         path = self._base
         if name != BASE_PROGRAM or path is None:  # the base: the template with zero weights
             entry = self._entry
+            template = (self._dir / entry.template.file, entry.template, self._sha)
             try:
-                data = program_from_inputs(
-                    self._dir / entry.template.file,
-                    entry.template,
-                    self._sha,
-                    entry.slots,
-                    self._dir / entry.adapters[name] if name != BASE_PROGRAM else self._zeros(),
-                    self._stored,
-                )
+                if name == BASE_PROGRAM:
+                    zeros = slot_weights(
+                        zero_inputs(entry.slots, getattr(torch, entry.template.dtype))
+                    )
+                    data = patch_template(*template, zeros)
+                else:
+                    inputs = self._dir / entry.adapters[name]
+                    data = program_from_inputs(*template, entry.slots, inputs, self._stored)
             except AdapterError as e:
                 raise ProgramError(str(e)) from None
             path = Path(self._scratch.name) / program_file(name)
@@ -183,13 +179,6 @@ class TemplateSession(_Session):
         self._current = name
         self.position = 0  # a switch starts a new sequence
         return time.perf_counter() - t
-
-    def _zeros(self) -> Path:
-        path = Path(self._scratch.name) / "zeros.lora.safetensors"
-        if not path.exists():
-            slots = self._entry.slots
-            save_adapter_tensors(path, zero_inputs(slots, self._stored), slots, self._stored)
-        return path
 
 
 def AdapterSession(  # noqa: N802 - a factory standing in for the class users construct
