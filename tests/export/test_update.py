@@ -306,7 +306,13 @@ def test_template_session_makes_programs_from_the_inputs(out, adapter_dirs, expo
     assert torch.equal(template.append([8, 21, 5]), fresh.append([8, 21, 5]))
     template.use_adapter(None)
     base = LlamaProgram(out / "base.pte", out / "foundation.ptd")
-    assert torch.equal(template.append(TOKENS), base.forward(TOKENS, 0))
+    want = base.forward(TOKENS, 0)
+    assert torch.equal(template.append(TOKENS), want)
+    # an export without base.pte: the base is the template with zero weights (x @ 0 adds
+    # exactly nothing, so exactly base.pte's logits)
+    template._base = None
+    template.use_adapter(None)
+    assert torch.equal(template.append(TOKENS), want)
 
 
 def test_run_switches_adapters_with_each_session(out, capsys):
