@@ -19,6 +19,12 @@ checkpoint + ``params.json``) and two random rank-16 adapters on every projectio
 with fp32 and with int8 adapters (the add times measured once, on fp32), writes each adapter
 dtype's input file from the same model, and scores nothing (a random model has no task).
 
+``--scale llama-3.2-1b [--layers N]`` instead measures decode at a real model's shape:
+``bench/scale.py``'s random bf16 checkpoint and rank-16 all-projection adapter, exported with
+its recipe plus ``--switchable --adapter-template --adapter-dtype int8``, the adapter added again
+from ``template.pte`` (fp32); decode of ``base.pte``, both adapter programs and the switchable
+program, and template-session switches (at this size XNNPACK repacks a large foundation).
+
 A template session's switch (make the program from ``template.pte`` and the adapter's inputs,
 load it, one forward: XNNPACK packs the foundation then) is timed four times.
 Decode ms/token of ``base.pte``, the adapter programs (lowered, and made from the template) and
@@ -66,12 +72,23 @@ def main() -> None:
         "--threads", type=lambda s: [int(t) for t in s.split(",")], default=[2, 1],
         help="XNNPACK threadpool sizes to measure decode with (default 2,1)",
     )  # fmt: skip
+    p.add_argument(
+        "--scale", default=None, choices=["llama-3.2-1b", "llama-3.2-3b", "qwen3-4b"],
+        help="instead: decode speed at a real model's shape (bench/scale.py's inputs and recipe)",
+    )  # fmt: skip
+    p.add_argument("--layers", type=int, default=None, help="with --scale: the first N layers")
     ns = p.parse_args()
     from edgelora._quiet import quiet_third_party
 
     quiet_third_party()
     work = ns.work or Path(tempfile.mkdtemp(prefix="edgelora-adapters-"))
     work.mkdir(parents=True, exist_ok=True)
+    if ns.scale:
+        result = _at_scale(ns, work)
+        print(json.dumps(result, indent=1))
+        if ns.json:
+            ns.json.write_text(json.dumps(result, indent=1) + "\n")
+        return
     dtypes, model_args, options = DTYPES, ["--checkpoint", ns.model], []
     if ns.config:
         ns.adapters, model_args, extra_bytes = _random_inputs(ns.config, work)
@@ -217,26 +234,40 @@ def _decode(
         programs[f"{adapter}.pte (int8 adapter)"] = LlamaProgram(
             d / f"{adapter}.pte", d / "foundation.ptd"
         )
-    if (fp32 / "template.pte").exists():  # a switch: make the program, load it, first forward
-        session = AdapterSession(fp32, "template")
-        switch = []
-        for name in (adapter, second, adapter, second):
-            t = time.perf_counter()
-            session.use_adapter(name)
-            session.generate([1, 2], 1)
-            switch.append(time.perf_counter() - t)
-        result.setdefault("template_switch_s", {})[f"{threads} threads"] = switch
-        print(f"  template session switches: {', '.join(f'{x:.3f}' for x in switch)} s")
-        del session
+    if (fp32 / "template.pte").exists():
+        _template_switches(result, fp32, (adapter, second, adapter, second), threads)
     for dtype in dtypes:
         session = AdapterSession(work / dtype, "switchable")
         session.use_adapter(adapter)
         programs[f"switchable ({dtype} inputs)"] = session.program
+    _alternate(result, programs, rounds, threads, steps=32)
+
+
+def _template_switches(result: dict, out: Path, names: tuple[str, ...], threads: int) -> None:
+    """Time template-session switches: make the program, load it (XNNPACK packs the
+    foundation then), one forward."""
+    from edgelora.runtime.sessions import AdapterSession
+
+    session = AdapterSession(out, "template")
+    switch = []
+    for name in names:
+        t = time.perf_counter()
+        session.use_adapter(name)
+        session.generate([1, 2], 1)
+        switch.append(time.perf_counter() - t)
+    result.setdefault("template_switch_s", {})[f"{threads} threads"] = switch
+    print(f"  template session switches: {', '.join(f'{x:.3f}' for x in switch)} s")
+
+
+def _alternate(result: dict, programs: dict, rounds: int, threads: int, steps: int) -> None:
+    """Median decode ms/token of each program (a ``steps``-token greedy generation after a
+    16-token prompt) over ``rounds`` rounds alternating over all of them, and each against
+    ``base.pte``'s, into ``result``."""
     prompt = list(range(3, 19))
     samples: dict[str, list[float]] = {n: [] for n in programs}
     for _ in range(rounds):
         for name, program in programs.items():
-            samples[name].append(program.generate(prompt, 32).decode_ms_per_token)
+            samples[name].append(program.generate(prompt, steps).decode_ms_per_token)
     ms = {n: statistics.median(v) for n, v in samples.items()}
     base = ms["base.pte"]
     key = f"{threads} threads"
@@ -245,6 +276,49 @@ def _decode(
     print(f"  decode with {threads} XNNPACK threads:")
     for n, v in ms.items():
         print(f"  {n:28s} {v:.3f} ms/token ({v / base:.2f}x base)")
+
+
+def _at_scale(ns, work: Path) -> dict:
+    """``--scale MODEL``: bench/scale.py's random bf16 checkpoint of a real model's shape and
+    its rank-16 adapter on all seven projections, exported with bench/scale.py's recipe plus
+    ``--switchable --adapter-template --adapter-dtype int8``; the adapter added again from
+    ``template.pte`` (fp32); decode of base.pte, both adapter programs and the switchable
+    program, and template-session switches."""
+    import scale
+    from executorch.extension.pybindings import portable_lib
+
+    from edgelora.runtime.program import LlamaProgram
+    from edgelora.runtime.sessions import AdapterSession
+
+    if not (work / "hf" / "config.json").is_file():
+        argv = [sys.executable, scale.__file__, "--_make", "--model", ns.scale, "--work", work]
+        subprocess.run([*map(str, argv), *(["--layers", str(ns.layers)] if ns.layers else [])],
+                       check=True)  # fmt: skip
+    extra = ["--switchable", "--adapter-template", "--adapter-dtype", "int8"]
+    result: dict = {"model": ns.scale, "layers": ns.layers, "export": scale.run_ours(work, extra)}
+    out, adapter = work / "ours", scale.ADAPTER
+    template = f"{adapter}_template"
+    result["add_template_s"] = _cli("--add-to", out, f"--lora={template}={work / 'adapter'}")
+    result["files"] = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    print(json.dumps(result, indent=1), flush=True)
+    for threads in ns.threads:
+        portable_lib._unsafe_reset_threadpool(threads)  # before any program is loaded
+        _template_switches(result, out, (adapter, template, adapter), threads)
+        programs = {
+            "base.pte": LlamaProgram(out / "base.pte", out / "foundation.ptd"),
+            f"{adapter}.pte (int8 adapter, lowered)": LlamaProgram(
+                out / f"{adapter}.pte", out / "foundation.ptd"
+            ),
+            f"{template}.pte (fp32, from template.pte)": LlamaProgram(
+                out / f"{template}.pte", out / "foundation.ptd"
+            ),
+        }
+        session = AdapterSession(out, "switchable")
+        session.use_adapter(adapter)
+        programs["switchable (int8 inputs)"] = session.program
+        _alternate(result, programs, ns.rounds, threads, steps=16)
+        del programs, session
+    return result
 
 
 if __name__ == "__main__":
