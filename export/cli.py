@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         "switches, so decode speed does not depend on it. Adapter programs (NAME.pte): int8 "
         "stores lora_A/lora_B as int8 per output channel with int8 dynamic activations "
         "(XNNPACK's QC8W linear, a quarter of the bytes); fp16 is not applied to them (they "
-        "stay fp32: XNNPACK delegates no fp16-weight linear here), nor to bundle.pte "
+        "stay fp32: XNNPACK here delegates no fp32<->fp16 conversion around an fp16 "
+        "linear), nor to bundle.pte "
         "(default: the compute dtype)",
     )
     quant = p.add_argument_group("quantization")

@@ -138,7 +138,8 @@ def _run_export(
         if config.adapter_dtype == "fp16" and adapters:
             log(
                 "  --adapter-dtype fp16 applies to switchable inputs only: adapter programs "
-                "keep fp32 lora_A/lora_B (XNNPACK delegates no fp16-weight linear here)"
+                "keep fp32 lora_A/lora_B (XNNPACK here delegates no fp32<->fp16 conversion "
+                "around an fp16 linear)"
             )
         for adapter in [None, *adapters]:
             name, entry = write_program(writer, model, adapter, merged, program_dtype)
