@@ -77,6 +77,10 @@ def main() -> None:
         help="instead: decode speed at a real model's shape (bench/scale.py's inputs and recipe)",
     )  # fmt: skip
     p.add_argument("--layers", type=int, default=None, help="with --scale: the first N layers")
+    p.add_argument(
+        "--reuse", action="store_true",
+        help="with --scale: measure the export an earlier run left in --work instead of exporting",
+    )  # fmt: skip
     ns = p.parse_args()
     from edgelora._quiet import quiet_third_party
 
@@ -294,11 +298,15 @@ def _at_scale(ns, work: Path) -> dict:
         argv = [sys.executable, scale.__file__, "--_make", "--model", ns.scale, "--work", work]
         subprocess.run([*map(str, argv), *(["--layers", str(ns.layers)] if ns.layers else [])],
                        check=True)  # fmt: skip
-    extra = ["--switchable", "--adapter-template", "--adapter-dtype", "int8"]
-    result: dict = {"model": ns.scale, "layers": ns.layers, "export": scale.run_ours(work, extra)}
     out, adapter = work / "ours", scale.ADAPTER
     template = f"{adapter}_template"
-    result["add_template_s"] = _cli("--add-to", out, f"--lora={template}={work / 'adapter'}")
+    result: dict = {"model": ns.scale, "layers": ns.layers, "rounds": ns.rounds}
+    if ns.reuse and (out / f"{template}.pte").is_file():
+        result["export"] = f"reused {out} (made by an earlier --scale run)"
+    else:
+        extra = ["--switchable", "--adapter-template", "--adapter-dtype", "int8"]
+        result["export"] = scale.run_ours(work, extra)
+        result["add_template_s"] = _cli("--add-to", out, f"--lora={template}={work / 'adapter'}")
     result["files"] = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
     print(json.dumps(result, indent=1), flush=True)
     for threads in ns.threads:
@@ -316,7 +324,7 @@ def _at_scale(ns, work: Path) -> dict:
         session = AdapterSession(out, "switchable")
         session.use_adapter(adapter)
         programs["switchable (int8 inputs)"] = session.program
-        _alternate(result, programs, ns.rounds, threads, steps=16)
+        _alternate(result, programs, ns.rounds, threads, steps=32)
         del programs, session
     return result
 
