@@ -87,12 +87,15 @@ def main() -> None:
     quiet_third_party()
     work = ns.work or Path(tempfile.mkdtemp(prefix="edgelora-adapters-"))
     work.mkdir(parents=True, exist_ok=True)
-    if ns.scale:
-        result = _at_scale(ns, work)
-        print(json.dumps(result, indent=1))
-        if ns.json:
-            ns.json.write_text(json.dumps(result, indent=1) + "\n")
-        return
+    result = _at_scale(ns, work) if ns.scale else _updates(ns, work)
+    print(json.dumps(result, indent=1))
+    if ns.json:
+        ns.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _updates(ns, work: Path) -> dict:
+    """The default and ``--config`` runs: export, add (from the template and lowered),
+    re-export with both adapters, score or size the adapter files, then decode."""
     dtypes, model_args, options = DTYPES, ["--checkpoint", ns.model], []
     if ns.config:
         ns.adapters, model_args, extra_bytes = _random_inputs(ns.config, work)
@@ -133,9 +136,7 @@ def main() -> None:
         _score(result, work, ns, (first, second))
     for threads in ns.threads:
         _decode(result, work, ns.rounds, (first, second), dtypes, threads)
-    print(json.dumps(result, indent=1))
-    if ns.json:
-        ns.json.write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def _score(result: dict, work: Path, ns, adapters: tuple[str, str]) -> None:

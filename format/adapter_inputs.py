@@ -122,10 +122,11 @@ def save_adapter_tensors(
         parts = dict(zip(names, tensors[at : at + len(names)], strict=True))
         at += len(names)
         used = (parts["a_t"][0] != 0).any(0) | (parts["b_t"][0] != 0).any(1)
-        rank = int(used.nonzero().max()) + 1 if bool(used.any()) else 0
+        if not bool(used.any()):
+            continue  # a slot the adapter does not use
+        rank = int(used.nonzero().max()) + 1
         for part, t in parts.items():
-            if rank:
-                out[f"{slot.module}.{part}"] = t.narrow(_RANK_AXIS[part], 0, rank).contiguous()
+            out[f"{slot.module}.{part}"] = t.narrow(_RANK_AXIS[part], 0, rank).contiguous()
     if at != len(tensors):
         raise ValueError(f"{len(tensors)} tensors for {at} slot inputs")
     save_file(out, str(path))
