@@ -47,7 +47,7 @@ from edgelora.format.manifest import AdapterEntry, Manifest, read_export
 from edgelora.generation import Generation, greedy_generate
 from edgelora.lora.attach import adapter_attached
 from edgelora.models.args import ModelArgs
-from edgelora.quant.linear import quantize_adapter_weights
+from edgelora.quant.linear import store_adapter_weights
 from edgelora.runtime.program import LlamaProgram
 from edgelora.weights.adapter_files import load_adapter
 
@@ -151,8 +151,7 @@ def match_export(
     for name, prog in manifest.programs.items():
         adapter = None if prog.adapter is None else adapter_of(prog.adapter, name)
         with adapter_attached(model, adapter):
-            if prog.adapter_dtype == "int8":
-                quantize_adapter_weights(model)  # as the program's (the attached copies)
+            store_adapter_weights(model, prog.adapter_dtype)  # as the program's (the copies)
             eager = eager_generate(model, prompt, max_new_tokens)
             seq = prompt + eager.tokens[:-1]  # positions whose next-token argmax we compare
             model.reset_cache()

@@ -181,12 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapter weights' dtype. Switchable inputs (NAME.lora.safetensors): fp32, fp16 "
         "(half the bytes) or int8 with one fp32 scale per rank component (a quarter); "
         "switchable.pte takes them in the compute dtype, converted once when a process "
-        "switches, so decode speed does not depend on it. Adapter programs (NAME.pte): int8 "
-        "stores lora_A/lora_B as int8 per output channel with int8 dynamic activations "
-        "(XNNPACK's QC8W linear, a quarter of the bytes); fp16 is not applied to them (they "
-        "stay fp32: XNNPACK here delegates no fp32<->fp16 conversion around an fp16 "
-        "linear), nor to bundle.pte "
-        "(default: the compute dtype)",
+        "switches, so decode speed does not depend on it. Adapter programs (NAME.pte): fp16 "
+        "stores lora_A/lora_B in fp16 (half the bytes; the adapter path converts its input "
+        "to fp16 and its output back, inside the XNNPACK delegate), int8 as int8 per output "
+        "channel with int8 dynamic activations (XNNPACK's QC8W linear, a quarter of the "
+        "bytes); neither applies to bundle.pte (default: the compute dtype)",
     )
     quant = p.add_argument_group("quantization")
     quant.add_argument(

@@ -134,13 +134,7 @@ def _run_export(
         _ship_tokenizer(config, stage, tokenizer, log)
         # 3. Base and adapter programs.
         programs = {}
-        program_dtype = "int8" if config.adapter_dtype == "int8" else ""
-        if config.adapter_dtype == "fp16" and adapters:
-            log(
-                "  --adapter-dtype fp16 applies to switchable inputs only: adapter programs "
-                "keep fp32 lora_A/lora_B (XNNPACK here delegates no fp32<->fp16 conversion "
-                "around an fp16 linear)"
-            )
+        program_dtype = config.adapter_dtype if config.adapter_dtype in ("int8", "fp16") else ""
         for adapter in [None, *adapters]:
             name, entry = write_program(writer, model, adapter, merged, program_dtype)
             programs[name] = entry
@@ -149,7 +143,10 @@ def _run_export(
         bundle = switch = None
         if config.bundle and adapters:
             if program_dtype:
-                log("  bundle.pte keeps fp32 adapter weights (--adapter-dtype int8: NAME.pte only)")
+                log(
+                    f"  bundle.pte keeps fp32 adapter weights (--adapter-dtype {program_dtype}: "
+                    "NAME.pte only)"
+                )
             bundle = _write_bundle(writer, model, adapters, log)
         fill = None
         if config.switchable and (adapters or config.switchable_slots):

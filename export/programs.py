@@ -29,7 +29,7 @@ from edgelora.lora.attach import adapter_attached, adapter_fqns, is_adapter_tens
 from edgelora.lora.record import Adapter
 from edgelora.lora.slots import adapter_tensors, slot_constants
 from edgelora.models.args import ModelArgs
-from edgelora.quant.linear import quantize_adapter_weights
+from edgelora.quant.linear import store_adapter_weights
 
 
 def trace(
@@ -173,13 +173,13 @@ def write_program(
     adapter_dtype: str = "",
 ) -> tuple[str, ProgramEntry]:
     """``NAME.pte`` of ``adapter`` (``None``: the base, named after a merged adapter), its
-    adapter weights float, or int8 (``adapter_dtype="int8"``: XNNPACK's QC8W linear with int8
-    dynamic activations, :func:`edgelora.quant.linear.quantize_adapter_weights`)."""
+    adapter weights in the model's dtype, or ``adapter_dtype`` ``"int8"`` (XNNPACK's QC8W linear
+    with int8 dynamic activations) or ``"fp16"``
+    (:func:`edgelora.quant.linear.store_adapter_weights`)."""
     name = adapter.name if adapter is not None else merged.name if merged else BASE_PROGRAM
     adapter_dtype = adapter_dtype if adapter is not None else ""
     with adapter_attached(model, adapter):
-        if adapter_dtype == "int8":
-            quantize_adapter_weights(model)  # the attached copies: detached on exit
+        store_adapter_weights(model, adapter_dtype)  # the attached copies: detached on exit
         ep = writer.trace(model, name)
         is_adapter = is_adapter_tensor(adapter_fqns(model))
         lowered = writer.write(program_file(name), ep, is_adapter=is_adapter, label=name)

@@ -57,7 +57,8 @@ class ProgramEntry:
     # adapter tensors byte-identical to a foundation tensor: one key, served by foundation.ptd
     adapter_constants_in_foundation: list[str] = field(default_factory=list)
     foundation_sha256: str = ""
-    adapter_dtype: str = ""  # "int8": lora_A/lora_B as int8 (--adapter-dtype int8); "": float
+    # "int8" / "fp16": lora_A/lora_B stored so (--adapter-dtype); "": the model's float dtype
+    adapter_dtype: str = ""
     template: str = ""  # made from this template program by replacing bytes (no lowering)
 
 

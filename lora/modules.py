@@ -9,6 +9,7 @@ float. Every wrapper answers the same questions (:class:`LoRAWrapper`):
 - ``delta(dtype)``: ``(a [rank, in], b [out, rank])`` with every scale folded into ``b``, so the
   wrapper adds ``x @ a.T @ b.T`` -- what merging folds into the base and what a switchable slot
   is fed;
+- ``factors()``: each ``lora_A`` layer with the ``lora_B`` layers that read its output;
 - ``unwrap()``: the base layer back.
 
 :class:`PackedLoRALinear` packs adapters on the *pieces* of a fused layer (``wq``/``wk``/``wv``
@@ -81,6 +82,23 @@ class LoRAWrapper(LinearWrapper):
 
     def delta(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def factors(self) -> list[tuple[nn.Linear, list[nn.Linear]]]:
+        """Each ``lora_A`` layer with the ``lora_B`` layers that read its output, in order."""
+        return [(self.lora_a, [self.lora_b])]
+
+
+def _into(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``x`` in ``layer``'s weight dtype: an adapter stored in fp16 (``--adapter-dtype fp16``)
+    under an fp32 model computes in fp16 between two conversions. A quantized (int8) adapter
+    layer reports its float dtype and takes ``x`` as it is."""
+    dtype = layer.weight.dtype
+    return x if dtype == x.dtype or not dtype.is_floating_point else x.to(dtype)
+
+
+def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An adapter's output ``y`` back in the dtype of the layer's input ``x``."""
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _float_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -158,7 +176,8 @@ class LoRALinear(LoRAWrapper):
         return a, self.lora_b.weight.detach().to(dtype) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.scale * self.lora_b(self.lora_a(x))
+        delta = _like(self.lora_b(self.lora_a(_into(self.lora_a, x))), x)
+        return self.linear(x) + self.scale * delta
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before wrapping store the base weight as `<prefix>.weight`.
@@ -335,17 +354,25 @@ class PackedLoRALinear(LoRAWrapper):
         return a, self.packed_b().to(dtype) * self.stacked_scale().to(dtype)[None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = [a(x) * s for a, s in zip(self.lora_a, self._scales, strict=True)]
+        xa = _into(self.lora_a[0], x)
+        h = [a(xa) * s for a, s in zip(self.lora_a, self._scales, strict=True)]
         names = list(self.linear.output_sizes)
         if self._covers_all:
             delta = [self.lora_b[s](h[self._piece[s]]) for s in names]
-            return self.linear(x) + (delta[0] if len(delta) == 1 else torch.cat(delta, dim=-1))
+            delta = delta[0] if len(delta) == 1 else torch.cat(delta, dim=-1)
+            return self.linear(x) + _like(delta, x)
         parts = []
         for s, part in zip(names, self.linear.split(self.linear(x)), strict=True):
             if s in self._piece:
-                part = part + self.lora_b[s](h[self._piece[s]])
+                part = part + _like(self.lora_b[s](h[self._piece[s]]), x)
             parts.append(part)
         return torch.cat(parts, dim=-1)
+
+    def factors(self) -> list[tuple[nn.Linear, list[nn.Linear]]]:
+        return [
+            (a, [self.lora_b[s] for s in slices])
+            for a, (slices, *_) in zip(self.lora_a, self.layout, strict=True)
+        ]
 
     def pieces(self) -> list[LoRAPiece]:
         """The packed pieces, bit for bit as they were given."""

@@ -4,7 +4,7 @@ Int8 dynamic activations with int4 (or int8) grouped, symmetric weights, through
 ``Int8DynamicActivationIntxWeightConfig``: the form XNNPACK lowers to its dynamically
 quantized fully-connected kernels. LoRA adapter matrices stay float: which modules they are is
 read from the adapter wrappers attached to the model (:func:`edgelora.lora.attach.adapter_fqns`)
--- unless a program's adapter is asked for in int8 (:func:`quantize_adapter_weights`).
+-- unless a program's adapter is asked for in int8 or fp16 (:func:`store_adapter_weights`).
 """
 
 from __future__ import annotations
@@ -165,19 +165,81 @@ def quantize_linears(
     return report
 
 
-def quantize_adapter_weights(model: nn.Module) -> None:
-    """The attached adapters' ``lora_A``/``lora_B`` (every linear inside a LoRA wrapper but its
-    base layer) as int8 weights with one scale per output channel and int8 dynamic
-    activations -- XNNPACK's QC8W linear, a quarter of the fp32 bytes (``--adapter-dtype
-    int8`` for per-adapter programs), in place."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerAxis
+def _adapter_layers(model: nn.Module) -> list[nn.Linear]:
+    """Every ``lora_A``/``lora_B`` layer of the attached adapters."""
+    return [
+        layer
+        for wrapper in attached(model).values()
+        for a, bs in wrapper.factors()
+        for layer in (a, *bs)
+    ]
 
-    config = Int8DynamicActivationIntxWeightConfig(
-        weight_dtype=torch.int8, weight_granularity=PerAxis(0)
-    )
+
+def quantize_adapter_weights(model: nn.Module) -> None:
+    """The attached adapters' ``lora_A``/``lora_B`` as int8 weights with int8 dynamic
+    activations -- XNNPACK's QC8W linear, a quarter of the fp32 bytes (``--adapter-dtype
+    int8`` for per-adapter programs), in place.
+
+    QC8W takes one fp32 scale per output channel. ``lora_B``'s output channels are the
+    projection's -- 23,552 per Llama-3.2-1B layer, 1.5 MB of scales for 11 MB of weights -- so
+    ``lora_B`` is quantized per *rank component* instead and the scales move into ``lora_A``:
+    with ``s_j = max|B[:, j]| / 127`` and ``c`` the largest ``s_j`` of the adapter,
+    ``B A = (c Bq) (diag(s / c) A)`` where ``Bq = round(B diag(1/s))``. Every ``lora_B`` then
+    has the same scale ``c`` on every channel, which XNNPACK stores once per output size (its
+    constants are keyed by their bytes), and ``lora_A`` keeps one scale per rank component
+    (``max|row| / 127``). The rounding is per rank column of ``B`` (at most half a step of
+    ``max|B[:, j]| / 127``) and per row of ``A``. The int8 activations between them (one
+    scale per token) see ``A x`` scaled by ``s / c <= 1``: a rank component with a small
+    ``B`` column gets a coarser step relative to its size, and adds that much less to the
+    output."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from torchao.quantization.quant_primitives import MappingType
+
+    def int8(layer: nn.Linear, w: torch.Tensor, scale: torch.Tensor) -> None:
+        """``layer``'s weight: ``w`` (float32) as int8 with the per-row ``scale``."""
+        dtype = layer.weight.dtype
+        q = IntxUnpackedToInt8Tensor.from_hp(
+            w.to(dtype),
+            (1, w.shape[1]),
+            torch.int8,
+            mapping_type=MappingType.SYMMETRIC,
+            activation_quantization="int8_asym_per_token",
+            intx_choose_qparams_algorithm=None,
+            custom_scale=scale.reshape(-1, 1).to(dtype),
+            custom_zero_point=torch.zeros(w.shape[0], 1, dtype=torch.int8),
+        )
+        layer.weight = nn.Parameter(q, requires_grad=False)
+
+    def positive(m: torch.Tensor) -> torch.Tensor:
+        return torch.where(m > 0, m / 127, torch.ones_like(m))  # an all-zero slice: scale 1
+
     with torch.no_grad():
-        for wrapper in attached(model).values():
-            for name, m in list(wrapper.named_modules()):
-                if isinstance(m, nn.Linear) and name != "linear" and not name.startswith("linear."):
-                    quantize_(m, config)  # m itself: a linear has no child linears
+        factors = [f for wrapper in attached(model).values() for f in wrapper.factors()]
+        # s_j for rank component j of each A: over column j of every B reading it
+        s = [
+            positive(torch.stack([b.weight.float().abs().amax(0) for b in bs]).amax(0))
+            for _, bs in factors
+        ]
+        c = max((float(sj.max()) for sj in s), default=1.0)
+        for (a, bs), sj in zip(factors, s, strict=True):
+            for b in bs:  # Bq = round(B diag(c / s) / c)
+                int8(b, b.weight.float() * (c / sj)[None, :], torch.full((b.out_features,), c))
+            a_scaled = a.weight.float() * (sj / c)[:, None]
+            int8(a, a_scaled, positive(a_scaled.abs().amax(1)))
+
+
+def store_adapter_weights(model: nn.Module, adapter_dtype: str) -> None:
+    """The attached adapters' weights as a per-adapter program stores them, in place:
+    ``"int8"`` (:func:`quantize_adapter_weights`), ``"fp16"`` (half the fp32 bytes; the
+    wrapper converts its input to fp16 and the adapter's output back, conversions XNNPACK runs
+    in the delegate, see :mod:`edgelora.backends.xnnpack.half`) or ``""``
+    (as they are)."""
+    if adapter_dtype == "int8":
+        quantize_adapter_weights(model)
+    elif adapter_dtype == "fp16":
+        for m in _adapter_layers(model):
+            m.to(torch.float16)
+    elif adapter_dtype:
+        raise ConfigError(
+            f"adapter programs store fp32, fp16 or int8 weights, not {adapter_dtype!r}"
+        )

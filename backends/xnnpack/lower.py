@@ -292,11 +292,19 @@ def _partitioner():
     ExecuTorch decomposes everything else, marks the nodes passing it, and decomposes the graph
     a second time (the failing nodes). When every such node passes, the second pass changes
     nothing: we then return no check, and ExecuTorch keeps the ops and decomposes once -- the
-    same program (checked byte for byte in tests), one whole-graph retrace less."""
+    same program (checked byte for byte in tests), one whole-graph retrace less. It also
+    delegates fp32 <-> fp16 conversions (:mod:`edgelora.backends.xnnpack.half`)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    from edgelora.backends.xnnpack.half import partitioner_configs
+
+    configs = partitioner_configs()
 
     class Partitioner(XnnpackPartitioner):
         lean, partitions = True, 0
+
+        def __init__(self) -> None:
+            super().__init__(configs=configs)
 
         def partition(self, exported_program):
             result = super().partition(exported_program)
