@@ -16,7 +16,7 @@ perplexity, max |logit - fp32's|).
 ``--config stories15m|stories110m`` instead writes a random model of that shape (Meta
 checkpoint + ``params.json``) and two random rank-16 adapters on every projection (and
 ``qv8``, PEFT's default for Llama: rank 8 on q_proj and v_proj, added as a lowered program), exports it
-with fp32 and with int8 adapters (the add times measured once, on fp32), writes each adapter
+with fp32, fp16 and int8 adapters (the add times measured once, on fp32), writes each adapter
 dtype's input file from the same model, and scores nothing (a random model has no task).
 
 ``--scale llama-3.2-1b [--layers N]`` instead measures decode at a real model's shape:
@@ -24,6 +24,9 @@ dtype's input file from the same model, and scores nothing (a random model has n
 its recipe plus ``--switchable --adapter-template --adapter-dtype int8``, the adapter added again
 from ``template.pte`` (fp32); decode of ``base.pte``, both adapter programs and the switchable
 program, and template-session switches (at this size XNNPACK repacks a large foundation).
+``--program-dtypes fp16,int8`` also exports base and adapter programs only with each
+``--adapter-dtype`` (into ``ours-D``; their ``foundation.ptd`` must equal the first export's,
+which the adapter programs are then loaded with) and measures those adapter programs too.
 
 A template session's switch (make the program from ``template.pte`` and the adapter's inputs,
 load it, one forward: XNNPACK packs the foundation then) is timed four times.
@@ -78,6 +81,10 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--layers", type=int, default=None, help="with --scale: the first N layers")
     p.add_argument(
+        "--program-dtypes", type=lambda s: s.split(","), default=[],
+        help="with --scale: also export adapter programs with these --adapter-dtype values",
+    )  # fmt: skip
+    p.add_argument(
         "--reuse", action="store_true",
         help="with --scale: measure the export an earlier run left in --work instead of exporting",
     )  # fmt: skip
@@ -99,7 +106,7 @@ def _updates(ns, work: Path) -> dict:
     dtypes, model_args, options = DTYPES, ["--checkpoint", ns.model], []
     if ns.config:
         ns.adapters, model_args, extra_bytes = _random_inputs(ns.config, work)
-        dtypes, options = ("fp32", "int8"), ["--logits", "last"]  # as bench/run.py's programs
+        options = ["--logits", "last"]  # as bench/run.py's programs
     common = [*model_args, *options, "--switchable", "--adapter-template"]
     first, second = sorted(d.name for d in ns.adapters.iterdir() if d.is_dir())[:2]
     result: dict = {"model": ns.config or str(ns.model), "adapters": [first, second], "dtypes": {}}
@@ -234,11 +241,12 @@ def _decode(
         if (fp32 / f"{name}.pte").exists():
             path = fp32 / f"{name}.pte"
             programs[label] = LlamaProgram(path, fp32 / "foundation.ptd")
-    if "int8" in dtypes:  # the adapter program with int8 lora_A/lora_B
-        d = work / "int8"
-        programs[f"{adapter}.pte (int8 adapter)"] = LlamaProgram(
-            d / f"{adapter}.pte", d / "foundation.ptd"
-        )
+    for dtype in ("fp16", "int8"):  # the adapter programs with fp16 / int8 lora_A/lora_B
+        if dtype in dtypes:
+            d = work / dtype
+            programs[f"{adapter}.pte ({dtype} adapter)"] = LlamaProgram(
+                d / f"{adapter}.pte", d / "foundation.ptd"
+            )
     if (fp32 / "template.pte").exists():
         _template_switches(result, fp32, (adapter, second, adapter, second), threads)
     for dtype in dtypes:
@@ -283,6 +291,13 @@ def _alternate(result: dict, programs: dict, rounds: int, threads: int, steps: i
         print(f"  {n:28s} {v:.3f} ms/token ({v / base:.2f}x base)")
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _at_scale(ns, work: Path) -> dict:
     """``--scale MODEL``: bench/scale.py's random bf16 checkpoint of a real model's shape and
     its rank-16 adapter on all seven projections, exported with bench/scale.py's recipe plus
@@ -309,6 +324,17 @@ def _at_scale(ns, work: Path) -> dict:
         result["export"] = scale.run_ours(work, extra)
         result["add_template_s"] = _cli("--add-to", out, f"--lora={template}={work / 'adapter'}")
     result["files"] = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    others = {}
+    for dtype in ns.program_dtypes:
+        d = others[dtype] = work / f"ours-{dtype}"
+        rec = result.setdefault("program_dtypes", {}).setdefault(dtype, {})
+        if not (ns.reuse and (d / f"{adapter}.pte").is_file()):
+            rec["export"] = scale.run_ours(work, ["--adapter-dtype", dtype], out=d)
+        rec["files"] = {p.name: p.stat().st_size for p in sorted(d.iterdir())}
+        same = _sha256(d / "foundation.ptd") == _sha256(out / "foundation.ptd")
+        if not same:
+            raise SystemExit(f"{d}/foundation.ptd differs from {out}/foundation.ptd")
+        rec["foundation_identical"] = same
     print(json.dumps(result, indent=1), flush=True)
     for threads in ns.threads:
         portable_lib._unsafe_reset_threadpool(threads)  # before any program is loaded
@@ -322,6 +348,10 @@ def _at_scale(ns, work: Path) -> dict:
                 out / f"{template}.pte", out / "foundation.ptd"
             ),
         }
+        for dtype, d in others.items():
+            programs[f"{adapter}.pte ({dtype} adapter, lowered)"] = LlamaProgram(
+                d / f"{adapter}.pte", out / "foundation.ptd"
+            )
         session = AdapterSession(out, "switchable")
         session.use_adapter(adapter)
         programs["switchable (int8 inputs)"] = session.program

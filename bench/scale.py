@@ -134,8 +134,8 @@ def _stages(output: str) -> tuple[dict, dict, float | None]:
     return times, peaks, estimate
 
 
-def run_ours(work: Path, extra: list[str]) -> dict:
-    out = work / "ours"
+def run_ours(work: Path, extra: list[str], out: Path | None = None) -> dict:
+    out = out or work / "ours"
     cmd = [
         sys.executable, "-m", "edgelora.export.cli",  # PYTHONPATH may pick another checkout
         "--checkpoint", str(work / "hf"),

@@ -97,11 +97,13 @@ class ProgramWriter:
         *,
         is_adapter: Callable[[str], bool],
         label: str,
+        half_conversions: bool = False,
     ):
         """Lower ``programs`` (one, or method name -> program) into ``stage/file``; constants
         for which ``is_adapter(fqn)`` stay in the program, all others go to the foundation.
         Returns the lowered program's constant split and derived names (its serialised form
-        is released once written)."""
+        is released once written). ``half_conversions``: the program converts between fp32
+        and fp16 on its adapter path (delegated; :mod:`edgelora.backends.xnnpack.half`)."""
         from edgelora.backends.xnnpack.lower import lower_to_xnnpack
 
         first = self._base_derived is None
@@ -114,6 +116,7 @@ class ProgramWriter:
                     constant_methods=program_methods(**self._methods),
                     foundation_derived=self._base_derived,
                     progress=bar,
+                    half_conversions=half_conversions,
                 )
             finally:
                 bar.close()
@@ -179,10 +182,13 @@ def write_program(
     name = adapter.name if adapter is not None else merged.name if merged else BASE_PROGRAM
     adapter_dtype = adapter_dtype if adapter is not None else ""
     with adapter_attached(model, adapter):
-        store_adapter_weights(model, adapter_dtype)  # the attached copies: detached on exit
+        # the attached copies: detached on exit
+        converts = store_adapter_weights(model, adapter_dtype)
         ep = writer.trace(model, name)
         is_adapter = is_adapter_tensor(adapter_fqns(model))
-        lowered = writer.write(program_file(name), ep, is_adapter=is_adapter, label=name)
+        lowered = writer.write(
+            program_file(name), ep, is_adapter=is_adapter, label=name, half_conversions=converts
+        )
     return name, ProgramEntry(
         file=program_file(name),
         adapter=None if adapter is None else adapter_entry(adapter),

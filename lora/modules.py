@@ -176,8 +176,8 @@ class LoRALinear(LoRAWrapper):
         return a, self.lora_b.weight.detach().to(dtype) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = _like(self.lora_b(self.lora_a(_into(self.lora_a, x))), x)
-        return self.linear(x) + self.scale * delta
+        y = self.linear(x)  # first: the graph's order sets the order of foundation.ptd's keys
+        return y + self.scale * _like(self.lora_b(self.lora_a(_into(self.lora_a, x))), x)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before wrapping store the base weight as `<prefix>.weight`.
@@ -359,8 +359,8 @@ class PackedLoRALinear(LoRAWrapper):
         names = list(self.linear.output_sizes)
         if self._covers_all:
             delta = [self.lora_b[s](h[self._piece[s]]) for s in names]
-            delta = delta[0] if len(delta) == 1 else torch.cat(delta, dim=-1)
-            return self.linear(x) + _like(delta, x)
+            delta = _like(delta[0] if len(delta) == 1 else torch.cat(delta, dim=-1), x)
+            return self.linear(x) + delta
         parts = []
         for s, part in zip(names, self.linear.split(self.linear(x)), strict=True):
             if s in self._piece:

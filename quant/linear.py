@@ -228,18 +228,23 @@ def quantize_adapter_weights(model: nn.Module) -> None:
             int8(a, a_scaled, positive(a_scaled.abs().amax(1)))
 
 
-def store_adapter_weights(model: nn.Module, adapter_dtype: str) -> None:
+def store_adapter_weights(model: nn.Module, adapter_dtype: str) -> bool:
     """The attached adapters' weights as a per-adapter program stores them, in place:
     ``"int8"`` (:func:`quantize_adapter_weights`), ``"fp16"`` (half the fp32 bytes; the
     wrapper converts its input to fp16 and the adapter's output back, conversions XNNPACK runs
     in the delegate, see :mod:`edgelora.backends.xnnpack.half`) or ``""``
-    (as they are)."""
+    (as they are). Returns whether the adapters now convert between dtypes (fp16 adapters in
+    an fp32 model)."""
     if adapter_dtype == "int8":
         quantize_adapter_weights(model)
     elif adapter_dtype == "fp16":
-        for m in _adapter_layers(model):
+        layers = _adapter_layers(model)
+        converts = any(m.weight.dtype != torch.float16 for m in layers)
+        for m in layers:
             m.to(torch.float16)
+        return converts
     elif adapter_dtype:
         raise ConfigError(
             f"adapter programs store fp32, fp16 or int8 weights, not {adapter_dtype!r}"
         )
+    return False

@@ -285,7 +285,7 @@ def shared_constants_in_preprocess() -> Iterator[None]:
             setattr(XnnpackBackend, name, own)
 
 
-def _partitioner():
+def _partitioner(half_conversions: bool = False):
     """XNNPACK's partitioner, letting ExecuTorch decompose the graph once instead of twice.
 
     It keeps some ops whole (``linear``, ...) for XNNPACK, with a check per node; with a check,
@@ -293,12 +293,14 @@ def _partitioner():
     a second time (the failing nodes). When every such node passes, the second pass changes
     nothing: we then return no check, and ExecuTorch keeps the ops and decomposes once -- the
     same program (checked byte for byte in tests), one whole-graph retrace less. It also
-    delegates fp32 <-> fp16 conversions (:mod:`edgelora.backends.xnnpack.half`)."""
+    delegates fp32 <-> fp16 conversions if asked (:mod:`edgelora.backends.xnnpack.half`): only
+    for a program whose only such conversions are its fp16 adapter's (an fp16 model's own
+    conversions stay as they were, in every program alike)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     from edgelora.backends.xnnpack.half import partitioner_configs
 
-    configs = partitioner_configs()
+    configs = partitioner_configs() if half_conversions else None
 
     class Partitioner(XnnpackPartitioner):
         lean, partitions = True, 0
@@ -410,6 +412,7 @@ def lower_to_xnnpack(
     foundation_derived: frozenset[str] | None = None,
     lean: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    half_conversions: bool = False,
 ) -> LoweredProgram:
     """Lower ``ep`` with ``XnnpackPartitioner``; foundation constants go to ``foundation.ptd``.
 
@@ -427,6 +430,7 @@ def lower_to_xnnpack(
     :func:`lean_xnnpack_passes`) and deep-copied partitions (see
     :func:`shared_constants_in_preprocess`).
     ``progress(done, total)`` is called as each XNNPACK partition is compiled.
+    ``half_conversions``: delegate fp32 <-> fp16 conversions (an fp16 adapter in an fp32 model).
     """
     from executorch.exir import (
         EdgeCompileConfig,
@@ -443,7 +447,7 @@ def lower_to_xnnpack(
         frozenset().union(*(s.adapter for s in splits)),
         frozenset().union(*(s.shared for s in splits)),
     )
-    partitioner = _partitioner()()
+    partitioner = _partitioner(half_conversions)()
     partitioner.lean = lean
 
     def on_partition(n: int) -> None:
