@@ -11,7 +11,8 @@ second adapter with ``export_llama --add-to`` and no model arguments (its switch
 its program made from ``template.pte``: no lowering), adds it again under ``NAME_lowered`` as a
 lowered program (``--checkpoint``: one lowering), and compares with a full re-export. Every adapter is scored
 on its task file through the switchable program on the runtime (exact-match accuracy,
-perplexity, max |logit - fp32's|).
+perplexity, max |logit - fp32's|), and the first adapter through its lowered program
+(``NAME.pte``) in each dtype.
 
 ``--config stories15m|stories110m`` instead writes a random model of that shape (Meta
 checkpoint + ``params.json``) and two random rank-16 adapters on every projection (and
@@ -147,33 +148,39 @@ def _updates(ns, work: Path) -> dict:
 
 
 def _score(result: dict, work: Path, ns, adapters: tuple[str, str]) -> None:
+    """Each adapter through the switchable program in each dtype, then the first adapter
+    through its lowered program in each dtype; logit errors against the fp32 run's."""
+    from edgelora.quality.runtime import open_runtime
+    from edgelora.quality.tasks import read_eval_file
+
+    runs = [(a, True, "tasks") for a in adapters] + [(adapters[0], False, "program_task")]
+    for adapter, switchable, key in runs:
+        s, ref = read_eval_file(ns.eval / f"{adapter}.jsonl", ns.limit), None
+        for dtype in DTYPES:
+            out = work / dtype
+            scorer = open_runtime(out, adapter=adapter, switchable=switchable)
+            rec, logits = _task(out, scorer, s, ref)
+            ref = ref or logits
+            result["dtypes"][dtype].setdefault(key, {})[adapter] = rec
+            print(f"{scorer.label} {dtype}: {json.dumps(rec)}")
+
+
+def _task(out: Path, scorer, s, ref: list | None) -> tuple[dict, list]:
+    """Exact-match accuracy and perplexity of ``scorer`` on the task set ``s``, and its max
+    |logit - ref's| over the first 20 items (0 without ``ref``); and those logits."""
     from tokenizers import Tokenizer
 
     from edgelora.format.manifest import read_export
-    from edgelora.quality.runtime import open_runtime
     from edgelora.quality.scoring import encode_set, score_set
-    from edgelora.quality.tasks import read_eval_file
 
-    for adapter in adapters:
-        s = read_eval_file(ns.eval / f"{adapter}.jsonl", ns.limit)
-        ref = None
-        for dtype in DTYPES:
-            out = work / dtype
-            manifest = read_export(out)
-            tok = Tokenizer.from_file(str(out / manifest.tokenizer))
-            scorer = open_runtime(out, adapter=adapter, switchable=True)
-            enc = encode_set(s, tok)
-            r = score_set(scorer, s, enc, tok, manifest.eos_ids)
-            logits = [scorer.logits(e.ids) for e in enc[:20]]
-            if ref is None:
-                ref = logits
-            err = max((a - b).abs().max().item() for a, b in zip(logits, ref, strict=True))
-            result["dtypes"][dtype].setdefault("tasks", {})[adapter] = {
-                "accuracy": r.accuracy,
-                "perplexity": r.perplexity,
-                "max_abs_logit_diff_vs_fp32": err,
-            }
-            print(f"{dtype} {adapter}: acc {r.accuracy:.3f} ppl {r.perplexity:.4f} err {err:.2e}")
+    manifest = read_export(out)
+    tok = Tokenizer.from_file(str(out / manifest.tokenizer))
+    enc = encode_set(s, tok)
+    r = score_set(scorer, s, enc, tok, manifest.eos_ids)
+    logits = [scorer.logits(e.ids) for e in enc[:20]]
+    err = max((a - b).abs().max().item() for a, b in zip(logits, ref or logits, strict=True))
+    rec = {"accuracy": r.accuracy, "perplexity": r.perplexity, "max_abs_logit_diff_vs_fp32": err}
+    return rec, logits
 
 
 def _random_inputs(config: str, work: Path) -> tuple[Path, list, dict]:
