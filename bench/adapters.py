@@ -356,7 +356,7 @@ def _at_scale(ns, work: Path) -> dict:
             ),
         }
         for dtype, d in others.items():
-            programs[f"{adapter}.pte ({dtype} adapter, lowered)"] = LlamaProgram(
+            programs[f"{adapter}.pte ({dtype} adapter, lowered, ours-{dtype})"] = LlamaProgram(
                 d / f"{adapter}.pte", out / "foundation.ptd"
             )
         session = AdapterSession(out, "switchable")
