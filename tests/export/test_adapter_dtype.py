@@ -22,6 +22,20 @@ from edgelora.weights.adapter_files import load_adapter
 TOKENS = [1, 5, 9, 33, 2, 7, 11, 40, 3]
 
 
+def _error_against_fp32(out, adapter) -> tuple[float, float]:
+    """Max |logit| difference of ``out``'s ``chat.pte`` from the eager model with the fp32
+    ``adapter``, and the adapter's own effect on the eager logits."""
+    model = eager_reference(read_export(out))
+    with torch.no_grad():
+        model.reset_cache()
+        base = model(torch.tensor([TOKENS]), torch.tensor([0]))[0]
+        with adapter_attached(model, adapter):
+            model.reset_cache()
+            fp32 = model(torch.tensor([TOKENS]), torch.tensor([0]))[0]
+    got = LlamaProgram(out / "chat.pte", out / "foundation.ptd").forward(TOKENS, 0)
+    return (got - fp32).abs().max().item(), (fp32 - base).abs().max().item()
+
+
 def test_int8_adapter_programs(tmp_path, params_file, adapter_dirs):
     out = tmp_path / "out"
     argv = ["--params", params_file, f"--lora=chat={adapter_dirs['chat']}", "--adapter-dtype"]
@@ -54,17 +68,7 @@ def test_int8_adapter_programs(tmp_path, params_file, adapter_dirs):
     # <= half a step, 1/254 of the slice's largest value) and the adapter path's int8
     # activations move the logits by a small fraction of what the adapter changes (measured:
     # 0.0030 against 0.060, 5% of it; the same as with one scale per output channel).
-    exp = read_export(out)
-    model = eager_reference(exp)
-    with torch.no_grad():
-        model.reset_cache()
-        base = model(torch.tensor([TOKENS]), torch.tensor([0]))[0]
-        with adapter_attached(model, adapter):
-            model.reset_cache()
-            fp32 = model(torch.tensor([TOKENS]), torch.tensor([0]))[0]
-    got = LlamaProgram(out / "chat.pte", out / "foundation.ptd").forward(TOKENS, 0)
-    effect = (fp32 - base).abs().max().item()
-    err = (got - fp32).abs().max().item()
+    err, effect = _error_against_fp32(out, adapter)
     assert err < 0.1 * effect, (err, effect)
 
     # A later adapter program keeps the export's adapter dtype.
@@ -109,16 +113,8 @@ def test_fp16_adapter_programs(tmp_path, params_file, adapter_dirs):
     # Against the fp32 adapter: fp16 weights and activations on the adapter path (relative
     # rounding 2^-11 per value) move the logits by a tiny fraction of the adapter's effect
     # (measured: 0.0012 against 0.060, most of it the 8da4w base's activation rounding).
-    exp = read_export(out)
-    model = eager_reference(exp)
-    adapter = load_adapter(adapter_dirs["chat"], ModelArgs.from_dict(exp.model), "chat")
-    with torch.no_grad():
-        model.reset_cache()
-        base = model(torch.tensor([TOKENS]), torch.tensor([0]))[0]
-        with adapter_attached(model, adapter):
-            model.reset_cache()
-            fp32 = model(torch.tensor([TOKENS]), torch.tensor([0]))[0]
-    got = LlamaProgram(out / "chat.pte", out / "foundation.ptd").forward(TOKENS, 0)
-    effect = (fp32 - base).abs().max().item()
-    err = (got - fp32).abs().max().item()
+    adapter = load_adapter(
+        adapter_dirs["chat"], ModelArgs.from_dict(read_export(out).model), "chat"
+    )
+    err, effect = _error_against_fp32(out, adapter)
     assert err < 0.1 * effect, (err, effect)
