@@ -183,9 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         "switchable.pte takes them in the compute dtype, converted once when a process "
         "switches, so decode speed does not depend on it. Adapter programs (NAME.pte): fp16 "
         "stores lora_A/lora_B in fp16 (half the bytes; the adapter path converts its input "
-        "to fp16 and its output back, inside the XNNPACK delegate), int8 as int8 per output "
-        "channel with int8 dynamic activations (XNNPACK's QC8W linear, a quarter of the "
-        "bytes); neither applies to bundle.pte (default: the compute dtype)",
+        "to fp16 and its output back, inside the XNNPACK delegate), int8 as int8 with int8 "
+        "dynamic activations (XNNPACK's QC8W linear, a quarter of the bytes; lora_B per rank "
+        "component with one shared scale, so the scales take a few KB); neither applies to "
+        "bundle.pte (default: the compute dtype)",
     )
     quant = p.add_argument_group("quantization")
     quant.add_argument(
