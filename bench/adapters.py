@@ -338,10 +338,9 @@ def _at_scale(ns, work: Path) -> dict:
         if not (ns.reuse and (d / f"{adapter}.pte").is_file()):
             rec["export"] = scale.run_ours(work, ["--adapter-dtype", dtype], out=d)
         rec["files"] = {p.name: p.stat().st_size for p in sorted(d.iterdir())}
-        same = _sha256(d / "foundation.ptd") == _sha256(out / "foundation.ptd")
-        if not same:
+        if _sha256(d / "foundation.ptd") != _sha256(out / "foundation.ptd"):
             raise SystemExit(f"{d}/foundation.ptd differs from {out}/foundation.ptd")
-        rec["foundation_identical"] = same
+        rec["foundation_identical"] = True
     print(json.dumps(result, indent=1), flush=True)
     for threads in ns.threads:
         portable_lib._unsafe_reset_threadpool(threads)  # before any program is loaded

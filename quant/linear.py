@@ -165,14 +165,9 @@ def quantize_linears(
     return report
 
 
-def _adapter_layers(model: nn.Module) -> list[nn.Linear]:
-    """Every ``lora_A``/``lora_B`` layer of the attached adapters."""
-    return [
-        layer
-        for wrapper in attached(model).values()
-        for a, bs in wrapper.factors()
-        for layer in (a, *bs)
-    ]
+def _factors(model: nn.Module) -> list[tuple[nn.Linear, list[nn.Linear]]]:
+    """Every ``lora_A`` layer of the attached adapters with the ``lora_B`` layers reading it."""
+    return [f for wrapper in attached(model).values() for f in wrapper.factors()]
 
 
 def quantize_adapter_weights(model: nn.Module) -> None:
@@ -214,7 +209,7 @@ def quantize_adapter_weights(model: nn.Module) -> None:
         return torch.where(m > 0, m / 127, torch.ones_like(m))  # an all-zero slice: scale 1
 
     with torch.no_grad():
-        factors = [f for wrapper in attached(model).values() for f in wrapper.factors()]
+        factors = _factors(model)
         # s_j for rank component j of each A: over column j of every B reading it
         s = [
             positive(torch.stack([b.weight.float().abs().amax(0) for b in bs]).amax(0))
@@ -238,7 +233,7 @@ def store_adapter_weights(model: nn.Module, adapter_dtype: str) -> bool:
     if adapter_dtype == "int8":
         quantize_adapter_weights(model)
     elif adapter_dtype == "fp16":
-        layers = _adapter_layers(model)
+        layers = [layer for a, bs in _factors(model) for layer in (a, *bs)]
         converts = any(m.weight.dtype != torch.float16 for m in layers)
         for m in layers:
             m.to(torch.float16)
