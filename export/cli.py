@@ -182,11 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(half the bytes) or int8 with one fp32 scale per rank component (a quarter); "
         "switchable.pte takes them in the compute dtype, converted once when a process "
         "switches, so decode speed does not depend on it. Adapter programs (NAME.pte): fp16 "
-        "stores lora_A/lora_B in fp16 (half the bytes; the adapter path converts its input "
-        "to fp16 and its output back, inside the XNNPACK delegate), int8 as int8 with int8 "
-        "dynamic activations (XNNPACK's QC8W linear, a quarter of the bytes; lora_B per rank "
-        "component with one shared scale, so the scales take a few KB); neither applies to "
-        "bundle.pte (default: the compute dtype)",
+        "stores lora_A/lora_B in fp16 (half the file bytes; XNNPACK widens them to fp32 when "
+        "it loads the program, so not faster), int8 as int8 weights under fp32 activations "
+        "(XNNPACK's F32-QC8W linear: a quarter of the bytes in the file and per token, the "
+        "fastest adapter programs; lora_B per rank component with one shared scale, so the "
+        "scales take a few KB); neither applies to bundle.pte (default: the compute dtype)",
     )
     quant = p.add_argument_group("quantization")
     quant.add_argument(

@@ -176,8 +176,8 @@ def write_program(
     adapter_dtype: str = "",
 ) -> tuple[str, ProgramEntry]:
     """``NAME.pte`` of ``adapter`` (``None``: the base, named after a merged adapter), its
-    adapter weights in the model's dtype, or ``adapter_dtype`` ``"int8"`` (XNNPACK's QC8W linear
-    with int8 dynamic activations) or ``"fp16"``
+    adapter weights in the model's dtype, or ``adapter_dtype`` ``"int8"`` (XNNPACK's F32-QC8W
+    linear: int8 weights under fp32 activations) or ``"fp16"``
     (:func:`edgelora.quant.linear.store_adapter_weights`)."""
     name = adapter.name if adapter is not None else merged.name if merged else BASE_PROGRAM
     adapter_dtype = adapter_dtype if adapter is not None else ""

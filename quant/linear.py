@@ -4,7 +4,8 @@ Int8 dynamic activations with int4 (or int8) grouped, symmetric weights, through
 ``Int8DynamicActivationIntxWeightConfig``: the form XNNPACK lowers to its dynamically
 quantized fully-connected kernels. LoRA adapter matrices stay float: which modules they are is
 read from the adapter wrappers attached to the model (:func:`edgelora.lora.attach.adapter_fqns`)
--- unless a program's adapter is asked for in int8 or fp16 (:func:`store_adapter_weights`).
+-- unless a program's adapter is asked for in int8 (weight-only: fp32 activations) or fp16
+(:func:`store_adapter_weights`).
 """
 
 from __future__ import annotations
@@ -171,9 +172,10 @@ def _factors(model: nn.Module) -> list[tuple[nn.Linear, list[nn.Linear]]]:
 
 
 def quantize_adapter_weights(model: nn.Module) -> None:
-    """The attached adapters' ``lora_A``/``lora_B`` as int8 weights with int8 dynamic
-    activations -- XNNPACK's QC8W linear, a quarter of the fp32 bytes (``--adapter-dtype
-    int8`` for per-adapter programs), in place.
+    """The attached adapters' ``lora_A``/``lora_B`` as int8 weights under fp32 activations --
+    XNNPACK's F32-QC8W linear (:mod:`edgelora.backends.xnnpack.weight_only`), a quarter of the
+    fp32 bytes and no quantization of the activations (``--adapter-dtype int8`` for
+    per-adapter programs), in place.
 
     QC8W takes one fp32 scale per output channel. ``lora_B``'s output channels are the
     projection's -- 23,552 per Llama-3.2-1B layer, 1.5 MB of scales for 11 MB of weights -- so
@@ -183,10 +185,7 @@ def quantize_adapter_weights(model: nn.Module) -> None:
     has the same scale ``c`` on every channel, which XNNPACK stores once per output size (its
     constants are keyed by their bytes), and ``lora_A`` keeps one scale per rank component
     (``max|row| / 127``). The rounding is per rank column of ``B`` (at most half a step of
-    ``max|B[:, j]| / 127``) and per row of ``A``. The int8 activations between them (one
-    scale per token) see ``A x`` scaled by ``s / c <= 1``: a rank component with a small
-    ``B`` column gets a coarser step relative to its size, and adds that much less to the
-    output."""
+    ``max|B[:, j]| / 127``) and per row of ``A``; the activations stay fp32."""
     from torchao.quantization import IntxUnpackedToInt8Tensor
     from torchao.quantization.quant_primitives import MappingType
 
@@ -198,7 +197,7 @@ def quantize_adapter_weights(model: nn.Module) -> None:
             (1, w.shape[1]),
             torch.int8,
             mapping_type=MappingType.SYMMETRIC,
-            activation_quantization="int8_asym_per_token",
+            activation_quantization=None,
             intx_choose_qparams_algorithm=None,
             custom_scale=scale.reshape(-1, 1).to(dtype),
             custom_zero_point=torch.zeros(w.shape[0], 1, dtype=torch.int8),
@@ -224,12 +223,19 @@ def quantize_adapter_weights(model: nn.Module) -> None:
 
 
 def store_adapter_weights(model: nn.Module, adapter_dtype: str) -> bool:
-    """The attached adapters' weights as a per-adapter program stores them, in place:
+    """The attached adapters' weights as a per-adapter program stores them, in place: each
+    adapter's scale folded into its ``lora_B`` (no scaling op per projection), then
     ``"int8"`` (:func:`quantize_adapter_weights`), ``"fp16"`` (half the fp32 bytes; the
     wrapper converts its input to fp16 and the adapter's output back, conversions XNNPACK runs
     in the delegate, see :mod:`edgelora.backends.xnnpack.half`) or ``""``
-    (as they are). Returns whether the adapters now convert between dtypes (fp16 adapters in
-    an fp32 model)."""
+    (fp32, or the model's dtype). Returns whether the adapters now convert between dtypes
+    (fp16 adapters in an fp32 model)."""
+    if adapter_dtype not in ("", "int8", "fp16"):
+        raise ConfigError(
+            f"adapter programs store fp32, fp16 or int8 weights, not {adapter_dtype!r}"
+        )
+    for wrapper in attached(model).values():
+        wrapper.fold_scale()
     if adapter_dtype == "int8":
         quantize_adapter_weights(model)
     elif adapter_dtype == "fp16":
@@ -238,8 +244,4 @@ def store_adapter_weights(model: nn.Module, adapter_dtype: str) -> bool:
         for m in layers:
             m.to(torch.float16)
         return converts
-    elif adapter_dtype:
-        raise ConfigError(
-            f"adapter programs store fp32, fp16 or int8 weights, not {adapter_dtype!r}"
-        )
     return False

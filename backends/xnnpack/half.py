@@ -31,11 +31,10 @@ def _is_half_conversion(node: torch.fx.Node) -> bool:
     return src != dst and {src, dst} == _HALF
 
 
-def partitioner_configs() -> list[type]:
-    """XNNPACK's partitioner configs with the ``_to_dim_order_copy`` one replaced by
-    ``HalfConversionConfig``, whose serializer's visitor this registers (the stock configs if
-    there is no visitor to extend)."""
-    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+def replace_copy_config(configs: list[type]) -> list[type]:
+    """``configs`` with the ``_to_dim_order_copy`` one replaced by ``HalfConversionConfig``,
+    whose serializer's visitor this registers (``configs`` as they are if there is no visitor
+    to extend)."""
     from executorch.backends.xnnpack.partition.config.generic_node_configs import (
         ToDimOrderCopyConfig,
     )
@@ -51,8 +50,9 @@ def partitioner_configs() -> list[type]:
             contiguous = dims is None or list(dims) == list(range(node.meta["val"].dim()))
             return contiguous and self.check_common_constraints(node, ep)
 
-    stock = [c for c in ALL_PARTITIONER_CONFIGS if c is not ToDimOrderCopyConfig]
-    return stock + [HalfConversionConfig] if _register_visitor() else list(ALL_PARTITIONER_CONFIGS)
+    if not _register_visitor():
+        return list(configs)
+    return [HalfConversionConfig if c is ToDimOrderCopyConfig else c for c in configs]
 
 
 def _register_visitor() -> bool:

@@ -295,12 +295,18 @@ def _partitioner(half_conversions: bool = False):
     same program (checked byte for byte in tests), one whole-graph retrace less. It also
     delegates fp32 <-> fp16 conversions if asked (:mod:`edgelora.backends.xnnpack.half`): only
     for a program whose only such conversions are its fp16 adapter's (an fp16 model's own
-    conversions stay as they were, in every program alike)."""
+    conversions stay as they were, in every program alike). It delegates linears with int8
+    weights under fp32 activations (:mod:`edgelora.backends.xnnpack.weight_only`), which the
+    stock partitioner does not: an int8 adapter's."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-    from edgelora.backends.xnnpack.half import partitioner_configs
+    from edgelora.backends.xnnpack.half import replace_copy_config
+    from edgelora.backends.xnnpack.weight_only import replace_linear_config
 
-    configs = partitioner_configs() if half_conversions else None
+    configs = replace_linear_config(list(ALL_PARTITIONER_CONFIGS))
+    if half_conversions:
+        configs = replace_copy_config(configs)
 
     class Partitioner(XnnpackPartitioner):
         lean, partitions = True, 0
