@@ -315,3 +315,28 @@ def test_fused_layers_are_quantized_and_adapters_are_not():
     assert "layers.0.feed_forward.w13.linear" in quantized
     assert not any("lora" in f for f in quantized)
     assert {d.reason for d in report.kept_float} == {"LoRA adapter matrix"}
+
+
+def test_fold_scale_keeps_the_output_and_drops_the_multiplies():
+    """``fold_scale()`` (a program's attached copy: the scale moved into lora_B) gives the same
+    output as before, split and packed, and the exported graph has no multiply left (one per
+    projection or piece before)."""
+    torch.manual_seed(0)
+    fused = FusedLinear(16, {"q": 32, "k": 8, "v": 8})
+    pieces = [
+        LoRAPiece(("q",), torch.randn(4, 16), torch.randn(32, 4), alpha=8.0),
+        LoRAPiece(("k", "v"), torch.randn(2, 16), torch.randn(16, 2), alpha=2.0, use_rslora=True),
+    ]
+    split = LoRALinear.from_base(
+        nn.Linear(16, 24, bias=False), LoRAWeights(torch.randn(4, 16), torch.randn(24, 4), 3.0)
+    )
+    x = torch.randn(6, 16)
+    for wrapper in (PackedLoRALinear(fused, pieces, module="wqkv"), split):
+        with torch.no_grad():
+            want = wrapper(x)
+        assert any("mul" in o for o in _exported_ops(wrapper, x))
+        wrapper.fold_scale()
+        with torch.no_grad():
+            # one fp32 rounding of each B entry times its scale, summed over the rank
+            torch.testing.assert_close(wrapper(x), want, atol=1e-5, rtol=1e-5)
+        assert not [o for o in _exported_ops(wrapper, x) if "mul" in o]
