@@ -30,7 +30,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _modules(config: str, rank: int) -> dict[str, nn.Module]:
+def _modules(config: str, rank: int) -> tuple[dict[str, nn.Module], tuple[int, int]]:
+    """The reference, fp32 and int8 modules (the same seeded weights), and ``(dim, hidden)``."""
     sys.path.insert(0, str(ROOT / "bench"))
     from spine import CONFIGS
 
@@ -84,39 +85,23 @@ def _modules(config: str, rank: int) -> dict[str, nn.Module]:
 
 
 def measure(config: str, rank: int, rounds: int, threads: list[int]) -> dict:
-    from executorch.extension.pybindings import portable_lib
-    from executorch.runtime import Runtime
-
     from edgelora.backends.xnnpack.lower import lower_to_xnnpack
 
     modules, (dim, hidden) = _modules(config, rank)
     inputs = (torch.randn(1, 1, dim) * 0.1, torch.randn(1, 1, hidden) * 0.1)
     result: dict = {"config": config, "rank": rank, "rounds": rounds, "us_per_token": {}}
-    tmp = Path(tempfile.mkdtemp(prefix="edgelora-lora-ops-"))
-    paths = {}
-    for name, module in modules.items():
-        ep = torch.export.export(module, inputs)
-        lowered = lower_to_xnnpack(ep, is_adapter=lambda fqn: True)  # every constant inline
-        paths[name] = tmp / f"{name}.pte"
-        paths[name].write_bytes(lowered.manager.buffer)
-    for n in threads:
-        portable_lib._unsafe_reset_threadpool(n)  # before loading: a loaded program keeps it
-        methods = {
-            k: Runtime.get().load_program(p).load_method("forward") for k, p in paths.items()
-        }
-        samples: dict[str, list[float]] = {k: [] for k in methods}
-        for _ in range(rounds):
-            for k, method in methods.items():
-                for _ in range(20):
-                    method.execute(list(inputs))
-                t = time.perf_counter()
-                for _ in range(200):
-                    method.execute(list(inputs))
-                samples[k].append((time.perf_counter() - t) / 200 * 1e6)
-        us = {k: statistics.median(v) for k, v in samples.items()}
-        result["us_per_token"][f"{n} threads"] = {
-            k: us[k] - us["reference"] for k in ("fp32", "int8")
-        }
+    with tempfile.TemporaryDirectory(prefix="edgelora-lora-ops-") as tmp:
+        paths = {}
+        for name, module in modules.items():
+            ep = torch.export.export(module, inputs)
+            lowered = lower_to_xnnpack(ep, is_adapter=lambda fqn: True)  # every constant inline
+            paths[name] = Path(tmp) / f"{name}.pte"
+            paths[name].write_bytes(lowered.manager.buffer)
+        for n in threads:
+            us = _time(paths, inputs, rounds, n)
+            result["us_per_token"][f"{n} threads"] = {
+                k: us[k] - us["reference"] for k in ("fp32", "int8")
+            }
     base = ROOT / "bench" / "results" / f"adapters-{config}.json"
     if base.is_file():
         ms = json.loads(base.read_text()).get("decode_ms_per_token", {})
@@ -126,6 +111,26 @@ def measure(config: str, rank: int, rounds: int, threads: list[int]) -> dict:
             if key in ms
         }
     return result
+
+
+def _time(paths: dict[str, Path], inputs: tuple, rounds: int, threads: int) -> dict[str, float]:
+    """Median microseconds per call of each program with ``threads`` XNNPACK threads, over
+    ``rounds`` rounds alternating over them (20 warm-up calls, then 200 timed)."""
+    from executorch.extension.pybindings import portable_lib
+    from executorch.runtime import Runtime
+
+    portable_lib._unsafe_reset_threadpool(threads)  # before loading: a loaded program keeps it
+    methods = {k: Runtime.get().load_program(p).load_method("forward") for k, p in paths.items()}
+    samples: dict[str, list[float]] = {k: [] for k in methods}
+    for _ in range(rounds):
+        for k, method in methods.items():
+            for _ in range(20):
+                method.execute(list(inputs))
+            t = time.perf_counter()
+            for _ in range(200):
+                method.execute(list(inputs))
+            samples[k].append((time.perf_counter() - t) / 200 * 1e6)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def main() -> None:
