@@ -12,6 +12,12 @@ and, if ``bench/results/adapters-CONFIG.json`` has base.pte's decode time, the r
 alone would give. Its inputs and weights stay in the cache between calls, so this is a floor:
 in a program, the adapter's weights come back from memory after the 4-bit base weights have
 gone through the cache.
+
+It also times the *stacked* layout (``int8-stacked``, ``fp32-stacked``): the projections that
+share an input (q/k/v, gate/up) as one ``lora_A`` of their summed rank and one block-diagonal
+``lora_B`` -- three ops per group instead of three per projection (12 instead of 21 per layer),
+for B's zeros in bytes and compute. It tells whether the op count or the ops' own work sets the
+floor.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _modules(config: str, rank: int) -> tuple[dict[str, nn.Module], tuple[int, int]]:
-    """The reference, fp32 and int8 modules (the same seeded weights), and ``(dim, hidden)``."""
+    """The reference and the fp32 and int8 adapters (seeded weights) in the split and the
+    stacked layout, and ``(dim, hidden)``."""
     sys.path.insert(0, str(ROOT / "bench"))
     from spine import CONFIGS
 
@@ -43,13 +50,16 @@ def _modules(config: str, rank: int) -> tuple[dict[str, nn.Module], tuple[int, i
     dim, hidden = args.dim, args.ffn_hidden_dim
 
     class Delta(LoRAWrapper):
-        """An adapter without its base layer: ``lora_b(lora_a(x))``."""
+        """An adapter without its base layer: ``lora_b(lora_a(x))``; with ``blocks`` > 1,
+        that many projections' adapters stacked (block-diagonal ``lora_b``)."""
 
-        def __init__(self, n_in: int, n_out: int) -> None:
+        def __init__(self, n_in: int, n_out: int, blocks: int = 1) -> None:
             super().__init__()
-            self.lora_a = nn.Linear(n_in, rank, bias=False)
-            self.lora_b = nn.Linear(rank, n_out, bias=False)
-            nn.init.normal_(self.lora_b.weight, std=0.02)
+            self.lora_a = nn.Linear(n_in, rank * blocks, bias=False)
+            self.lora_b = nn.Linear(rank * blocks, n_out * blocks, bias=False)
+            with torch.no_grad():
+                self.lora_b.weight.normal_(std=0.02)
+                self.lora_b.weight.mul_(torch.block_diag(*[torch.ones(n_out, rank)] * blocks))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.lora_b(self.lora_a(x))
@@ -67,7 +77,7 @@ def _modules(config: str, rank: int) -> tuple[dict[str, nn.Module], tuple[int, i
                 for _ in range(args.n_layers)
             )
 
-        def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(self, x: torch.Tensor, h: torch.Tensor, qkv: torch.Tensor, gu: torch.Tensor):
             for p in self.layers:
                 x, h = (
                     x + p["q"](x) + p["k"](x) + p["v"](x) + p["o"](x) + p["down"](h),
@@ -75,20 +85,42 @@ def _modules(config: str, rank: int) -> tuple[dict[str, nn.Module], tuple[int, i
                 )
             return x, h
 
+    class Stacked(nn.Module):
+        """Per layer: q/k/v as one adapter added into ``qkv``, gate/up as one into ``gu``, o
+        and down into ``x`` (4 adds)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = nn.ModuleList(
+                nn.ModuleDict({"qkv": Delta(dim, dim, 3), "o": Delta(dim, dim),
+                               "gate_up": Delta(dim, hidden, 2), "down": Delta(hidden, dim)})
+                for _ in range(args.n_layers)
+            )  # fmt: skip
+
+        def forward(self, x: torch.Tensor, h: torch.Tensor, qkv: torch.Tensor, gu: torch.Tensor):
+            for p in self.layers:
+                qkv, gu = qkv + p["qkv"](x), gu + p["gate_up"](x)
+                x = x + p["o"](x) + p["down"](h)
+            return x, h, qkv, gu
+
     class Reference(nn.Module):
-        def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(self, x: torch.Tensor, h: torch.Tensor, qkv: torch.Tensor, gu: torch.Tensor):
             return x * 1.0, h
 
-    int8 = Adapter().eval()
-    quantize_adapter_weights(int8)
-    return {"reference": Reference(), "fp32": Adapter().eval(), "int8": int8}, (dim, hidden)
+    modules: dict[str, nn.Module] = {"reference": Reference()}
+    for suffix, layout in (("", Adapter), ("-stacked", Stacked)):
+        modules["fp32" + suffix] = layout().eval()
+        modules["int8" + suffix] = int8 = layout().eval()
+        quantize_adapter_weights(int8)
+    return modules, (dim, hidden)
 
 
 def measure(config: str, rank: int, rounds: int, threads: list[int]) -> dict:
     from edgelora.backends.xnnpack.lower import lower_to_xnnpack
 
     modules, (dim, hidden) = _modules(config, rank)
-    inputs = (torch.randn(1, 1, dim) * 0.1, torch.randn(1, 1, hidden) * 0.1)
+    inputs = tuple(torch.randn(1, 1, n) * 0.1 for n in (dim, hidden, 3 * dim, 2 * hidden))
     result: dict = {"config": config, "rank": rank, "rounds": rounds, "us_per_token": {}}
     with tempfile.TemporaryDirectory(prefix="edgelora-lora-ops-") as tmp:
         paths = {}
@@ -100,7 +132,7 @@ def measure(config: str, rank: int, rounds: int, threads: list[int]) -> dict:
         for n in threads:
             us = _time(paths, inputs, rounds, n)
             result["us_per_token"][f"{n} threads"] = {
-                k: us[k] - us["reference"] for k in ("fp32", "int8")
+                k: us[k] - us["reference"] for k in us if k != "reference"
             }
     base = ROOT / "bench" / "results" / f"adapters-{config}.json"
     if base.is_file():

@@ -14,6 +14,7 @@ base-only export and of any adapter export hold the same keys and bytes.
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -195,9 +196,17 @@ def _external_constant_tagger(
 
 # XNNPACK's per-partition pipeline (``XNNPACKPassManager``) runs 17 passes on every partition, and
 # most of them re-trace the whole partition on fake tensors even when they have nothing to
-# rewrite: half of a Llama layer's lowering time. These passes rewrite only graphs holding one
-# of the named ops (substrings of the op names); a partition without any skips them. The
-# programs are byte-identical either way (tests/backends/test_lower.py checks it).
+# rewrite: half of a Llama layer's lowering time. These passes rewrite (or tag) only graphs
+# holding one of the named ops (substrings of the op names, taken before the first pass runs);
+# a partition without any skips them. The programs are byte-identical either way
+# (tests/backends/test_lower.py checks it).
+#
+# The channels-last pass changes a graph only around a node that wants NHWC input (its
+# ``memory_sensitive_ops_nhwc``) or a channels-last copy: without them every tensor stays NCHW
+# and it inserts nothing (it marks 4-D constants NCHW, which the serializer reads as the default
+# anyway). The copy-removal pass after it needs a copy, from the graph or from that pass.
+_NHWC = ("convolution", "upsample", "mean.dim", "max_pool2d", "avg_pool2d", "amax", "max.dim",
+         "prelu", "_to_copy", "_to_dim_order_copy")  # fmt: skip
 _PASS_NEEDS = {
     "ConvertToUpsampleBilinear2d": ("upsample", "index"),
     "ConvertToSDPAPass": ("_softmax",),
@@ -207,6 +216,12 @@ _PASS_NEEDS = {
     "PReLUReshapePass": ("prelu",),
     "InsertPadQDQPass": ("constant_pad_nd",),
     "RemoveGetItemPass": ("max_pool2d_with_indices", "max.dim"),
+    "ConvertToLinearPass": ("mm",),  # mm, addmm, bmm (and linear's decompositions to them)
+    "PropagateCustomMetaPass": ("quantize",),  # q/dq nodes (quantize_*, dequantize_*)
+    "FuseActivationPass": ("relu", "hardtanh"),
+    "DecomposeConcatenate": ("cat",),
+    "ChannelsLastTaggedReshapePass": _NHWC,
+    "RemoveRedundantCopyPass": _NHWC,
 }
 
 
@@ -363,7 +378,45 @@ def decompose_for_xnnpack(ep: ExportedProgram) -> ExportedProgram:
     ops, _ = _partitioner()().ops_to_not_decompose(ep)
     for op in ops:
         table.pop(op, None)
-    return ep.run_decompositions(table)
+    decomposed = ep.run_decompositions(table)
+    _DECOMPOSED.add(decomposed)
+    return decomposed
+
+
+# Programs decompose_for_xnnpack made (functional, decomposed): see no_redundant_decompositions.
+_DECOMPOSED: weakref.WeakSet = weakref.WeakSet()
+
+
+@contextmanager
+def no_redundant_decompositions() -> Iterator[None]:
+    """While active, ``run_decompositions`` on a program :func:`decompose_for_xnnpack` made
+    returns that program when the table has nothing left to do in it.
+
+    ``to_edge_transform_and_lower`` re-traces every program twice more: once to functionalize
+    it (an empty table; ours is functional already) and once with the decomposition table
+    whenever the graph holds one of its ops -- which a dynamic-shape graph always does, since
+    ``aten.sym_size.int`` is in the table and survives any decomposition. Each is a whole-graph
+    re-trace on fake tensors (1.3-1.6 s for a one-layer program here). The programs are
+    byte-identical either way (tests/backends/test_lower.py checks it)."""
+    run = ExportedProgram.run_decompositions
+    inert = {torch.ops.aten.sym_size.int}
+
+    def lean_run(self, decomp_table=None, *args, **kwargs):
+        if self in _DECOMPOSED and decomp_table is not None and not args and not kwargs:
+            left = {
+                n.target
+                for n in self.graph.nodes
+                if n.op == "call_function" and n.target in decomp_table
+            }
+            if left <= inert:
+                return self
+        return run(self, decomp_table, *args, **kwargs)
+
+    ExportedProgram.run_decompositions = lean_run
+    try:
+        yield
+    finally:
+        ExportedProgram.run_decompositions = run
 
 
 @dataclass
@@ -461,7 +514,8 @@ def lower_to_xnnpack(
             progress(n, max(n, partitioner.partitions))
 
     sharing = shared_constants_in_preprocess() if lean else nullcontext()
-    with lean_xnnpack_passes(lean, on_partition), sharing:
+    decompositions = no_redundant_decompositions() if lean else nullcontext()
+    with lean_xnnpack_passes(lean, on_partition), sharing, decompositions:
         edge = to_edge_transform_and_lower(
             methods,
             partitioner=[partitioner],

@@ -1,7 +1,8 @@
 """export_llama on each Hugging Face family (the tiny models of ``tests/hf_fixtures.py``,
 made with transformers, each with a PEFT adapter on its usual targets): the fp32 programs, base
 and adapter, on the ExecuTorch runtime reproduce transformers + PEFT within
-``RUNTIME_ATOL``, and so does the merged program (PEFT's merge_and_unload); the 8da4w base
+``RUNTIME_ATOL``, and so does the merged program (PEFT's merge_and_unload; of the families in
+``MERGED_FAMILIES``, tests/conftest.py says why those); the 8da4w base
 program matches its eager quantized model (``ci/output_match``). (8da4w adapter programs: the
 Llama exports of tests/runtime; the families change the base model, not the adapter path.)
 The special tokens and the tokenizer travel with the export (qwen3)."""
@@ -19,7 +20,7 @@ from edgelora.format.pte import read_pte
 from edgelora.runtime.program import LlamaProgram
 from edgelora.runtime.text import generate_text, shipped_tokenizer
 
-from ..conftest import FAMILY_NAMES, PROMPT_TEXT
+from ..conftest import FAMILY_NAMES, MERGED_FAMILIES, PROMPT_TEXT
 from ..hf_fixtures import RUNTIME_ATOL, program_logits
 
 
@@ -37,7 +38,7 @@ def test_fp32_programs_match_transformers_and_peft(request, hf_families, name):
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.uses_exports(f"fam_{n}_merged")) for n in FAMILY_NAMES],
+    [pytest.param(n, marks=pytest.mark.uses_exports(f"fam_{n}_merged")) for n in MERGED_FAMILIES],
 )
 def test_merged_program_matches_peft_merge(request, hf_families, name):
     """The adapter folded into the base weights (Phi-3: into the fused qkv/gate_up rows)."""
