@@ -96,16 +96,27 @@ def test_reader_rejects_corrupt_files(tmp_path, export_8da4w):
 
 
 @pytest.mark.parametrize("sdpa", ["custom", "plain"])
-def test_lean_lowering_is_byte_identical(tiny_args, adapter_dirs, sdpa):
+def test_lean_lowering_is_byte_identical(tiny_args, adapter_dirs, sdpa, monkeypatch):
     """The lean XNNPACK pass pipeline, the single decomposition and the partition copies that
     share the model's tensors (lower.lean_xnnpack_passes, lower._partitioner,
-    lower.shared_constants_in_preprocess) write the same program and foundation as ExecuTorch's
-    stock pipeline, and leave the model's weights as they were, for an adapter
-    program (LoRA linears inside the partitions) with either attention path (the plain one
-    keeps XNNPACK's SDPA pass: its graph has a softmax)."""
+    lower.no_redundant_decompositions, lower.shared_constants_in_preprocess) write the same
+    program and foundation as ExecuTorch's stock pipeline, and leave the model's weights as
+    they were, for an adapter program (LoRA linears inside the partitions) with either
+    attention path (the plain one keeps XNNPACK's SDPA pass: its graph has a softmax). The
+    lean lowering decomposes the traced program no more (ExecuTorch's stock one re-runs
+    ``run_decompositions`` 9 times on this graph)."""
     import io
 
+    from torch.export import ExportedProgram
+
     from edgelora.backends.xnnpack.lower import lean_xnnpack_passes, lower_to_xnnpack
+
+    retraces = []
+    run = ExportedProgram.run_decompositions
+
+    def counted(self, *args, **kwargs):
+        retraces.append(1)
+        return run(self, *args, **kwargs)
 
     model, _, _ = build_foundation(
         tiny_args, FoundationSpec(qmode="8da4w", group_size=32, sdpa=sdpa)
@@ -114,10 +125,13 @@ def test_lean_lowering_is_byte_identical(tiny_args, adapter_dirs, sdpa):
     weights = _state_bytes(model)
     out = {}
     for lean in (True, False):
+        ep = trace(model, tiny_args)
+        retraces.clear()
+        monkeypatch.setattr(ExportedProgram, "run_decompositions", counted)
         with lean_xnnpack_passes(False) as counts:  # counts only: lower_to_xnnpack decides
-            lowered = lower_to_xnnpack(
-                trace(model, tiny_args), is_adapter=adapter_fqns(model).__contains__, lean=lean
-            )
+            lowered = lower_to_xnnpack(ep, is_adapter=adapter_fqns(model).__contains__, lean=lean)
+        monkeypatch.undo()
+        assert (len(retraces) == 0) == lean, (lean, len(retraces))  # stock: 9 here
         buf = io.BytesIO()
         lowered.manager.write_to_file(buf)
         out[lean] = buf.getvalue(), lowered.data_file_digests()
