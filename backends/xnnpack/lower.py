@@ -397,7 +397,9 @@ def no_redundant_decompositions() -> Iterator[None]:
     whenever the graph holds one of its ops -- which a dynamic-shape graph always does, since
     ``aten.sym_size.int`` is in the table and survives any decomposition. Each is a whole-graph
     re-trace on fake tensors (1.3-1.6 s for a one-layer program here). The programs are
-    byte-identical either way (tests/backends/test_lower.py checks it)."""
+    byte-identical either way (tests/backends/test_lower.py checks it). ExecuTorch then works
+    on the traced program itself rather than on a copy, so :func:`lower_to_xnnpack` forgets
+    its programs once lowered: lowering one again takes ExecuTorch's copying route."""
     run = ExportedProgram.run_decompositions
     inert = {torch.ops.aten.sym_size.int}
 
@@ -515,13 +517,17 @@ def lower_to_xnnpack(
 
     sharing = shared_constants_in_preprocess() if lean else nullcontext()
     decompositions = no_redundant_decompositions() if lean else nullcontext()
-    with lean_xnnpack_passes(lean, on_partition), sharing, decompositions:
-        edge = to_edge_transform_and_lower(
-            methods,
-            partitioner=[partitioner],
-            compile_config=EdgeCompileConfig(_check_ir_validity=False),
-            constant_methods=constant_methods,
-        )
+    try:
+        with lean_xnnpack_passes(lean, on_partition), sharing, decompositions:
+            edge = to_edge_transform_and_lower(
+                methods,
+                partitioner=[partitioner],
+                compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                constant_methods=constant_methods,
+            )
+    finally:
+        for m in methods.values():
+            _DECOMPOSED.discard(m)
     import gc
 
     from edgelora._memory import release_free_memory
