@@ -116,11 +116,13 @@ def eager_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: in
     return greedy_generate(forward, prompt, max_new_tokens)
 
 
-def eager_reference(manifest: Manifest, merged=None):
+def eager_reference(manifest: Manifest, merged=None, out_dir=None):
     """The eager model of an export's foundation: same seed or checkpoint, same quantization,
-    full logits and plain attention (the reference every program is compared with)."""
+    full logits and plain attention (the reference every program is compared with). A
+    calibrating recipe calibrates again on the export's tokenizer (``out_dir``); calibration
+    always runs plain attention, so its weights are the export's."""
     # plain attention and every position's logits, whatever the export traced
-    spec = FoundationSpec.of_export(manifest, sdpa="plain", logits="all")
+    spec = FoundationSpec.of_export(manifest, out_dir, sdpa="plain", logits="all")
     model, _, _ = build_foundation(ModelArgs.from_dict(manifest.model), spec, merge=merged)
     return model
 
@@ -145,7 +147,7 @@ def match_export(
         (adapter_of(p.merged_adapter, n) for n, p in manifest.programs.items() if p.merged_adapter),
         None,
     )
-    model = eager_reference(manifest, merged)
+    model = eager_reference(manifest, merged, out_dir)
     own_foundation = out_dir / FOUNDATION_FILE
     results, base_logits = [], None
     for name, prog in manifest.programs.items():

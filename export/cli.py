@@ -10,6 +10,7 @@ from edgelora._quiet import quiet_third_party
 from edgelora.errors import ConfigError, EdgeLoraError
 from edgelora.export.config import AdapterSpec, ExportConfig, parse_switchable_slots
 from edgelora.models.args import ModelArgs
+from edgelora.quant.recipe import DEFAULT_RECIPE, PRESETS, QMODES
 from edgelora.weights.checkpoint import Checkpoint, open_checkpoint
 
 HF_DEFAULT_MAX_SEQ_LEN = 2048
@@ -188,52 +189,73 @@ def build_parser() -> argparse.ArgumentParser:
         "fastest adapter programs; lora_B per rank component with one shared scale, so the "
         "scales take a few KB); neither applies to bundle.pte (default: the compute dtype)",
     )
-    quant = p.add_argument_group("quantization")
+    quant = p.add_argument_group(
+        "quantization",
+        "A recipe (--recipe) sets every field below; a flag given beside it overrides that "
+        "field. Presets (measured on a real model: README, bench/quality.py): "
+        + "; ".join(f"{n}: {r.summary}" for n, r in PRESETS.items()),
+    )
+    quant.add_argument(
+        "--recipe",
+        choices=sorted(PRESETS),
+        default=DEFAULT_RECIPE,
+        help=f"quantization preset (default {DEFAULT_RECIPE}: the least KL divergence at "
+        "llama.cpp Q4_K_M's bytes, measured)",
+    )
+    quant.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="UTF-8 text the calibrating recipes (q4_k_s, q4_k_m) measure the model on (GPTQ "
+        "rounding, per-tensor sensitivity), one passage per line; its first 1024 tokens are "
+        "used (default: prose of the Python Language Reference that Python installs, "
+        "pydoc_data.topics)",
+    )
     quant.add_argument(
         "--qmode",
-        choices=["none", "8da4w", "8da8w"],
-        default="8da4w",
-        help="linear quantization: int8 dynamic activations with int4 (8da4w) or "
-        "int8 (8da8w) weights, or none (fp32). LoRA matrices always stay "
-        "float (default 8da4w)",
+        choices=list(QMODES),
+        default=None,
+        help="linear precision: int8 dynamic activations with int4 grouped (8da4w) or int8 "
+        "per-channel (8da8w) weights, int8 per-channel weights under fp32 activations (8w), or "
+        "none (float). LoRA matrices always stay float (default: the recipe's)",
     )
     quant.add_argument(
         "--group-size",
         type=int,
-        default=32,
-        help="weight quantization group size along in_features; 0 = one scale "
-        "per output channel. Linears it does not divide stay float and are "
-        "listed (default 32)",
+        default=None,
+        help="8da4w weight group size along in_features, a multiple of 32; 0 = one scale per "
+        "output channel. Linears it does not divide stay float and are listed (default: the "
+        "recipe's, 32)",
     )
     quant.add_argument(
         "--qparams",
         choices=["affine", "hqq"],
-        default="hqq",
-        help="how the linears' weight scales are chosen: from each group's max |w| (affine) "
-        "or by torchao's HQQ scale-only search for the least rounding error (hqq; same program layout and speed) (default hqq: the measured recipe, see README)",
+        default=None,
+        help="how 8da4w weight scales are chosen without GPTQ: from each group's max |w| "
+        "(affine) or by torchao's HQQ scale-only search (hqq) (default: the recipe's, hqq)",
     )
     quant.add_argument(
         "--output-bits",
         type=int,
         choices=[0, 8],
-        default=0,
-        help="8: quantize the output layer to int8 with one scale per output channel (8da8w), "
-        "whatever --qmode says, as Meta's quantized Llama 3.2 does; 0: as the other linears "
-        "(default 0)",
+        default=None,
+        help="8: the output layer int8 per output channel with int8 activations (8da8w); 0: as "
+        "the other linears (default: the recipe's output precision)",
     )
     quant.add_argument(
         "--embedding-bits",
         type=int,
         choices=[0, 4, 8],
-        default=0,
-        help="token-embedding weight-only quantization bits; 0 keeps it float (the checkpoint's "
-        "bf16/fp16, else fp32) (default 0; 8 measured well, see README)",
+        default=None,
+        help="token-embedding weight-only quantization bits; 0 keeps it float (the "
+        "checkpoint's bf16/fp16, else fp32) (default: the recipe's)",
     )
     quant.add_argument(
         "--embedding-group-size",
         type=int,
-        default=32,
-        help="embedding quantization group size; 0 = per row (default 32)",
+        default=None,
+        help="embedding quantization group size; 0 = per row (default: the recipe's)",
     )
     tok = p.add_argument_group("tokenizer and special tokens")
     tok.add_argument(
@@ -337,6 +359,8 @@ def config_from_args(
         output_dir=ns.output_dir,
         checkpoint=ns.checkpoint,
         adapters=tuple(AdapterSpec.parse(s) for s in ns.lora),
+        recipe=ns.recipe,
+        calibration=ns.calibration,
         qmode=ns.qmode,
         group_size=ns.group_size,
         embedding_bits=ns.embedding_bits,
@@ -362,7 +386,7 @@ def config_from_args(
 
 # Flags that describe a whole export, not an adapter added to one.
 _NOT_WITH_ADD = (
-    "merge", "bundle", "switchable", "tokenizer", "output_dir", "switchable_slots", "adapter_dtype",
+    "calibration", "merge", "bundle", "switchable", "tokenizer", "output_dir", "switchable_slots", "adapter_dtype",
     "adapter_template",
 )  # fmt: skip
 

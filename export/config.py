@@ -13,8 +13,7 @@ from edgelora.format.adapter_inputs import ADAPTER_DTYPES
 from edgelora.lora.fusion import FUSE_MODES
 from edgelora.models.args import ModelArgs
 from edgelora.models.llama import LOGITS_MODES, SDPA_MODES
-from edgelora.quant.embedding import EMBEDDING_BITS
-from edgelora.quant.linear import QMODES, QPARAMS
+from edgelora.quant.recipe import DEFAULT_RECIPE, EMBEDDING_BITS, QMODES, QPARAMS, preset
 
 OUTPUT_BITS = (0, 8)  # 0: the output layer as the other linears; 8: int8 per output channel
 
@@ -34,6 +33,13 @@ class FoundationSpec:
     embedding_group_size: int = 0
     qparams: str = "affine"  # how the linears' weight scales are chosen (quant/linear.py)
     output_bits: int = 0  # 8: the output layer 8da8w per channel, whatever qmode says
+    output_qmode: str | None = None  # the output layer's qmode (None: from output_bits)
+    gptq: bool = False  # 8da4w weights rounded by GPTQ on the calibration text
+    upgrade: float = 0.0  # share of the linear weights given upgrade_qmode (measured)
+    upgrade_qmode: str = "8w"
+    calibration: str | None = None  # calibration text (None: the built-in prose)
+    tokenizer: str | None = None  # the tokenizer.json calibration text is encoded with
+    recipe: str = "custom"  # the recipe's name, for the log and the manifest
     dtype: str = "fp32"
     fuse: str = "none"
     sdpa: str = "plain"  # attention kernels of the traced model
@@ -43,11 +49,28 @@ class FoundationSpec:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def output(self) -> str:
+        """The output layer's qmode."""
+        if self.output_qmode is not None:
+            return self.output_qmode
+        if self.output_bits == 8 and self.qmode != "none":
+            return "8da8w"
+        return self.qmode
+
+    @property
+    def calibrated(self) -> bool:
+        return self.qmode != "none" and (self.gptq and self.qmode == "8da4w" or self.upgrade > 0)
+
     @classmethod
-    def of_export(cls, manifest, **overrides) -> FoundationSpec:
+    def of_export(cls, manifest, out_dir=None, **overrides) -> FoundationSpec:
         """The spec an export's foundation was built with, from its manifest (``overrides``:
-        e.g. ``checkpoint``, ``sdpa``)."""
+        e.g. ``checkpoint``, ``sdpa``). ``out_dir``: the export, whose tokenizer a calibrating
+        recipe encodes its calibration text with again."""
         q = manifest.quantization
+        tokenizer = None
+        if out_dir is not None and manifest.tokenizer is not None:
+            tokenizer = str(Path(out_dir) / manifest.tokenizer)
         fields = dict(
             checkpoint=manifest.checkpoint,
             seed=manifest.seed,
@@ -57,6 +80,13 @@ class FoundationSpec:
             embedding_group_size=q.embedding_group_size,
             qparams=q.qparams,
             output_bits=q.output_bits,
+            output_qmode=q.output_qmode,
+            gptq=q.gptq,
+            upgrade=q.upgrade,
+            upgrade_qmode=q.upgrade_qmode,
+            calibration=q.calibration,
+            recipe=q.recipe,
+            tokenizer=tokenizer,
             dtype=manifest.dtype,
             fuse=manifest.fuse,
             sdpa=manifest.sdpa,
@@ -117,12 +147,16 @@ class ExportConfig:
     output_dir: Path
     checkpoint: Path | None = None
     adapters: tuple[AdapterSpec, ...] = field(default_factory=tuple)
-    qmode: str = "8da4w"
-    group_size: int = 32
-    embedding_bits: int = 0
-    embedding_group_size: int = 0
-    qparams: str = "affine"
-    output_bits: int = 0
+    # Quantization: a preset of quant/recipe.py (the one set of defaults), and fields that
+    # override it (None: the recipe's). resolved_recipe is the result.
+    recipe: str = DEFAULT_RECIPE
+    calibration: Path | None = None  # calibration text (None: the built-in prose)
+    qmode: str | None = None
+    group_size: int | None = None
+    embedding_bits: int | None = None
+    embedding_group_size: int | None = None
+    qparams: str | None = None
+    output_bits: int | None = None  # 8: the output layer 8da8w; 0: as the other linears
     seed: int = 0
     overwrite: bool = False
     merge: str | None = None  # name of the adapter folded into the base weights
@@ -144,16 +178,18 @@ class ExportConfig:
     tokenizer_files: tuple[Path, ...] = ()  # copied into the export (tokenizer.json first)
 
     def __post_init__(self) -> None:
+        self._resolve_recipe()
         if self.qmode not in QMODES:
             raise ConfigError(f"qmode must be one of {QMODES}, got {self.qmode!r}")
         if self.group_size < 0:
             raise ConfigError(f"group_size must be >= 0, got {self.group_size}")
-        if self.qmode != "none" and self.group_size % 32:
+        grouped = self.qmode == "8da4w" or self.resolved_recipe.output_qmode == "8da4w"
+        if grouped and self.group_size % 32:
             raise ConfigError(
                 f"group_size {self.group_size} is not supported by XNNPACK's groupwise kernels: "
                 "use 0 (per channel) or a multiple of 32"
             )
-        if self.qmode != "none" and self.group_size:
+        if grouped and self.group_size:
             divisible = [
                 n
                 for n in (self.model_args.dim, self.model_args.ffn_hidden_dim)
@@ -171,6 +207,11 @@ class ExportConfig:
             raise ConfigError(f"output_bits must be one of {OUTPUT_BITS}, got {self.output_bits}")
         if self.output_bits and self.qmode == "none":
             raise ConfigError("output_bits 8 quantizes the output layer: it needs a qmode")
+        if self.qmode == "8da8w" and self._given_group_size:
+            raise ConfigError(
+                f"--qmode 8da8w with --group-size {self.group_size}: XNNPACK has no grouped int8 "
+                "kernel (int8 weights take one scale per output channel); use --group-size 0"
+            )
         if self.embedding_bits not in EMBEDDING_BITS:
             raise ConfigError(
                 f"embedding_bits must be one of {EMBEDDING_BITS}, got {self.embedding_bits}"
@@ -257,6 +298,42 @@ class ExportConfig:
                     " they were trained against the unmerged base; export them separately"
                 )
 
+    def _resolve_recipe(self) -> None:
+        """Fill the quantization fields left None from the recipe, and keep the result."""
+        base = preset(self.recipe)
+        given_group = bool(self.group_size)  # a group size asked for (not the recipe's)
+        overrides = dict(
+            qmode=self.qmode,
+            group_size=self.group_size,
+            qparams=self.qparams,
+            embedding_bits=self.embedding_bits,
+            embedding_group_size=self.embedding_group_size,
+        )
+        if self.qmode is not None and self.qmode != base.qmode:
+            # another precision for the linears: the output follows them unless told, and the
+            # 4-bit-only steps (GPTQ) and the measured upgrades do not apply
+            overrides.update(output_qmode=self.qmode, gptq=False, upgrade=0.0)
+            if self.qmode == "none":
+                overrides.update(embedding_bits=self.embedding_bits or 0)
+        if self.output_bits == 8:
+            overrides["output_qmode"] = "8da8w"
+        elif self.output_bits == 0:
+            overrides["output_qmode"] = overrides.get("qmode") or base.qmode
+        if (self.qmode or base.qmode) == "8da8w" and self.group_size is None:
+            overrides["group_size"] = 0
+        recipe = base.with_overrides(**overrides)
+        object.__setattr__(self, "resolved_recipe", recipe)
+        object.__setattr__(self, "_given_group_size", given_group)
+        for name in ("qmode", "group_size", "qparams", "embedding_bits", "embedding_group_size"):
+            object.__setattr__(self, name, getattr(recipe, name))
+        object.__setattr__(
+            self, "output_bits", 8 if recipe.output_qmode == "8da8w" != recipe.qmode else 0
+        )
+        if self.calibration is not None and not recipe.calibrated:
+            raise ConfigError(
+                f"--calibration: recipe {recipe.name} does not calibrate (one that does: q4_k_m)"
+            )
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
@@ -270,7 +347,20 @@ class ExportConfig:
 
     @property
     def foundation(self) -> FoundationSpec:
+        r = self.resolved_recipe
+        tokenizer = next(
+            (str(p) for p in self.tokenizer_files if p.name == "tokenizer.json"),
+            next((str(p) for p in self.tokenizer_files if p.suffix == ".json"
+                  and p.name != "tokenizer_config.json"), None),
+        )  # fmt: skip
         return FoundationSpec(
+            output_qmode=r.output_qmode,
+            gptq=r.gptq,
+            upgrade=r.upgrade,
+            upgrade_qmode=r.upgrade_qmode,
+            calibration=None if self.calibration is None else str(self.calibration),
+            tokenizer=tokenizer if r.calibrated else None,
+            recipe=r.name,
             checkpoint=self.checkpoint,
             seed=self.seed,
             qmode=self.qmode,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -59,12 +60,15 @@ def build_foundation(
         with adapter_attached(model, merge):  # every module and shape checked before the work
             pass
     report = QuantReport(spec.qmode, spec.group_size, qparams=spec.qparams)
-    if spec.output_bits == 8 and spec.qmode != "none":
-        report.notes.append(f"{OUTPUT}: 8da8w, one scale per output channel (output_bits 8)")
+    output_qmode = spec.output
+    if output_qmode != spec.qmode:
+        report.notes.append(f"{OUTPUT}: {output_qmode}" + _PER_CHANNEL.get(output_qmode, ""))
     emb_report = EmbeddingReport(EMBEDDING, 0, spec.embedding_group_size, 0.0)
     parts = list(_parts(model))
     narrow = _narrow_embedding(model, spec)
-    for name, part in progress(parts, "quantize", unit="part"):
+
+    def prepare(name: str, part: nn.Module) -> bool:
+        """Cast, merge and fuse one part; False for the float embedding (nothing to quantize)."""
         if name == EMBEDDING and narrow:
             # The table stays in the checkpoint's dtype (out of its file's pages); rows are
             # cast to the compute dtype after the lookup, which is exact (TokenEmbedding).
@@ -75,7 +79,7 @@ def build_foundation(
                 f"checkpoint, rows cast to {str(spec.torch_dtype).removeprefix('torch.')} "
                 "after the lookup (exact; half the bytes of an upcast table)"
             )
-            continue
+            return False
         part.to(torch.float32)  # from the checkpoint's dtype: merge and quantize in fp32
         piece = _adapter_part(merge, name)
         if piece is not None:
@@ -83,16 +87,35 @@ def build_foundation(
         if name.startswith("layers."):
             set_fusion(part, spec.fuse)
         part.to(spec.torch_dtype)
+        return True
+
+    calibration = None
+    if spec.calibrated:  # the whole float model first: calibration runs it
+        keep = {name: prepare(name, part) for name, part in progress(parts, "prepare", unit="part")}
+        calibration = _calibrate(model, spec, log)
+        report.sensitivity = calibration.sensitivity
+        report.calibration = calibration.calibration
+    for name, part in progress(parts, "quantize", unit="part"):
+        if not (keep[name] if calibration is not None else prepare(name, part)):
+            continue
         if name == EMBEDDING:
             emb_report = quantize_embedding(
                 model, spec.embedding_bits, spec.embedding_group_size, EMBEDDING
             )
         qmode, group = spec.qmode, spec.group_size
-        if name == OUTPUT and spec.output_bits == 8:
-            qmode, group = "8da8w", 0  # int8, one scale per output channel (Meta's recipe)
+        if name == OUTPUT:
+            qmode = output_qmode
+            group = spec.group_size if qmode == "8da4w" else 0
         quantize_linears(
-            part, qmode, group, prefix=name, report=report, qparams=spec.qparams
-        )  # fmt: skip
+            part,
+            qmode,
+            group,
+            prefix=name,
+            report=report,
+            qparams=spec.qparams,
+            plan=None if calibration is None else calibration.plan,
+            custom=None if calibration is None else calibration.custom,
+        )
     gc.collect()  # the checkpoint's maps and fp32 copies, if a cycle still holds them
     release_free_memory()
     if spec.torch_dtype != torch.float32:
@@ -100,6 +123,77 @@ def build_foundation(
             if buf is not None and buf.is_floating_point():
                 model._buffers[key] = buf.to(spec.torch_dtype)
     return model, report, emb_report
+
+
+_PER_CHANNEL = {"8da8w": ", one scale per output channel", "8w": ", one scale per output channel"}
+
+
+def _calibrate(model: Transformer, spec: FoundationSpec, log: Callable[[str], None] | None):
+    """GPTQ and the measured upgrades of the recipe on the float ``model``
+    (:mod:`edgelora.quant.calibrate`)."""
+    import time
+    from pathlib import Path
+
+    from edgelora.quant.calibrate import calibration_ids
+
+    start = time.perf_counter()
+    calibration = calibration_ids(
+        None if spec.calibration is None else Path(spec.calibration),
+        None if spec.tokenizer is None else Path(spec.tokenizer),
+        model.args.vocab_size,
+        chunk=min(256, model.args.max_seq_len),
+    )
+    with _plain_attention(model):
+        result = _calibrate_with(model, calibration, spec)
+    if log is not None:
+        log(
+            f"  calibrated on {calibration.tokens} tokens of {calibration.source} in "
+            f"{time.perf_counter() - start:.1f} s: GPTQ {len(result.custom)} linears, "
+            f"{len(result.plan)} most sensitive {spec.upgrade_qmode}"
+        )
+    return result
+
+
+def _calibrate_with(model: Transformer, calibration, spec: FoundationSpec):
+    from edgelora.lora.attach import adapter_fqns
+    from edgelora.quant.calibrate import calibrate_model
+
+    return calibrate_model(
+        model,
+        calibration,
+        group_size=spec.group_size,
+        gptq=spec.gptq and spec.qmode == "8da4w",
+        upgrade=spec.upgrade,
+        upgrade_qmode=spec.upgrade_qmode,
+        qparams=spec.qparams,
+        exclude=frozenset({OUTPUT}) | adapter_fqns(model),
+        progress=lambda it, desc: progress(it, desc, unit="linear"),
+    )
+
+
+@contextmanager
+def _plain_attention(model: Transformer) -> Iterator[None]:
+    """Run the model's attention on plain PyTorch ops (its own KV caches swapped for plain
+    ones) while calibrating: what calibration measures -- and so the weights -- do not depend
+    on the attention kernels the export traces (the eager reference of the output-match check
+    runs plain attention), and ExecuTorch's custom ops log nothing from here."""
+    from edgelora.models.layers import CustomKVCache, KVCache
+
+    swapped = []
+    for layer in getattr(model, "layers", []):
+        attention = layer.attention
+        cache = getattr(attention, "kv_cache", None)
+        if isinstance(cache, CustomKVCache):
+            args = model.args
+            attention.kv_cache = KVCache(
+                args.kv_heads, args.max_seq_len, args.head_dim, args.head_dim
+            )
+            swapped.append((attention, cache))
+    try:
+        yield
+    finally:
+        for attention, cache in swapped:
+            attention.kv_cache = cache
 
 
 def _narrow_embedding(model: Transformer, spec: FoundationSpec) -> bool:

@@ -113,6 +113,7 @@ def _run_export(
         checkpoint_dtype_bytes=4 if checkpoint is None else checkpoint.dtype.itemsize,
     )
     log(f"  estimated peak memory {estimate.summary()}")
+    log(f"  recipe {config.resolved_recipe.name}: {config.resolved_recipe.describe()}")
     for adapter in [a for a in (merged, *adapters) if a is not None]:
         for note in adapter.notes:
             log(f"  adapter {adapter.name}: {note}")
@@ -168,17 +169,7 @@ def _run_export(
             }
             manifest = Manifest(
                 model=args.to_dict(),
-                quantization=QuantizationEntry(
-                    qmode=config.qmode,
-                    group_size=config.group_size,
-                    embedding_bits=config.embedding_bits,
-                    embedding_group_size=config.embedding_group_size,
-                    qparams=config.qparams,
-                    output_bits=config.output_bits,
-                    quantized_linears=len(qreport.quantized),
-                    float_linears={d.fqn: d.reason for d in qreport.kept_float},
-                    max_weight_abs_err=qreport.max_abs_err,
-                ),
+                quantization=_quantization_entry(config, qreport),
                 programs=programs,
                 files={p.name: FileEntry.of(p) for p in sorted(stage.iterdir())},
                 seed=config.seed,
@@ -202,6 +193,32 @@ def _run_export(
     sizes = ", ".join(f"{n} {e.size / 1e6:.3f} MB" for n, e in manifest.files.items())
     log(f"wrote {out_dir}: {sizes}")
     return ExportResult(out_dir, manifest, timer.durations)
+
+
+def _quantization_entry(config: ExportConfig, qreport: QuantReport) -> QuantizationEntry:
+    """What the manifest records of the foundation's quantization: the recipe, and each
+    linear's qmode and relative weight error (and its measured sensitivity, if calibrated)."""
+    spec, calibration = config.foundation, qreport.calibration
+    return QuantizationEntry(
+        qmode=spec.qmode,
+        group_size=spec.group_size,
+        embedding_bits=spec.embedding_bits,
+        embedding_group_size=spec.embedding_group_size,
+        qparams=spec.qparams,
+        output_bits=spec.output_bits,
+        output_qmode=spec.output,
+        recipe=spec.recipe,
+        gptq=spec.gptq,
+        upgrade=spec.upgrade,
+        upgrade_qmode=spec.upgrade_qmode,
+        calibration=spec.calibration,
+        calibration_sha256=None if calibration is None else calibration.sha256,
+        tensors={f: [m, round(e, 6)] for f, (m, e) in qreport.tensors.items()},
+        sensitivity={f: round(v, 6) for f, v in qreport.sensitivity.items()},
+        quantized_linears=len(qreport.quantized),
+        float_linears={d.fqn: d.reason for d in qreport.kept_float},
+        max_weight_abs_err=qreport.max_abs_err,
+    )
 
 
 def _log_foundation(
@@ -231,6 +248,14 @@ def _log_foundation(
         log(f"  merged adapter {merged.name} into the base weights (scale {merged.scale:g})")
     for line in [ereport.summary_line(), *qreport.summary_lines()]:
         log(f"  {line}")
+    # every linear's precision and error (and sensitivity, when measured): the log says what
+    # the recipe decided, tensor by tensor
+    for fqn, (qmode, err) in qreport.tensors.items():
+        kld = qreport.sensitivity.get(fqn)
+        log(
+            f"    {fqn}: {qmode}, max rel weight err {err:.4f}"
+            + ("" if kld is None else f", KLD alone at 4 bits {kld:.5f}")
+        )
 
 
 @contextmanager

@@ -69,6 +69,7 @@ def export_settings(manifest: Manifest) -> dict[str, object]:
     """The export's settings under the names of ``export_llama``'s flags (``--qmode`` ...)."""
     q = manifest.quantization
     return {
+        "recipe": q.recipe,
         "qmode": q.qmode,
         "group_size": q.group_size,
         "qparams": q.qparams,
@@ -340,7 +341,7 @@ def _rebuild_foundation(
 ) -> Transformer:
     from edgelora.export.foundation import build_foundation
 
-    spec = FoundationSpec.of_export(manifest, checkpoint=source.checkpoint)
+    spec = FoundationSpec.of_export(manifest, out_dir, checkpoint=source.checkpoint)
     checkpoint = None if source.checkpoint is None else open_checkpoint(source.checkpoint)
     with timer("build + quantize foundation"):
         model, _, _ = build_foundation(args, spec, checkpoint=checkpoint, log=log)

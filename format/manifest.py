@@ -100,6 +100,17 @@ class QuantizationEntry:
     embedding_group_size: int
     qparams: str = "affine"
     output_bits: int = 0
+    output_qmode: str | None = None  # None: from output_bits (exports before recipes)
+    recipe: str = "custom"
+    gptq: bool = False
+    upgrade: float = 0.0
+    upgrade_qmode: str = "8w"
+    calibration: str | None = None  # the calibration file (None: built-in text)
+    calibration_sha256: str | None = None
+    # fqn -> [qmode, max |W - dequant| / max |W|] of every quantized linear
+    tensors: dict[str, list] = field(default_factory=dict)
+    # fqn -> mean KL divergence on the calibration text with that linear alone at 4 bits
+    sensitivity: dict[str, float] = field(default_factory=dict)
     quantized_linears: int = 0
     float_linears: dict[str, str] = field(default_factory=dict)  # fqn -> why it stayed float
     max_weight_abs_err: float = 0.0

@@ -1,4 +1,5 @@
-"""Weight quantization of linears with torchao: ``8da4w`` / ``8da8w``.
+"""Weight quantization of linears with torchao: ``8da4w`` / ``8da8w`` / ``8w`` (the precisions
+of :mod:`edgelora.quant.recipe`), one qmode per linear if a plan says so.
 
 Int8 dynamic activations with int4 (or int8) grouped, symmetric weights, through torchao's
 ``Int8DynamicActivationIntxWeightConfig``: the form XNNPACK lowers to its dynamically
@@ -17,13 +18,12 @@ from torch import nn
 
 from edgelora.errors import ConfigError
 from edgelora.lora.attach import adapter_fqns, attached
-from edgelora.quant.rows import quantize_rows
 
-QMODES = ("none", "8da4w", "8da8w")
 # How the weight scales are chosen: torchao's min/max ("affine") or its HQQ scale-only search
 # (half-quadratic optimisation of the scales for the rounding error; the zero point stays 0,
 # so XNNPACK's symmetric kernels run either).
-QPARAMS = ("affine", "hqq")
+from edgelora.quant.recipe import QMODES, QPARAMS  # noqa: E402
+from edgelora.quant.rows import quantize_rows
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ class QuantReport:
     qmode: str
     group_size: int
     decisions: list[LinearDecision] = field(default_factory=list)
+    # fqn -> (qmode, max |W - dequant(quant(W))| relative to max |W|) of every quantized linear
+    tensors: dict[str, tuple[str, float]] = field(default_factory=dict)
+    sensitivity: dict[str, float] = field(default_factory=dict)  # fqn -> KLD alone at 4 bits
+    calibration: object = None  # the quant.calibrate.Calibration, if the recipe calibrated
     max_abs_err: float = 0.0  # max |W - dequant(quant(W))| over the quantized linears
     max_rel_err: float = 0.0  # the same, relative to max |W| of that linear
     qparams: str = "affine"
@@ -106,17 +110,23 @@ def quantize_linears(
     prefix: str = "",
     report: QuantReport | None = None,
     qparams: str = "affine",
+    plan: dict[str, str] | None = None,
+    custom: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> QuantReport:
     """Quantize ``model``'s linears in place with torchao and report what changed.
 
     Args:
-        qmode: ``"8da4w"`` (int4 weights), ``"8da8w"`` (int8 weights) or ``"none"``.
-        group_size: weight group size along ``in_features``; 0 means one scale per output channel.
+        qmode: ``"8da4w"`` (int4 weights), ``"8da8w"`` (int8 weights, int8 activations),
+            ``"8w"`` (int8 weights, fp32 activations) or ``"none"``.
+        group_size: 8da4w's weight group size along ``in_features``; 0 means one scale per
+            output channel (8da8w and 8w always have one per channel).
         prefix: ``model``'s FQN when it is one part of a model (e.g. ``layers.3``), quantized
             part by part: the decisions name full FQNs.
         report: the report to add this part's decisions and errors to (a new one if None).
         qparams: ``"affine"`` (scales from each group's max |w|) or ``"hqq"`` (torchao's
             ``IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY``).
+        plan: full FQN -> qmode for linears that take another qmode than ``qmode``.
+        custom: full FQN -> ``(qdata, scale)`` of 8da4w linears quantized elsewhere (GPTQ).
 
     Returns a :class:`QuantReport` with every linear's decision and the max weight error.
     Raises :class:`ConfigError` for an unknown mode, qparams or a negative group size.
@@ -127,43 +137,96 @@ def quantize_linears(
         raise ConfigError(f"qparams must be one of {QPARAMS}, got {qparams!r}")
     if not isinstance(group_size, int) or group_size < 0:
         raise ConfigError(f"group size must be an integer >= 0, got {group_size!r}")
+    plan, custom = plan or {}, custom or {}
     report = QuantReport(qmode, group_size, qparams=qparams) if report is None else report
     decisions = {}
     adapters = adapter_fqns(model)
     for fqn, module in model.named_modules():
-        decision = decide_linear(fqn, module, group_size, adapters)
+        full = ".".join(filter(None, (prefix, fqn)))
+        mode = plan.get(full, qmode)
+        decision = decide_linear(fqn, module, group_size if mode == "8da4w" else 0, adapters)
         if decision is not None:
-            if qmode == "none":
+            if mode == "none" and decision.quantize:
                 decision = LinearDecision(fqn, False, "qmode none", decision.shape)
-            decisions[fqn] = decision
+            decisions[fqn] = (decision, mode)
     report.decisions += [
-        replace(d, fqn=".".join(filter(None, (prefix, d.fqn)))) for d in decisions.values()
+        replace(d, fqn=".".join(filter(None, (prefix, d.fqn)))) for d, _ in decisions.values()
     ]
-    if qmode == "none":
-        return report
+    with torch.no_grad():
+        for fqn, (d, mode) in decisions.items():
+            if not d.quantize:
+                continue
+            full = ".".join(filter(None, (prefix, fqn)))
+            module = model.get_submodule(fqn)
+            if full in custom:
+                err, top = _custom_int4(module, *custom[full], group_size)
+            else:
+                config = _torchao_config(mode, group_size, qparams)
+                # a large weight a block of rows at a time (quant/rows.py)
+                err, top = quantize_rows(module, lambda m, c=config: _quantize(m, c))
+            report.max_abs_err = max(report.max_abs_err, err)
+            report.max_rel_err = max(report.max_rel_err, err / max(top, 1e-12))
+            report.tensors[full] = (mode, err / max(top, 1e-12))
+    return report
 
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+
+def _quantize(module: nn.Module, config) -> None:
+    from torchao.quantization import quantize_
+
+    quantize_(module, config)
+
+
+def _torchao_config(qmode: str, group_size: int, qparams: str):
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
         IntxChooseQParamsAlgorithm,
     )
 
+    if qmode == "8w":  # weight-only int8 per channel: XNNPACK's F32-QC8W (backends/xnnpack)
+        return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
     algorithm = {
         "affine": IntxChooseQParamsAlgorithm.AFFINE,
         "hqq": IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY,
     }[qparams]
-    config = Int8DynamicActivationIntxWeightConfig(
+    return Int8DynamicActivationIntxWeightConfig(
         weight_dtype=torch.int4 if qmode == "8da4w" else torch.int8,
-        weight_granularity=PerAxis(0) if group_size == 0 else PerGroup(group_size),
-        intx_choose_qparams_algorithm=algorithm,
+        weight_granularity=PerAxis(0)
+        if group_size == 0 or qmode == "8da8w"
+        else PerGroup(group_size),
+        intx_choose_qparams_algorithm=algorithm
+        if qmode == "8da4w"
+        else IntxChooseQParamsAlgorithm.AFFINE,
     )
-    with torch.no_grad():
-        for fqn, d in decisions.items():
-            if d.quantize:  # a large weight a block of rows at a time (quant/rows.py)
-                err, top = quantize_rows(model.get_submodule(fqn), lambda m: quantize_(m, config))
-                report.max_abs_err = max(report.max_abs_err, err)
-                report.max_rel_err = max(report.max_rel_err, err / max(top, 1e-12))
-    return report
+
+
+def _custom_int4(
+    module: nn.Linear, qdata: torch.Tensor, scale: torch.Tensor, group_size: int
+) -> tuple[float, float]:
+    """``module``'s weight as the 8da4w tensor of ``qdata`` (int8 holding [-8, 7]) and
+    ``scale`` ``[out, in / group_size]``; returns (max abs error, max |W|)."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from torchao.quantization.quant_primitives import MappingType
+
+    original = module.weight.detach()
+    dtype = original.dtype
+    scale = scale.to(dtype)
+    dequant = (qdata.float() * scale.float().repeat_interleave(group_size, 1)).to(dtype)
+    q = IntxUnpackedToInt8Tensor.from_hp(
+        dequant,
+        (1, group_size),
+        torch.int4,
+        mapping_type=MappingType.SYMMETRIC,
+        activation_quantization="int8_asym_per_token",
+        intx_choose_qparams_algorithm=None,
+        custom_scale=scale,
+        custom_zero_point=torch.zeros_like(scale, dtype=torch.int8),
+    )
+    if not torch.equal(q.qdata, qdata.to(q.qdata.dtype)):
+        raise RuntimeError(f"internal error: GPTQ weights of {tuple(qdata.shape)} re-round")
+    err = (q.dequantize().float() - original.float()).abs().max().item()
+    module.weight = nn.Parameter(q, requires_grad=False)
+    return err, original.abs().max().item()
 
 
 def _factors(model: nn.Module) -> list[tuple[nn.Linear, list[nn.Linear]]]:
