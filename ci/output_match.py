@@ -51,8 +51,11 @@ from edgelora.quant.linear import store_adapter_weights
 from edgelora.runtime.program import LlamaProgram
 from edgelora.weights.adapter_files import load_adapter
 
-REL_TOL = {"none": 1e-4, "8da4w": 5e-2, "8da8w": 5e-2}
-MIN_AGREEMENT = {"none": 1.0, "8da4w": 0.8, "8da8w": 0.8}
+# 8w (int8 weights, fp32 activations): the eager model and XNNPACK's F32-QC8W multiply the
+# same int8 weights by the same fp32 activations and scale per channel, in other orders: fp32
+# rounding only (measured 1e-6 relative on the trained tiny model), so 1e-3 and every token.
+REL_TOL = {"none": 1e-4, "8da4w": 5e-2, "8da8w": 5e-2, "8w": 1e-3}
+MIN_AGREEMENT = {"none": 1.0, "8da4w": 0.8, "8da8w": 0.8, "8w": 1.0}
 DTYPE_REL_TOL = {"fp32": 0.0, "fp16": 1e-2, "bf16": 5e-2}
 DTYPE_MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.8, "bf16": 0.8}
 DEFAULT_PROMPT = [1, 5, 9, 14, 3, 27, 8, 2]

@@ -172,7 +172,12 @@ def input_moments(
 
 
 class _Skip(nn.Module):
-    """A layer that passes its input through: the layers before the one measured."""
+    """A layer that passes its input through: the layers before the one measured (with the
+    skipped layer's attributes, e.g. its ``kind``, which the model's loop reads)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.kind = getattr(layer, "kind", None)
 
     def forward(self, x, *args, **kwargs):
         return x
@@ -225,7 +230,7 @@ def sensitivity(
             )
         skipped = [layers[i] for i in range(index)]
         for i in range(index):
-            layers[i] = _Skip()
+            layers[i] = _Skip(layers[i])
         total = 0.0
         try:
             for i, (r, c) in enumerate(zip(reference, chunks, strict=True)):

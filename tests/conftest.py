@@ -359,6 +359,14 @@ EXPORTS: dict[str, Recipe] = {
         "the shipped trained tiny model with export_llama's default recipe: base, reverse, "
         "opposite, switchable (what the demo exports)",
     ),
+    **{
+        f"trained_{preset}": Recipe(
+            ("trained_tiny",),
+            lambda t, preset=preset: ["--checkpoint", str(t / "model"), "--recipe", preset],
+            f"the shipped trained tiny model with --recipe {preset}: base",
+        )
+        for preset in ("q4_0", "q4_k_s", "q8_0", "f32")  # q4_k_m: trained_default
+    },
     "mla_8da4w": Recipe(
         ("hf_deepseek",),
         lambda r: ["--checkpoint", str(r / "ds")],
