@@ -108,10 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     print("\nfiles:")
     for name, entry in manifest.files.items():
         print(f"  {name:26s} {entry.size / 1024:9.1f} KiB")
+    upgraded = sum(1 for f, (m, _) in q.tensors.items() if m != q.qmode and f != "output")
     print(
-        f"  (recipe: {q.qmode} g{q.group_size} {q.qparams} qparams, embedding "
-        f"{q.embedding_bits or 'fp32'}{'-bit' if q.embedding_bits else ''}, output layer "
-        f"{'int8 per channel' if q.output_bits == 8 else 'as the linears'})"
+        f"  (recipe {q.recipe}: {q.qmode} g{q.group_size}"
+        f"{', GPTQ' if q.gptq else f', {q.qparams} qparams'}"
+        f"{f', {upgraded} most sensitive linears {q.upgrade_qmode}' if q.upgrade else ''}, "
+        f"embedding {q.embedding_bits or 'float'}{'-bit' if q.embedding_bits else ''}, "
+        f"output layer {q.output_qmode or q.qmode})"
     )
 
     tokenizer_file = out / manifest.tokenizer
