@@ -141,7 +141,11 @@ def match_export(
     out_dir = Path(out_dir)
     manifest = read_export(out_dir)
     args = ModelArgs.from_dict(manifest.model)
-    qmode, dtype = manifest.quantization.qmode, manifest.dtype
+    q, dtype = manifest.quantization, manifest.dtype
+    # a mixed recipe is held to its loosest precision (e.g. 8w linears beside 8da4w ones)
+    qmodes = {q.qmode, *(mode for mode, _ in q.tensors.values())}
+    rel_tol = max(REL_TOL[m] for m in qmodes)
+    min_agreement = min(MIN_AGREEMENT[m] for m in qmodes)
 
     def adapter_of(entry: AdapterEntry, name: str):
         return load_adapter(entry.source, args, name, scale=entry.scale)
@@ -187,9 +191,9 @@ def match_export(
                 name,
                 diff,
                 diff / max(scale, 1e-12),
-                max(REL_TOL[qmode], DTYPE_REL_TOL[dtype]),
+                max(rel_tol, DTYPE_REL_TOL[dtype]),
                 agree,
-                min(MIN_AGREEMENT[qmode], DTYPE_MIN_AGREEMENT[dtype]),
+                min(min_agreement, DTYPE_MIN_AGREEMENT[dtype]),
                 vs_base,
                 loads,
                 prefix,

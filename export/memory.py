@@ -76,10 +76,13 @@ def estimate_export_memory(
     embedding_group_size: int = 0,
     dtype_bytes: int = 4,
     checkpoint_dtype_bytes: int = 2,
+    calibrated: bool = False,
 ) -> MemoryEstimate:
     """The estimated peak resident memory of exporting a model of ``args`` (see the module
     docstring); ``dtype_bytes`` is the export's float size, ``checkpoint_dtype_bytes`` the
-    checkpoint's (its pages of one part are read while that part is built)."""
+    checkpoint's (its pages of one part are read while that part is built). ``calibrated``:
+    the recipe calibrates, which holds the whole model in float while it measures (plus the
+    recorded layer inputs, one layer's input moments and the GPTQ int8 weights)."""
     with torch.device("meta"):
         model = Transformer(args)
     resident = building = packed = float_constants = 0
@@ -113,6 +116,14 @@ def estimate_export_memory(
         work = values * (4 + checkpoint_dtype_bytes)
         work += min(biggest, BLOCK_VALUES) * 4 * _BLOCK_TEMPORARIES
         building = max(building, work)
+    if calibrated:
+        from edgelora.quant.calibrate import MAX_TOKENS
+
+        params = sum(p.numel() for p in model.parameters())
+        hidden = args.n_layers * MAX_TOKENS * args.dim * 4
+        widest = max(args.dim, args.ffn_hidden_dim, args.n_heads * args.head_dim)
+        moments = 3 * widest * widest * 8  # float64 sums of one layer's distinct inputs
+        building = max(building, params * (dtype_bytes + 1) + hidden + moments)
     resident += sum(b.numel() * b.element_size() for b in model.buffers())
     lowering = 2 * packed + float_constants
     overhead = FIXED_OVERHEAD + OVERHEAD_PER_RESIDENT * resident
@@ -127,8 +138,17 @@ def check_memory(args: ModelArgs, available: int | None = None, **settings) -> M
     estimate = estimate_export_memory(args, **settings)
     available = available_memory() if available is None else available
     if available is not None and estimate.peak > available:
+        hint = ""
+        if settings.get("calibrated"):
+            plain = estimate_export_memory(args, **{**settings, "calibrated": False})
+            if plain.peak <= available:
+                hint = (
+                    "; the recipe calibrates, which holds the model in fp32 while it measures: "
+                    f"a recipe without calibration (--recipe q4_0 or q8_0) needs about "
+                    f"{plain.peak / 2**30:.1f} GiB"
+                )
         raise ConfigError(
             f"this model needs about {estimate.summary()} to export; only "
-            f"{available / 2**30:.1f} GiB is available"
+            f"{available / 2**30:.1f} GiB is available{hint}"
         )
     return estimate

@@ -111,6 +111,7 @@ def _run_export(
         embedding_group_size=spec.embedding_group_size,
         dtype_bytes=spec.torch_dtype.itemsize,
         checkpoint_dtype_bytes=4 if checkpoint is None else checkpoint.dtype.itemsize,
+        calibrated=spec.calibrated,
     )
     log(f"  estimated peak memory {estimate.summary()}")
     log(f"  recipe {config.resolved_recipe.name}: {config.resolved_recipe.describe()}")

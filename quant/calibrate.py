@@ -4,12 +4,15 @@
    default prose that every Python installs -- paragraphs of the Python Language Reference
    (``pydoc_data.topics``, PSF-2.0), the topics whose name hashes odd (``bench/quality.py``
    scores on the even ones). Encoded with the export's tokenizer, cut into chunks.
-2. **Second moments** (:func:`input_moments`): ``H = sum x x^T`` of every linear's inputs over
-   the chunks, from the float model (GPTQ's ``H``, :mod:`edgelora.quant.gptq`).
+2. **Second moments** (:func:`layer_moments`): ``H = sum x x^T`` of every linear's inputs over
+   the chunks, from the float model (GPTQ's ``H``, :mod:`edgelora.quant.gptq`), a layer at a
+   time: the model is run once recording each layer's input (:class:`_Probe`), then only that
+   layer is re-run, so one layer's moments are in memory at a time.
 3. **Sensitivity** (:func:`sensitivity`): for each linear alone, the mean KL divergence of the
-   model's next-token distribution on the chunks when that linear takes its 4-bit weights
-   (the GPTQ ones, as they will ship) against the float model -- measured, one tensor at a
-   time, not guessed from names.
+   model's next-token distribution when that linear takes its 4-bit weights (the GPTQ ones,
+   as they will ship) against the float model -- measured, one tensor at a time, not guessed
+   from names -- run from the linear's layer on. On up to 256 tokens, fewer for large models
+   (a compute budget, :func:`sensitivity_tokens`).
 4. **Plan** (:func:`upgrade_plan`): the linears with the highest divergence per byte that int8
    would add are given int8 until the recipe's share of the linear weights is reached.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +34,8 @@ from edgelora.errors import ConfigError
 
 CHUNK = 256  # tokens per calibration sequence
 MAX_TOKENS = 1024  # calibration tokens read (moments)
-SENSITIVITY_TOKENS = 256  # of which the per-tensor divergence is measured on
+SENSITIVITY_TOKENS = 256  # of which the per-tensor divergence is measured on, at most
+SENSITIVITY_FLOPS = 8e12  # compute the per-tensor divergence may take (fewer tokens beyond)
 
 
 def default_calibration_text() -> str:
@@ -138,12 +143,115 @@ def _forward(model: nn.Module, chunk: tuple[int, ...]) -> torch.Tensor:
     return out[0].float().log_softmax(-1)
 
 
+class _Stop(Exception):
+    """Raised after the layer a probe runs, to end the model's forward there."""
+
+
+class _Skip(nn.Module):
+    """A layer that passes its input through: the layers before the one probed (with the
+    skipped layer's attributes, e.g. its ``kind``, which the model's loop reads)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.kind = getattr(layer, "kind", None)
+
+    def forward(self, x, *args, **kwargs):
+        return x
+
+
+class _Probe:
+    """The float model run once on the calibration chunks, recording the input of each of its
+    ``layers``; then any one layer, or the model from one layer on, re-run from those inputs:
+    a linear inside ``layers.L`` changes nothing before that layer, so nothing before it is
+    run again. ``sensitivity_tokens`` of the first chunks keep the float model's
+    log-probabilities to measure divergence against."""
+
+    def __init__(self, model: nn.Module, calibration: Calibration, sensitivity_tokens: int):
+        self.model, self.layers = model, getattr(model, "layers", None)
+        self.chunks, n = list(calibration.chunks), 0
+        self.scored: list[tuple[int, ...]] = []  # the sensitivity chunks (prefixes)
+        for chunk in self.chunks:
+            if n >= sensitivity_tokens:
+                break
+            self.scored.append(chunk[: sensitivity_tokens - n])
+            n += len(self.scored[-1])
+        self.scored_tokens = n
+        self.hidden: list[list[torch.Tensor]] = []
+        current: list[torch.Tensor] = []
+
+        def record(module, args):
+            current.append(args[0].detach().clone())
+
+        hooks = [layer.register_forward_pre_hook(record) for layer in (self.layers or [])]
+        try:
+            for chunk in self.chunks:
+                current = []
+                _forward(self.model, chunk)
+                self.hidden.append(current)
+            self.scored_hidden = []
+            self.reference = []
+            for chunk in self.scored:
+                current = []
+                self.reference.append(_forward(self.model, chunk))
+                self.scored_hidden.append(current)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    @contextmanager
+    def _from(self, index: int, start: torch.Tensor):
+        """The model's forward starts at layer ``index`` with input ``start``."""
+        layers = self.layers
+        skipped = [layers[i] for i in range(index)]
+        for i in range(index):
+            layers[i] = _Skip(skipped[i])
+        hook = layers[index].register_forward_pre_hook(lambda m, args: (start, *args[1:]))
+        try:
+            yield
+        finally:
+            hook.remove()
+            for i, layer in enumerate(skipped):
+                layers[i] = layer
+
+    def run_layer(self, index: int | None) -> None:
+        """Run layer ``index`` alone on every chunk (the whole model if ``None``), for the
+        hooks on its modules."""
+        for i, chunk in enumerate(self.chunks):
+            if index is None:
+                _forward(self.model, chunk)
+                continue
+            stop = self.layers[index].register_forward_hook(_raise_stop)
+            try:
+                with self._from(index, self.hidden[i][index]):
+                    _forward(self.model, chunk)
+            except _Stop:
+                pass
+            finally:
+                stop.remove()
+
+    def divergence(self, index: int | None) -> float:
+        """Mean KL(float || the model as it is now) per token on the scored chunks, run from
+        layer ``index`` on (the whole model if ``None``)."""
+        total = 0.0
+        for i, (r, chunk) in enumerate(zip(self.reference, self.scored, strict=True)):
+            if index is None:
+                got = _forward(self.model, chunk)
+            else:
+                with self._from(index, self.scored_hidden[i][index]):
+                    got = _forward(self.model, chunk)
+            total += float((r.exp() * (r - got)).sum())
+        return total / self.scored_tokens
+
+
+def _raise_stop(module, args, output):
+    raise _Stop
+
+
 @torch.no_grad()
-def input_moments(
-    model: nn.Module, calibration: Calibration, fqns: list[str]
-) -> dict[str, torch.Tensor]:
-    """``fqn -> sum x x^T`` (float64 ``[in, in]``) of the inputs of the linears ``fqns`` over
-    the calibration chunks; linears that read the same tensor (q/k/v, gate/up) share one."""
+def layer_moments(probe: _Probe, index: int | None, fqns: list[str]) -> dict[str, torch.Tensor]:
+    """``fqn -> sum x x^T`` (float64 ``[in, in]``) of the inputs of the linears ``fqns`` (all
+    in layer ``index``) over the calibration chunks; linears that read the same tensor (q/k/v,
+    gate/up) share one."""
     sums: dict[str, torch.Tensor] = {}
     reader: dict[str, str] = {}  # fqn -> the first linear that read its input
     seen: dict[int, tuple[torch.Tensor, str]] = {}  # per forward; holds the inputs alive
@@ -156,14 +264,14 @@ def input_moments(
             if first == fqn:
                 flat = x.detach().reshape(-1, x.shape[-1]).double()
                 sums[fqn] = sums.get(fqn, 0) + flat.T @ flat
+            if fqn == fqns[-1]:
+                seen.clear()
 
         return record
 
-    hooks = [model.get_submodule(f).register_forward_pre_hook(hook(f)) for f in fqns]
+    hooks = [probe.model.get_submodule(f).register_forward_pre_hook(hook(f)) for f in fqns]
     try:
-        for chunk in calibration.chunks:
-            seen.clear()
-            _forward(model, chunk)
+        probe.run_layer(index)
     finally:
         seen.clear()
         for h in hooks:
@@ -171,16 +279,13 @@ def input_moments(
     return {f: sums[reader[f]] for f in fqns}
 
 
-class _Skip(nn.Module):
-    """A layer that passes its input through: the layers before the one measured (with the
-    skipped layer's attributes, e.g. its ``kind``, which the model's loop reads)."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.kind = getattr(layer, "kind", None)
-
-    def forward(self, x, *args, **kwargs):
-        return x
+def sensitivity_tokens(model: nn.Module, candidates: int) -> int:
+    """How many tokens the per-tensor divergence is measured on: :data:`SENSITIVITY_TOKENS`
+    (256) while that costs at most :data:`SENSITIVITY_FLOPS`, fewer for larger models (at
+    least 32): one forward of the layers from each candidate's on, per token."""
+    params = sum(p.numel() for p in model.parameters())
+    per_token = 2 * params * max(candidates, 1) / 2  # half the layers on average
+    return int(min(SENSITIVITY_TOKENS, max(32, SENSITIVITY_FLOPS // per_token)))
 
 
 @torch.no_grad()
@@ -193,71 +298,23 @@ def sensitivity(
     progress: Callable | None = None,
 ) -> dict[str, float]:
     """``fqn -> mean KL(float || this linear alone with weight quantized[fqn])`` per token on
-    the first ``tokens`` calibration tokens.
-
-    A linear inside ``layers.L`` changes nothing before that layer, so the layers before it
-    are skipped and layer ``L`` starts from the float model's hidden state (recorded once):
-    the same divergence at about half the cost."""
-    chunks, n = [], 0
-    for chunk in calibration.chunks:
-        if n >= tokens:
-            break
-        chunks.append(chunk[: tokens - n])
-        n += len(chunks[-1])
-    layers = getattr(model, "layers", None)
-    hidden: list[list[torch.Tensor]] = [[] for _ in chunks]
-    current = [0]
-
-    def record(module, args):
-        hidden[current[0]].append(args[0].clone())
-
-    hooks = [layer.register_forward_pre_hook(record) for layer in (layers or [])]
-    try:
-        reference = []
-        for i, c in enumerate(chunks):
-            current[0] = i
-            reference.append(_forward(model, c))
-    finally:
-        for h in hooks:
-            h.remove()
-
-    def measure(fqn: str) -> float:
-        index = _layer_index(fqn) if layers is not None else None
-        if index is None:
-            return sum(
-                float((r.exp() * (r - _forward(model, c))).sum())
-                for r, c in zip(reference, chunks, strict=True)
-            )
-        skipped = [layers[i] for i in range(index)]
-        for i in range(index):
-            layers[i] = _Skip(layers[i])
-        total = 0.0
-        try:
-            for i, (r, c) in enumerate(zip(reference, chunks, strict=True)):
-                start = hidden[i][index]
-                hook = layers[index].register_forward_pre_hook(
-                    lambda m, args, h=start: (h, *args[1:])
-                )
-                try:
-                    total += float((r.exp() * (r - _forward(model, c))).sum())
-                finally:
-                    hook.remove()
-        finally:
-            for i, layer in enumerate(skipped):
-                layers[i] = layer
-        return total
-
+    the first ``tokens`` calibration tokens (each run from the linear's layer on)."""
+    probe = _Probe(model, calibration, tokens)
     out = {}
     items = list(quantized.items())
     for fqn, weight in progress(items) if progress else items:
-        module = model.get_submodule(fqn)
-        original = module.weight.data
-        module.weight.data = weight.to(original.dtype)
-        try:
-            out[fqn] = measure(fqn) / n
-        finally:
-            module.weight.data = original
+        out[fqn] = _divergence_with(probe, fqn, weight)
     return out
+
+
+def _divergence_with(probe: _Probe, fqn: str, weight: torch.Tensor) -> float:
+    module = probe.model.get_submodule(fqn)
+    original = module.weight.data
+    module.weight.data = weight.to(original.dtype)
+    try:
+        return probe.divergence(_layer_index(fqn) if probe.layers is not None else None)
+    finally:
+        module.weight.data = original
 
 
 def _layer_index(fqn: str) -> int | None:
@@ -292,6 +349,7 @@ class CalibrationResult:
     calibration: Calibration
 
 
+@torch.no_grad()
 def calibrate_model(
     model: nn.Module,
     calibration: Calibration,
@@ -307,7 +365,11 @@ def calibrate_model(
     """Measure ``model`` (float) on ``calibration`` and decide how each of its 8da4w linears
     is stored: GPTQ's ``(qdata, scale)`` (``gptq``) and which linears get ``upgrade_qmode``
     (the most sensitive ``upgrade`` share of the weights; see the module docstring).
-    ``exclude``: linears that are not 8da4w candidates (the output layer, adapters)."""
+    ``exclude``: linears that are not 8da4w candidates (the output layer, adapters).
+
+    A layer at a time: its linears' input moments (only that layer is re-run, from its
+    recorded input), GPTQ, then each linear's divergence; one layer's moments exist at a
+    time, and the weights stay float until the export quantizes them."""
     from edgelora.quant.gptq import gptq_int4
 
     fqns = [
@@ -318,22 +380,27 @@ def calibrate_model(
         and type(m.weight) in (torch.Tensor, nn.Parameter)
         and not (group_size and m.in_features % group_size)
     ]
+    layered = getattr(model, "layers", None) is not None
+    by_layer: dict[int | None, list[str]] = {}
+    for f in fqns:
+        by_layer.setdefault(_layer_index(f) if layered else None, []).append(f)
     wrap = progress or (lambda it, *a, **k: it)
-    moments = input_moments(model, calibration, fqns) if gptq else {}
-    custom, dequantized = {}, {}
-    for fqn in wrap(fqns, "GPTQ" if gptq else "4-bit"):
-        weight = model.get_submodule(fqn).weight.detach().float()
-        if gptq:
-            qdata, scale = gptq_int4(weight, moments.pop(fqn), group_size)
-            custom[fqn] = (qdata, scale)
-            dequantized[fqn] = qdata.float() * scale.repeat_interleave(group_size, 1)
-        else:
-            dequantized[fqn] = _fake_int4(weight, group_size, qparams)
-    kld = {}
-    if upgrade > 0:
-        kld = sensitivity(
-            model, calibration, dequantized, progress=lambda it: wrap(it, "sensitivity")
-        )
+    tokens = sensitivity_tokens(model, len(fqns)) if upgrade > 0 else 0
+    probe = _Probe(model, calibration, tokens)
+    custom, kld = {}, {}
+    for index, group in wrap(list(by_layer.items()), "calibrate"):
+        moments = layer_moments(probe, index, group) if gptq else {}
+        for fqn in group:
+            weight = model.get_submodule(fqn).weight.detach().float()
+            if gptq:
+                qdata, scale = gptq_int4(weight, moments.pop(fqn), group_size)
+                custom[fqn] = (qdata, scale)
+                quantized = qdata.float() * scale.repeat_interleave(group_size, 1)
+            else:
+                quantized = _fake_int4(weight, group_size, qparams)
+            if upgrade > 0:
+                kld[fqn] = _divergence_with(probe, fqn, quantized)
+        del moments
     sizes = {f: model.get_submodule(f).weight.numel() for f in fqns}
     chosen = upgrade_plan(kld, sizes, upgrade) if upgrade > 0 else []
     for fqn in chosen:

@@ -158,10 +158,14 @@ def quantize_linears(
                 continue
             full = ".".join(filter(None, (prefix, fqn)))
             module = model.get_submodule(fqn)
+            if mode == "8w" and module.bias is not None:
+                # XNNPACK (ExecuTorch 1.5.1) cannot serialise a bias beside int8 weights
+                # under fp32 activations: int8 activations then (backends/xnnpack/weight_only)
+                mode = "8da8w"
             if full in custom:
                 err, top = _custom_int4(module, *custom[full], group_size)
             else:
-                config = _torchao_config(mode, group_size, qparams)
+                config = _torchao_config(mode, group_size if mode == "8da4w" else 0, qparams)
                 # a large weight a block of rows at a time (quant/rows.py)
                 err, top = quantize_rows(module, lambda m, c=config: _quantize(m, c))
             report.max_abs_err = max(report.max_abs_err, err)

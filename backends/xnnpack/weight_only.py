@@ -9,7 +9,8 @@ dynamically quantized linears: a linear whose weight is dequantized but whose ac
 is none of them. Its serializer already writes such a linear as wanted (an fp32 input, a
 per-channel quantized filter): :class:`WeightOnlyLinearConfig` claims the linear with its
 weight's dequantize node, its int8 weight and scales, and hands every other linear to the stock
-config.
+config -- except a weight-only linear it cannot take (one with a bias), which stays out of the
+delegate rather than reach the stock config as an fp32 linear.
 
 On the small linears of an adapter this matters twice: dynamically quantized activations add a
 quantize op per linear (XNNPACK's per-op cost is most of a rank-16 linear's time), and an
@@ -37,7 +38,12 @@ def _weight_only(node: torch.fx.Node, ep) -> list[torch.fx.Node] | None:
     act, dq = get_input_node(node, 0), get_input_node(node, 1)
     if is_dequant(act) or not is_dequant(dq) or not is_per_channel(dq):
         return None
-    if act.meta["val"].dtype != torch.float32 or len(node.args) > 2 and node.args[2] is not None:
+    if act.meta["val"].dtype != torch.float32:
+        return None
+    if len(node.args) > 2 and node.args[2] is not None:
+        # ExecuTorch 1.5.1's serializer refuses a bias beside a quantized weight and an fp32
+        # input ("Weight and Input should both be quantized"); quant/linear.py stores biased
+        # linears as 8da8w instead
         return None
     weight, *qparams = dq.all_input_nodes[:3]
     if not is_param_node(ep, weight) or weight.meta["val"].dtype != torch.int8:
@@ -52,6 +58,17 @@ def _weight_only(node: torch.fx.Node, ep) -> list[torch.fx.Node] | None:
     return [dq, weight, *qparams]
 
 
+def _dequantized_float_linear(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is a linear of fp32 activations and a dequantized weight -- one the
+    stock config would take as an fp32 linear and miscompute (measured: a weight-only int8
+    linear with a bias, which the check above refuses, came out as noise)."""
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant
+    from executorch.backends.xnnpack.utils.utils import get_input_node
+
+    act, dq = get_input_node(node, 0), get_input_node(node, 1)
+    return not is_dequant(act) and is_dequant(dq)
+
+
 def replace_linear_config(configs: list[type]) -> list[type]:
     """``configs`` with the stock ``LinearConfig`` replaced by :class:`WeightOnlyLinearConfig`,
     which takes every linear the stock one takes, and weight-only int8 linears."""
@@ -64,6 +81,8 @@ def replace_linear_config(configs: list[type]) -> list[type]:
         def get_deps(self, node, ep):
             deps = _weight_only(node, ep)
             if deps is None:
+                if _dequantized_float_linear(node):
+                    return False, []  # stays out of the delegate: portable kernels, exact
                 return super().get_deps(node, ep)
             tag_as_implicit_q_dq(deps[0])
             return True, deps
