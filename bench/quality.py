@@ -187,18 +187,20 @@ def plot(rows: dict[str, dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, r in rows.items():
-        if r["mean_kld"] <= 0:
-            continue
+    shown = [(n, r) for n, r in rows.items() if r["mean_kld"] > 1e-6]  # fp32 is ~0
+    for name, r in shown:
         cpp = r["runtime"] == "llama.cpp"
         ax.scatter(r["bytes"] / 1e6, r["mean_kld"], marker="s" if cpp else "o",
                    color="tab:orange" if cpp else "tab:blue")  # fmt: skip
         ax.annotate(name, (r["bytes"] / 1e6, r["mean_kld"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+                    xytext=(5, 6 if cpp else -11), textcoords="offset points")  # fmt: skip
     ax.set_yscale("log")
     ax.set_xlabel("weight bytes (MB): foundation.ptd / .gguf")
     ax.set_ylabel("mean KL divergence vs transformers fp32 (log)")
-    ax.set_title(title + "  (circles: edgelora on ExecuTorch, squares: llama.cpp)", fontsize=9)
+    ax.set_title(
+        title + " (fp32 not shown)  (circles: edgelora on ExecuTorch, squares: llama.cpp)",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
