@@ -25,10 +25,9 @@ def test_preset_programs_match_their_eager_model(preset, request):
     out = request.getfixturevalue(f"export_{PRESET_EXPORTS[preset]}")
     q = json.loads((out / "manifest.json").read_text())["quantization"]
     assert q["recipe"] == ("q4_k_m" if preset == "default" else preset)
-    if True:
-        # every linear's precision and relative weight error is recorded
-        assert q["tensors"] and all(m in ("8da4w", "8da8w", "8w") for m, _ in q["tensors"].values())
-        assert q["tensors"]["output"][0] == ("8da4w" if preset == "q4_0" else "8w")
+    # every linear's precision and relative weight error is recorded
+    assert q["tensors"] and all(m in ("8da4w", "8da8w", "8w") for m, _ in q["tensors"].values())
+    assert q["tensors"]["output"][0] == ("8da4w" if preset == "q4_0" else "8w")
     if preset == "default":
         modes = [m for f, (m, _) in q["tensors"].items() if f != "output"]
         assert "8w" in modes and "8da4w" in modes  # the measured upgrades, and GPTQ's 4-bit
