@@ -13,7 +13,14 @@ from edgelora.format.adapter_inputs import ADAPTER_DTYPES
 from edgelora.lora.fusion import FUSE_MODES
 from edgelora.models.args import ModelArgs
 from edgelora.models.llama import LOGITS_MODES, SDPA_MODES
-from edgelora.quant.recipe import DEFAULT_RECIPE, EMBEDDING_BITS, QMODES, QPARAMS, preset
+from edgelora.quant.recipe import (
+    DEFAULT_RECIPE,
+    EMBEDDING_BITS,
+    QMODES,
+    QPARAMS,
+    Recipe,
+    preset,
+)
 
 OUTPUT_BITS = (0, 8)  # 0: the output layer as the other linears; 8: int8 per output channel
 
@@ -176,9 +183,11 @@ class ExportConfig:
     bos_id: int = 1  # what the runner prepends (from the checkpoint, or --bos-id)
     eos_ids: tuple[int, ...] = (2,)  # every id that ends generation
     tokenizer_files: tuple[Path, ...] = ()  # copied into the export (tokenizer.json first)
+    # the recipe with the fields above applied (set in __post_init__)
+    resolved_recipe: Recipe | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._resolve_recipe()
+        given_group = self._resolve_recipe()
         if self.qmode not in QMODES:
             raise ConfigError(f"qmode must be one of {QMODES}, got {self.qmode!r}")
         if self.group_size < 0:
@@ -207,7 +216,7 @@ class ExportConfig:
             raise ConfigError(f"output_bits must be one of {OUTPUT_BITS}, got {self.output_bits}")
         if self.output_bits and self.qmode == "none":
             raise ConfigError("output_bits 8 quantizes the output layer: it needs a qmode")
-        if self.qmode == "8da8w" and self._given_group_size:
+        if self.qmode == "8da8w" and given_group:
             raise ConfigError(
                 f"--qmode 8da8w with --group-size {self.group_size}: XNNPACK has no grouped int8 "
                 "kernel (int8 weights take one scale per output channel); use --group-size 0"
@@ -298,8 +307,9 @@ class ExportConfig:
                     " they were trained against the unmerged base; export them separately"
                 )
 
-    def _resolve_recipe(self) -> None:
-        """Fill the quantization fields left None from the recipe, and keep the result."""
+    def _resolve_recipe(self) -> bool:
+        """Fill the quantization fields left None from the recipe and keep the result in
+        ``resolved_recipe``; returns whether a (non-zero) group size was asked for."""
         base = preset(self.recipe)
         given_group = bool(self.group_size)  # a group size asked for (not the recipe's)
         overrides = dict(
@@ -323,7 +333,6 @@ class ExportConfig:
             overrides["group_size"] = 0
         recipe = base.with_overrides(**overrides)
         object.__setattr__(self, "resolved_recipe", recipe)
-        object.__setattr__(self, "_given_group_size", given_group)
         for name in ("qmode", "group_size", "qparams", "embedding_bits", "embedding_group_size"):
             object.__setattr__(self, name, getattr(recipe, name))
         object.__setattr__(
@@ -333,6 +342,7 @@ class ExportConfig:
             raise ConfigError(
                 f"--calibration: recipe {recipe.name} does not calibrate (one that does: q4_k_m)"
             )
+        return given_group
 
     @property
     def torch_dtype(self) -> torch.dtype:
