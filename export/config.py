@@ -183,6 +183,9 @@ class ExportConfig:
     bos_id: int = 1  # what the runner prepends (from the checkpoint, or --bos-id)
     eos_ids: tuple[int, ...] = (2,)  # every id that ends generation
     tokenizer_files: tuple[Path, ...] = ()  # copied into the export (tokenizer.json first)
+    # the chat template the export carries as chat_template.jinja, and where it came from
+    chat_template: str | None = None
+    chat_template_source: str | None = None
     # the recipe with the fields above applied (set in __post_init__)
     resolved_recipe: Recipe | None = field(default=None, init=False, repr=False, compare=False)
 

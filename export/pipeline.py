@@ -40,6 +40,7 @@ from edgelora.export.programs import (
     write_template,
 )
 from edgelora.export.timing import StageTimer
+from edgelora.format.chat_template import CHAT_TEMPLATE_FILE
 from edgelora.format.checksums import stamp_program
 from edgelora.format.layout import (
     BASE_PROGRAM,
@@ -188,6 +189,7 @@ def _run_export(
                 bos_id=config.bos_id,
                 eos_ids=list(config.eos_ids),
                 tokenizer=tokenizer,
+                chat_template=None if config.chat_template is None else CHAT_TEMPLATE_FILE,
             )
             manifest.write(stage)
             commit_output(stage, out_dir, foundation_sha, overwrite=config.overwrite)
@@ -274,20 +276,29 @@ def _staging(out_dir: Path):
 def _check_tokenizer(config: ExportConfig) -> str | None:
     """The name of the ``tokenizer.json`` the export ships (``None``: none), checked with
     ExecuTorch's own parser before any long step."""
-    from edgelora.export.tokenizer import check_tokenizer
+    from edgelora.export.tokenizer import check_chat_template, check_tokenizer
 
     shipped = None
     for path in config.tokenizer_files:
         if path.name.endswith(".json") and path.name != "tokenizer_config.json":
             check_tokenizer(path, config.model_args.vocab_size)
             shipped = shipped or path.name
+    if config.chat_template is not None:
+        check_chat_template(
+            config.chat_template,
+            config.chat_template_source or "chat template",
+            config.tokenizer_files,
+        )
     return shipped
 
 
 def _ship_tokenizer(config: ExportConfig, stage: Path, shipped: str | None, log) -> None:
-    """Copy the tokenizer files into the export."""
+    """Copy the tokenizer files into the export, and write its chat template."""
     for path in config.tokenizer_files:
         shutil.copyfile(path, stage / path.name)
+    if config.chat_template is not None:
+        (stage / CHAT_TEMPLATE_FILE).write_text(config.chat_template, encoding="utf-8")
+        log(f"  chat template {CHAT_TEMPLATE_FILE} (from {config.chat_template_source})")
     if shipped:
         log(
             f"  tokenizer {shipped} (checked with ExecuTorch's parser), bos {config.bos_id}, "

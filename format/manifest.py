@@ -135,6 +135,7 @@ class Manifest:
     bos_id: int = 1
     eos_ids: list[int] = field(default_factory=lambda: [2])
     tokenizer: str | None = None  # the tokenizer.json shipped in the export, if any
+    chat_template: str | None = None  # the chat template shipped (chat_template.jinja), if any
     format: str = FORMAT
 
     @property
@@ -174,6 +175,7 @@ class Manifest:
             "bos_id": self.bos_id,
             "eos_ids": list(self.eos_ids),
             "tokenizer": self.tokenizer,
+            "chat_template": self.chat_template,
             "files": {n: vars(e).copy() for n, e in self.files.items()},
         }
 
@@ -215,6 +217,7 @@ class Manifest:
                 bos_id=d.get("bos_id", 1),
                 eos_ids=list(d.get("eos_ids", [2])),
                 tokenizer=d.get("tokenizer"),
+                chat_template=d.get("chat_template"),
                 switchable=None
                 if sw is None
                 else SwitchableEntry(

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from edgelora._quiet import quiet_third_party
 from edgelora.errors import ConfigError, EdgeLoraError
+from edgelora.runtime.chat_cli import add_runtime_flags
+from edgelora.runtime.native import TERMINAL
 
 EPILOG = """\
 evaluation files:
@@ -86,9 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest greedy answer, in tokens (default 32)",
     )
     p.add_argument("--limit", type=int, default=None, help="score only the first N lines")
-    p.add_argument("--separator", default=" ", help="between prompt and answer (default ' ')")
+    p.add_argument(
+        "--separator",
+        default=None,
+        help="between prompt and answer (default ' '; with --chat '')",
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="each task prompt is a user message: render it with the export's chat template "
+        "(or --chat-template), the assistant's turn opened, before encoding; the answer is "
+        "the assistant's reply",
+    )
+    p.add_argument(
+        "--chat-template",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --chat: this Jinja template instead of the export's",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_flags(p)
     return p
 
 
@@ -129,7 +150,7 @@ def evaluate(ns: argparse.Namespace) -> list[dict]:
 
     from edgelora.quality.runtime import export_eos_ids, open_runtime
     from edgelora.quality.scoring import agreement, encode_set, score_set
-    from edgelora.quality.tasks import read_eval_file
+    from edgelora.quality.tasks import as_chat, read_eval_file
     from edgelora.runtime.text import shipped_tokenizer
 
     if ns.lora is not None and ns.reference is None:
@@ -153,14 +174,21 @@ def evaluate(ns: argparse.Namespace) -> list[dict]:
         from edgelora.quality.reference import ReferenceScorer
 
         scorers.append(ReferenceScorer(ns.reference, ns.lora))
+    separator = ns.separator if ns.separator is not None else ("" if ns.chat else " ")
+    if ns.chat:
+        template = _chat_template(ns)
+        sets = [as_chat(s, template) for s in sets]
     rows = []
     for s in sets:
-        encoded = encode_set(s, tokenizer, ns.separator)
+        encoded = encode_set(s, tokenizer, separator)
         results = []
         for scorer in scorers:
 
             def bar(it, label=scorer.label, name=s.name):
-                return tqdm(it, desc=f"{name} [{label}]", disable=ns.no_progress, leave=False)
+                return tqdm(
+                    it, desc=f"{name} [{label}]", disable=ns.no_progress, leave=False,
+                    file=TERMINAL.err,
+                )  # fmt: skip
 
             results.append(
                 score_set(
@@ -176,11 +204,33 @@ def evaluate(ns: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _chat_template(ns: argparse.Namespace):
+    from edgelora.format.chat_template import ChatTemplate, special_tokens, tokenizer_config
+
+    if ns.chat_template is not None:
+        if not ns.chat_template.is_file():
+            raise ConfigError(f"{ns.chat_template}: chat template file not found")
+        directory = ns.target if ns.target.is_dir() else ns.chat_template.parent
+        tokens = special_tokens(tokenizer_config(directory, ConfigError))
+        text = ns.chat_template.read_text(encoding="utf-8")
+        return ChatTemplate(text, tokens, source=str(ns.chat_template), error=ConfigError)
+    template = ChatTemplate.of_dir(ns.target, error=ConfigError) if ns.target.is_dir() else None
+    if template is None:
+        raise ConfigError(
+            f"{ns.target}: --chat needs a chat template (the export has none: pass --chat-template FILE)"
+        )
+    return template
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     quiet_third_party()
+    from edgelora.runtime.native import native_output, set_threads
+
     try:
-        rows = evaluate(ns)
+        with native_output(ns.log, verbose=ns.verbose):
+            set_threads(ns.threads)
+            rows = evaluate(ns)
     except EdgeLoraError as e:
         print(f"edgelora-eval: error: {e}", file=sys.stderr)
         return 1

@@ -4,7 +4,7 @@ the exact-match rule an answer is judged by."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgelora.errors import ConfigError
@@ -76,3 +76,16 @@ def cut_answer(text: str) -> str:
 
 def is_correct(continuation: str, answer: str) -> bool:
     return cut_answer(continuation) == answer.strip()
+
+
+def as_chat(eval_set: EvalSet, template) -> EvalSet:
+    """``eval_set`` with each task prompt a user message rendered by ``template`` (a
+    :class:`~edgelora.format.chat_template.ChatTemplate`), the assistant's turn opened: the
+    answer is the assistant's reply. Text lines stay as they are."""
+    examples = tuple(
+        ex
+        if ex.answer is None
+        else Example(template.render([{"role": "user", "content": ex.prompt}]), ex.answer)
+        for ex in eval_set.examples
+    )
+    return replace(eval_set, examples=examples)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from edgelora._quiet import quiet_third_party
 from edgelora.errors import EdgeLoraError
+from edgelora.runtime.chat_cli import add_runtime_flags
+from edgelora.runtime.native import TERMINAL
 
 
 def _token_ids(text: str) -> list[int]:
@@ -60,18 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="with an export directory: hold the foundation once and run the prompt with each "
         "named adapter in turn ('base' for none), switching in one process; prints each "
         "switch's latency and the process's resident memory. Uses switchable.pte "
-        "(--switchable export), else bundle.pte (--bundle), or what --session names; needs "
+        "(--switchable export), else bundle.pte (--bundle), else NAME.pte, or what --session "
+        "names; needs "
         "--prompt-ids",
     )
     p.add_argument(
         "--session",
-        choices=["auto", "switchable", "bundle", "template"],
+        choices=["auto", "switchable", "bundle", "template", "programs"],
         default="auto",
         help="with --adapters: how to switch. switchable: one program, adapter weights passed "
         "as inputs (fastest switch, slower decode); bundle: one method per adapter; template: "
         "each adapter's program made from template.pte and its NAME.lora.safetensors at the "
         "switch and loaded in place of the previous one (decode at adapter-program speed, "
-        "the foundation packed again per switch); auto: switchable, else bundle",
+        "the foundation packed again per switch); programs: NAME.pte loaded in place of the "
+        "previous program (any export); auto: switchable, else bundle, else programs",
     )
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument(
@@ -81,8 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt token ids, comma separated",
     )
     prompt.add_argument(
-        "--prompt", metavar="TEXT", help="prompt text (needs --tokenizer); greedy decoding"
+        "--prompt",
+        metavar="TEXT",
+        help="prompt text, completed as it is (needs --tokenizer); prints the continuation",
     )
+    prompt.add_argument(
+        "--chat",
+        metavar="TEXT",
+        help="with an export directory: one user message, rendered with the export's chat "
+        "template (see --system); prints only the answer. edgelora-chat holds a conversation",
+    )
+    p.add_argument("--system", metavar="TEXT", default=None, help="with --chat: a system message")
     p.add_argument(
         "--tokenizer",
         type=Path,
@@ -95,8 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        default=16,
-        help="tokens to generate greedily (capped by the program's max_seq_len; default 16)",
+        default=None,
+        help="tokens to generate greedily (capped by the program's max_seq_len; default 16, "
+        "with --chat 256)",
+    )
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="with --prompt-ids: decode all --max-new-tokens steps, past an EOS id (benchmarks "
+        "time a fixed number of steps); by default an EOS id the program reports ends it",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument(
@@ -106,44 +126,59 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.npy",
         help="save the prompt's logits as a [seq, vocab] float32 .npy array",
     )
+    add_runtime_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     quiet_third_party()
-    if ns.max_new_tokens < 0:
-        print("edgelora-run: error: --max-new-tokens must be >= 0", file=sys.stderr)
-        return 2
-    if ns.prompt is not None and ns.tokenizer is None and not ns.pte.is_dir():
-        print(
-            "edgelora-run: error: --prompt needs --tokenizer FILE (or an export directory "
-            "that ships one)",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        from edgelora.runtime.program import LlamaProgram
-        from edgelora.runtime.text import generate_text, resolve_program, shipped_tokenizer
+    from edgelora.runtime.native import native_output
 
-        if ns.adapters is not None:
-            return _switch_demo(ns)
-        if ns.pte.is_dir():
-            if ns.prompt is not None and ns.tokenizer is None:
-                ns.tokenizer = shipped_tokenizer(ns.pte)
-            ns.pte, foundation = resolve_program(ns.pte, ns.adapter)
-            ns.data = ns.data or foundation
-        elif ns.adapter is not None:
-            raise EdgeLoraError("--adapter picks a program from an export directory; got a file")
-        if ns.prompt is not None:
-            return _print_text(
-                ns, generate_text(ns.pte, ns.tokenizer, ns.data, ns.prompt, ns.max_new_tokens)
-            )
-        program = LlamaProgram(ns.pte, ns.data)
-        gen = program.generate(ns.prompt_ids, ns.max_new_tokens)
+    try:
+        with native_output(ns.log, verbose=ns.verbose):
+            return _main(ns)
     except EdgeLoraError as e:
-        print(f"edgelora-run: error: {e}", file=sys.stderr)
+        print(f"edgelora-run: error: {e}", file=TERMINAL.err)
         return 2
+
+
+def _main(ns: argparse.Namespace) -> int:
+    """The command; its errors reach :func:`main`, which prints them once the native output
+    is restored."""
+    ns.max_new_tokens_given = ns.max_new_tokens is not None
+    if ns.max_new_tokens is None:
+        ns.max_new_tokens = 16
+    if ns.chat is not None and not ns.pte.is_dir():
+        raise EdgeLoraError("--chat needs an export directory")
+    if ns.max_new_tokens < 0:
+        raise EdgeLoraError("--max-new-tokens must be >= 0")
+    if ns.prompt is not None and ns.tokenizer is None and not ns.pte.is_dir():
+        raise EdgeLoraError(
+            "--prompt needs --tokenizer FILE (or an export directory that ships one)"
+        )
+    from edgelora.runtime.native import set_threads
+    from edgelora.runtime.program import LlamaProgram
+    from edgelora.runtime.text import generate_text, resolve_program, shipped_tokenizer
+
+    ns.threads = set_threads(ns.threads)
+    if ns.chat is not None:
+        return _chat(ns)
+    if ns.adapters is not None:
+        return _switch_demo(ns)
+    if ns.pte.is_dir():
+        if ns.prompt is not None and ns.tokenizer is None:
+            ns.tokenizer = shipped_tokenizer(ns.pte)
+        ns.pte, foundation = resolve_program(ns.pte, ns.adapter)
+        ns.data = ns.data or foundation
+    elif ns.adapter is not None:
+        raise EdgeLoraError("--adapter picks a program from an export directory; got a file")
+    if ns.prompt is not None:
+        return _print_text(
+            ns, generate_text(ns.pte, ns.tokenizer, ns.data, ns.prompt, ns.max_new_tokens)
+        )
+    program = LlamaProgram(ns.pte, ns.data)
+    gen = program.generate(ns.prompt_ids, ns.max_new_tokens, stop_at_eos=not ns.ignore_eos)
     if ns.logits_out is not None:
         import numpy as np
 
@@ -156,19 +191,22 @@ def main(argv: list[str] | None = None) -> int:
         "prefill_tokens_per_s": round(gen.prefill_tokens_per_s, 2),
         "prefill_ms": round(gen.prefill_s * 1e3, 3),
         "decode_ms_per_token": round(gen.decode_ms_per_token, 4) if gen.decode_s else None,
+        "threads": ns.threads,
     }
     if ns.json:
-        print(json.dumps(result))
+        print(json.dumps(result), file=TERMINAL.out)
     else:
-        print(f"tokens: {' '.join(map(str, gen.tokens))}")
+        print(f"tokens: {' '.join(map(str, gen.tokens))}", file=TERMINAL.out)
         print(
             f"prefill: {len(gen.prompt)} tokens in {result['prefill_ms']:.2f} ms "
-            f"({result['prefill_tokens_per_s']:.1f} tokens/s)"
+            f"({result['prefill_tokens_per_s']:.1f} tokens/s, {ns.threads} threads)",
+            file=TERMINAL.out,
         )
         if gen.decode_s:
             print(
                 f"decode: {result['decode_ms_per_token']:.3f} ms/token (median of "
-                f"{len(gen.decode_s)} steps)"
+                f"{len(gen.decode_s)} steps)",
+                file=TERMINAL.out,
             )
     return 0
 
@@ -188,7 +226,7 @@ def _switch_demo(ns: argparse.Namespace) -> int:
     results = []
     for name in names:
         switch_s = session.use_adapter(name)
-        gen = session.generate(ns.prompt_ids, ns.max_new_tokens)
+        gen = session.generate(ns.prompt_ids, ns.max_new_tokens, stop_at_eos=not ns.ignore_eos)
         results.append(
             {
                 "adapter": name,
@@ -199,17 +237,21 @@ def _switch_demo(ns: argparse.Namespace) -> int:
             }
         )
     if ns.json:
-        print(json.dumps({"export": str(ns.pte), "mode": session.mode, "runs": results}))
+        print(
+            json.dumps({"export": str(ns.pte), "mode": session.mode, "runs": results}),
+            file=TERMINAL.out,
+        )
         return 0
     how = "a program per switch" if session.mode == "template" else "foundation loaded once"
-    print(f"{ns.pte} ({session.mode}.pte, {how})")
+    print(f"{ns.pte} ({session.mode}.pte, {how})", file=TERMINAL.out)
     for r in results:
         decode = (
             "" if r["decode_ms_per_token"] is None else f", {r['decode_ms_per_token']:.3f} ms/token"
         )
         print(
             f"  {r['adapter']:>12}: switch {r['switch_ms']:.2f} ms, RSS {r['rss_mib']:.0f} MiB"
-            f"{decode}; tokens {' '.join(map(str, r['tokens']))}"
+            f"{decode}; tokens {' '.join(map(str, r['tokens']))}",
+            file=TERMINAL.out,
         )
     return 0
 
@@ -226,14 +268,34 @@ def _print_text(ns: argparse.Namespace, gen) -> int:
         "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2),
     }
     if ns.json:
-        print(json.dumps(result))
+        print(json.dumps(result), file=TERMINAL.out)
     else:
-        print(f"{gen.prompt}{gen.text}")
+        print(gen.text, file=TERMINAL.out)
         print(
             f"{gen.prompt_tokens} prompt tokens, {gen.generated_tokens} generated; time to first "
             f"token {result['time_to_first_token_ms']:.1f} ms, decode "
-            f"{result['decode_tokens_per_s']:.1f} tokens/s"
+            f"{result['decode_tokens_per_s']:.1f} tokens/s",
+            file=TERMINAL.err,
         )
+    return 0
+
+
+def _chat(ns: argparse.Namespace) -> int:
+    """``--chat TEXT``: one turn in the export's template; only the answer is printed."""
+    from edgelora.runtime.chat import Chat
+
+    if ns.adapters is not None or ns.data is not None:
+        raise EdgeLoraError("--chat takes --adapter NAME, not --adapters or --data")
+    chat = Chat(ns.pte, adapter=ns.adapter, system=ns.system)
+    max_new = ns.max_new_tokens if ns.max_new_tokens_given else 256
+    reply = chat.say(ns.chat, max_new_tokens=max_new)
+    if ns.json:
+        print(
+            json.dumps({"answer": reply.text, "tokens": reply.tokens, "stopped": reply.stopped}),
+            file=TERMINAL.out,
+        )
+    else:
+        print(reply.text, file=TERMINAL.out)
     return 0
 
 

@@ -129,8 +129,23 @@ class LlamaProgram:
         out = self._forward.execute([t, pos, *self.extra_inputs])[0]
         return out.reshape(-1, out.shape[-1])
 
-    def generate(self, prompt: list[int], max_new_tokens: int) -> Generation:
-        """Prefill ``prompt`` in one call, then decode ``max_new_tokens`` greedily."""
+    @property
+    def eos_ids(self) -> set[int]:
+        """The ids that end generation, as the program reports them (``get_eos_ids``)."""
+        eos = self.metadata.get("get_eos_ids", [])
+        if isinstance(eos, torch.Tensor):
+            eos = eos.flatten().tolist()
+        if not isinstance(eos, list):
+            eos = [eos]
+        return {int(e) for e in eos}
+
+    def generate(
+        self, prompt: list[int], max_new_tokens: int, *, stop_at_eos: bool = False
+    ) -> Generation:
+        """Prefill ``prompt`` in one call, then decode up to ``max_new_tokens`` greedily; with
+        ``stop_at_eos``, an EOS id the program reports ends it (the CLIs do, unless
+        ``--ignore-eos``; benchmarks and the output match time or compare a fixed number of
+        steps)."""
         if not prompt:
             raise ProgramError("the prompt must hold at least one token")
         vocab = self.metadata.get("get_vocab_size")
@@ -140,4 +155,5 @@ class LlamaProgram:
                 f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})"
             )
         max_new_tokens = min(max_new_tokens, self.max_seq_len - len(prompt))
-        return greedy_generate(self.forward, prompt, max_new_tokens)
+        stop = self.eos_ids if stop_at_eos else ()
+        return greedy_generate(self.forward, prompt, max_new_tokens, stop)

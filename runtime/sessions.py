@@ -17,8 +17,12 @@ Two layouts of an export directory can do this, each a small class with the same
   file. A switch loads a program, so XNNPACK packs the foundation again (this runtime has no
   shared weight cache): slower switches, one program in memory at a time.
 
-:func:`AdapterSession` opens whichever the export has (switchable preferred) or the ``mode``
-asked for. A switch starts a new sequence: ``generate`` prefills from position 0, and
+* :class:`ProgramsSession` (any export): a switch loads ``NAME.pte`` in place of the previous
+  program. Decode at the adapter program's speed; XNNPACK packs the foundation again per
+  switch.
+
+:func:`AdapterSession` opens whichever the export has (switchable, else bundle, else separate
+programs) or the ``mode`` asked for. A switch starts a new sequence: ``generate`` prefills from position 0, and
 ``append`` (a conversation's next turn) continues from the current position, which a switch
 resets -- one adapter's KV cache is never read by another's tokens.
 """
@@ -39,7 +43,7 @@ from edgelora.format.template import patch_template, program_from_inputs, slot_w
 from edgelora.generation import Generation
 from edgelora.runtime.program import LlamaProgram
 
-MODES = ("auto", "switchable", "bundle", "template")
+MODES = ("auto", "switchable", "bundle", "template", "programs")
 
 
 class _Session:
@@ -55,10 +59,12 @@ class _Session:
 
     position = 0  # the next position of the current sequence
 
-    def generate(self, prompt: list[int], max_new_tokens: int) -> Generation:
+    def generate(
+        self, prompt: list[int], max_new_tokens: int, *, stop_at_eos: bool = False
+    ) -> Generation:
         """A new sequence: prefill ``prompt`` from position 0, decode greedily."""
         self.position = 0
-        gen = self.program.generate(prompt, max_new_tokens)
+        gen = self.program.generate(prompt, max_new_tokens, stop_at_eos=stop_at_eos)
         self.position = len(prompt) + max(len(gen.tokens) - 1, 0)  # the last token is not fed
         return gen
 
@@ -181,18 +187,52 @@ class TemplateSession(_Session):
         return time.perf_counter() - t
 
 
+class ProgramsSession(_Session):
+    """``base.pte`` and ``NAME.pte``: one loaded at a time (see the module docstring)."""
+
+    mode = "programs"
+
+    def __init__(self, export_dir: Path, manifest: Manifest) -> None:
+        self._dir, self._programs = export_dir, manifest.programs
+        self.adapters = [n for n in manifest.programs if n != BASE_PROGRAM]
+        self._current = ""
+        self.use_adapter(None)
+
+    @property
+    def adapter(self) -> str | None:
+        return None if self._current == BASE_PROGRAM else self._current
+
+    def use_adapter(self, name: str | None) -> float:
+        """Switch to adapter ``name`` (``None``/``"base"``: none); returns the seconds taken."""
+        name = self._check(name)
+        if name not in self._programs:
+            raise ProgramError(f"this export has no {name}.pte (have: {sorted(self._programs)})")
+        if name == self._current:
+            self.position = 0
+            return 0.0
+        t = time.perf_counter()
+        entry = self._programs[name]
+        self.program = None  # release the previous program (and its packed foundation) first
+        self.program = LlamaProgram(self._dir / entry.file, self._dir / entry.foundation)
+        self._current = name
+        self.position = 0  # a switch starts a new sequence
+        return time.perf_counter() - t
+
+
 def AdapterSession(  # noqa: N802 - a factory standing in for the class users construct
     export_dir: str | Path, mode: str = "auto"
-) -> SwitchableSession | BundleSession | TemplateSession:
+) -> SwitchableSession | BundleSession | TemplateSession | ProgramsSession:
     """The session of an export directory: ``mode`` ``switchable``, ``bundle``, ``template``,
-    or ``auto`` (switchable if the export has it). :class:`ProgramError` if the export has no
-    such program."""
+    ``programs``, or ``auto`` (switchable, else bundle, else programs: what the export has).
+    :class:`ProgramError` if the export has no such program."""
     export_dir = Path(export_dir)
     if mode not in MODES:
         raise ProgramError(f"mode must be one of {MODES}, got {mode!r}")
     manifest = read_export(export_dir)
     if mode == "auto":
-        mode = "switchable" if manifest.switchable else "bundle"
+        mode = "switchable" if manifest.switchable else "bundle" if manifest.bundle else "programs"
+    if mode == "programs":
+        return ProgramsSession(export_dir, manifest)
     if mode == "template":
         if manifest.switchable is None or manifest.switchable.template is None:
             raise ProgramError(

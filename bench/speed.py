@@ -1,0 +1,272 @@
+"""Speed on a real model, side by side with llama.cpp: prefill and decode at 1 and 2 threads,
+with and without a LoRA adapter, every candidate fed the same token ids.
+
+    python bench/speed.py [--work DIR] [--rounds 3] [--threads 1,2]
+                          [--json bench/results/speed-smollm2-135m.json]
+
+* **Model**: SmolLM2-135M-Instruct (:mod:`edgelora.realmodels`), and the adapter
+  ``examples/smollm2/train.py`` trained (``isodate``, rank 8 on all seven projections).
+* **Ours**: the default recipe (``q4_k_m``) exported with the adapter and ``--switchable``:
+  ``base.pte``, ``isodate.pte`` (the adapter lowered into its program) and ``switchable.pte``
+  with the adapter's weights as inputs; and the 8-bit preset (``q8_0``), base only.
+* **llama.cpp** (``llama-cpp-python``, built as ``bench/quality.py`` says): Q4_0, Q4_K_M and
+  Q8_0 of the model's own GGUF (``llama_model_quantize``), each also with the adapter as a GGUF
+  LoRA (``--lora``), converted from the PEFT directory by llama.cpp's own
+  ``convert_lora_to_gguf.py`` (from the ``llama-cpp-python`` sdist pip downloads, f16).
+* **Measured**: prefill tokens/s of a 128-token prompt (median of 3) and decode ms/token (the
+  median of 64 steps, each fed the next id of the same text: teacher-forced, so every
+  candidate runs exactly the same positions). Each candidate runs in its own process, the
+  candidates alternate within each round, ``--rounds`` rounds; a figure is the median over
+  rounds. The threadpool size is set before the program is loaded (ours:
+  ``_unsafe_reset_threadpool``; llama.cpp: ``n_threads``/``n_threads_batch``).
+
+llama.cpp's threads spin at barriers and starve when another process holds a core, and so do
+ours: run it on an idle machine (the JSON records the load average at start and end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from edgelora.realmodels import MODELS, cache_dir, gguf_file, hf_dir  # noqa: E402
+from quality import export, llama_cpp_files  # noqa: E402
+
+ADAPTER = ROOT / "examples" / "smollm2" / "adapters" / "isodate"
+PROMPT_TOKENS, DECODE_STEPS = 128, 64
+SDIST = "llama-cpp-python==0.3.36"  # the version bench/quality.py's build is
+
+
+def lora_gguf(hf: Path, work: Path) -> Path:
+    """The adapter as a GGUF LoRA, by llama.cpp's own converter."""
+    out = work / "isodate-lora-f16.gguf"
+    if out.is_file():
+        return out
+    sdist_dir = cache_dir() / "sdist"
+    sdist_dir.mkdir(parents=True, exist_ok=True)
+    found = list(sdist_dir.glob("llama_cpp_python-*.tar.gz"))
+    if not found:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+             SDIST], cwd=sdist_dir, check=True,
+        )  # fmt: skip
+        found = list(sdist_dir.glob("llama_cpp_python-*.tar.gz"))
+    src = sdist_dir / found[0].name.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
+    if not (src / "convert_lora_to_gguf.py").is_file():
+        import tarfile
+
+        with tarfile.open(found[0]) as tar:
+            members = [
+                m for m in tar.getmembers()
+                if "/vendor/llama.cpp/convert_" in m.name or "/vendor/llama.cpp/gguf-py/" in m.name
+            ]  # fmt: skip
+            tar.extractall(sdist_dir, members=members, filter="data")
+    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
+    done = subprocess.run(
+        [sys.executable, str(src / "convert_lora_to_gguf.py"), str(ADAPTER), "--base", str(hf),
+         "--outtype", "f16", "--outfile", str(out)],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    if done.returncode:
+        raise SystemExit(
+            f"convert_lora_to_gguf failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
+    return out
+
+
+def token_ids(hf: Path) -> tuple[list[int], list[int]]:
+    from tokenizers import Tokenizer
+
+    from edgelora.quant.calibrate import held_out_text
+
+    tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    ids = tok.encode(held_out_text(), add_special_tokens=False).ids
+    return ids[:PROMPT_TOKENS], ids[PROMPT_TOKENS : PROMPT_TOKENS + DECODE_STEPS]
+
+
+# --- the worker: one candidate, one thread count, in its own process ----------------------
+def worker(spec: dict) -> dict:
+    prompt, steps, threads = spec["prompt"], spec["steps"], spec["threads"]
+    if spec["kind"] == "et":
+        from edgelora.runtime.native import native_output, set_threads
+
+        with native_output(None):
+            set_threads(threads)
+            forward = _et_forward(spec)
+            return _measure(forward, prompt, steps)
+    import llama_cpp
+
+    kw = {"lora_path": spec["lora"]} if spec.get("lora") else {}
+    llm = llama_cpp.Llama(
+        spec["path"], n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads,
+        verbose=False, **kw,
+    )  # fmt: skip
+
+    def forward(tokens: list[int], start: int) -> None:
+        llm.n_tokens = start  # rewind the KV cache to ``start``
+        llm.eval(tokens)
+
+    return _measure(forward, prompt, steps)
+
+
+def _et_forward(spec: dict):
+    out = Path(spec["path"])
+    if spec.get("session"):
+        from edgelora.runtime.sessions import AdapterSession
+
+        session = AdapterSession(out, spec["session"])
+        session.use_adapter(spec.get("adapter"))
+        program = session.program
+    else:
+        from edgelora.format.manifest import read_export
+        from edgelora.runtime.program import LlamaProgram
+
+        entry = read_export(out).programs[spec.get("adapter") or "base"]
+        program = LlamaProgram(out / entry.file, out / entry.foundation)
+    return program.forward
+
+
+def _measure(forward, prompt: list[int], steps: list[int]) -> dict:
+    forward(prompt, 0)  # warm-up (XNNPACK packs, llama.cpp maps)
+    prefill = []
+    for _ in range(3):
+        t = time.perf_counter()
+        forward(prompt, 0)
+        prefill.append(time.perf_counter() - t)
+    decode = []
+    for i, tok in enumerate(steps):
+        t = time.perf_counter()
+        forward([tok], len(prompt) + i)
+        decode.append(time.perf_counter() - t)
+    return {
+        "prefill_tokens_per_s": len(prompt) / statistics.median(prefill),
+        "decode_ms_per_token": 1e3 * statistics.median(decode),
+    }
+
+
+# --- the driver ----------------------------------------------------------------------------
+def candidates(work: Path, hf: Path) -> dict[str, dict]:
+    default, q8 = work / "q4_k_m-isodate", work / "q8_0"
+    times = {}
+    if not (default / "manifest.json").is_file():
+        times["q4_k_m-isodate"] = export(
+            ["--lora", f"isodate={ADAPTER}", "--switchable"], hf, default
+        )
+    if not (q8 / "manifest.json").is_file():
+        times["q8_0"] = export(["--recipe", "q8_0"], hf, q8)
+    llama = llama_cpp_files(gguf_file(MODELS["smollm2-135m"]), work)
+    lora = str(lora_gguf(hf, work))
+    out = {
+        "ours q4_k_m (default)": {"kind": "et", "path": str(default)},
+        "ours q4_k_m + isodate.pte": {"kind": "et", "path": str(default), "adapter": "isodate"},
+        "ours q4_k_m switchable + isodate": {
+            "kind": "et",
+            "path": str(default),
+            "adapter": "isodate",
+            "session": "switchable",
+        },
+        "ours q8_0": {"kind": "et", "path": str(q8)},
+    }
+    for name, path in llama.items():
+        out[f"llama.cpp {name}"] = {"kind": "llama", "path": str(path)}
+        out[f"llama.cpp {name} + --lora"] = {"kind": "llama", "path": str(path), "lora": lora}
+    return out
+
+
+def run_worker(spec: dict) -> dict:
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True
+    )
+    if done.returncode:
+        raise SystemExit(f"worker {spec['kind']} {spec['path']} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(rows: dict[str, dict], threads: list[int]) -> str:
+    head = "| candidate | " + " | ".join(f"{t} thread{'s' * (t > 1)}" for t in threads) + " |"
+    lines = [
+        "decode ms/token (prefill tokens/s of a 128-token prompt), medians over rounds",
+        "",
+        head,
+        "|---|" + "---:|" * len(threads),
+    ]
+    for name, by_t in rows.items():
+        cells = [
+            f"{by_t[str(t)]['decode_ms_per_token']:.2f} ({by_t[str(t)]['prefill_tokens_per_s']:.0f})"
+            for t in threads
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--work", type=Path, default=cache_dir() / "smollm2-135m" / "speed")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--only", default=None, help="comma-separated substrings of candidate names")
+    p.add_argument(
+        "--json", type=Path, default=ROOT / "bench" / "results" / "speed-smollm2-135m.json"
+    )
+    ns = p.parse_args()
+    if ns.worker:
+        print(json.dumps(worker(json.loads(ns.worker))))
+        return
+    threads = [int(t) for t in ns.threads.split(",")]
+    ns.work.mkdir(parents=True, exist_ok=True)
+    hf = hf_dir(MODELS["smollm2-135m"])
+    prompt, steps = token_ids(hf)
+    cands = candidates(ns.work, hf)
+    if ns.only:
+        keys = ns.only.split(",")
+        cands = {n: c for n, c in cands.items() if any(k in n for k in keys)}
+    load = [os.getloadavg()[0]]
+    samples: dict[str, dict[str, list[dict]]] = {n: {str(t): [] for t in threads} for n in cands}
+    for r in range(ns.rounds):
+        for t in threads:
+            for name, spec in cands.items():
+                got = run_worker({**spec, "threads": t, "prompt": prompt, "steps": steps})
+                samples[name][str(t)].append(got)
+                print(
+                    f"round {r + 1}/{ns.rounds} {t}t {name}: decode "
+                    f"{got['decode_ms_per_token']:.2f} ms, prefill "
+                    f"{got['prefill_tokens_per_s']:.0f} tok/s",
+                    flush=True,
+                )
+    load.append(os.getloadavg()[0])
+    rows = {
+        n: {
+            t: {k: statistics.median(s[k] for s in runs) for k in runs[0]}
+            for t, runs in by_t.items()
+        }
+        for n, by_t in samples.items()
+    }
+    result = {
+        "model": "smollm2-135m",
+        "adapter": "examples/smollm2/adapters/isodate",
+        "prompt_tokens": len(prompt),
+        "decode_steps": len(steps),
+        "rounds": ns.rounds,
+        "load_average_start_end": load,
+        "cpu_count": os.cpu_count(),
+        "rows": rows,
+        "samples": samples,
+    }
+    ns.json.parent.mkdir(parents=True, exist_ok=True)
+    ns.json.write_text(json.dumps(result, indent=2) + "\n")
+    md = table(rows, threads)
+    ns.json.with_suffix(".md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
