@@ -172,9 +172,7 @@ def greedy_answer(model, tok, user: str, end: int, max_new: int = 16) -> str:
 
 
 def accuracy(model, tok, rows, end: int) -> float:
-    return sum(greedy_answer(model, tok, r["prompt"], end) == r["answer"] for r in rows) / len(
-        rows
-    )
+    return sum(greedy_answer(model, tok, r["prompt"], end) == r["answer"] for r in rows) / len(rows)
 
 
 def main() -> None:
