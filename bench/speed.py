@@ -8,7 +8,8 @@ with and without a LoRA adapter, every candidate fed the same token ids.
   ``examples/smollm2/train.py`` trained (``isodate``, rank 8 on all seven projections).
 * **Ours**: the default recipe (``q4_k_m``) exported with the adapter and ``--switchable``:
   ``base.pte``, ``isodate.pte`` (the adapter lowered into its program) and ``switchable.pte``
-  with the adapter's weights as inputs; and the 8-bit preset (``q8_0``), base only.
+  with the adapter's weights as inputs; and the 8-bit preset (``q8_0``) ``base.pte`` (the
+  exports ``bench/adapter_quality.py`` measures, shared through ``--work``).
 * **llama.cpp** (``llama-cpp-python``, built as ``bench/quality.py`` says): Q4_0, Q4_K_M and
   Q8_0 of the model's own GGUF (``llama_model_quantize``), each also with the adapter as a GGUF
   LoRA (``--lora``), converted from the PEFT directory by llama.cpp's own

@@ -5,6 +5,7 @@ and the chat template it carries, found, parsed and rendered once before any lon
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,22 +22,27 @@ def check_tokenizer(path: Path, vocab_size: int) -> None:
     """Load ``path`` as ExecuTorch's runner does (a Hugging Face ``tokenizer.json``);
     :class:`ConfigError` naming the file and the parser's reason if it cannot, or if its ids
     do not fit the model's vocabulary."""
-    from pytorch_tokenizers import CppHFTokenizer
-
-    tok = CppHFTokenizer()
     # The parser logs its reason to the process's stderr (C++), then raises a bare error:
-    # capture the file descriptor to give the reason in the message.
+    # capture the file descriptors to give the reason in the message (and to keep its
+    # informational lines, "I tokenizers:regex.cpp:40] ...", out of the export's output).
     with tempfile.TemporaryFile(mode="w+b") as err:
-        saved = os.dup(2)
-        os.dup2(err.fileno(), 2)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = {fd: os.dup(fd) for fd in (1, 2)}
+        for fd in saved:
+            os.dup2(err.fileno(), fd)
         try:
+            from pytorch_tokenizers import CppHFTokenizer
+
+            tok = CppHFTokenizer()
             tok.load(str(path))
             failure = None
         except RuntimeError as e:
             failure = str(e)
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            for fd, dup in saved.items():
+                os.dup2(dup, fd)
+                os.close(dup)
         err.seek(0)
         log = err.read().decode(errors="replace")
     if failure is not None:
