@@ -207,3 +207,44 @@ def test_special_token_flags_override_the_checkpoint(tiny_args, tmp_path):
     assert (cfg.bos_id, cfg.eos_ids) == (5, (8, 11))
     cfg = config_from_args(build_parser().parse_args(argv), tiny_args, None)
     assert (cfg.bos_id, cfg.eos_ids, cfg.tokenizer_files) == (1, (2,), ())
+
+
+def test_chat_template_found_overridden_and_checked(tmp_path, tiny_args, capsys):
+    """The checkpoint directory's template travels (its end-of-turn token joins the EOS ids);
+    --chat-template FILE wins; a template that does not parse fails before the first stage,
+    naming the file and line."""
+    from edgelora.export.cli import config_from_args
+    from edgelora.runtime.tokenizer import write_char_tokenizer
+    from edgelora.weights.checkpoint import Checkpoint
+
+    from ..chat_templates import CHATML, GEMMA3
+    from ..conftest import chat_tokens
+    from ..tiny import TINY
+
+    tokenizer = write_char_tokenizer(tmp_path / "tokenizer.json", tiny_args.vocab_size)
+    chat_tokens(tokenizer)  # <|im_start|>, <|im_end|> as the last two ids
+    (tmp_path / "chat_template.jinja").write_text(CHATML)
+    ckpt = Checkpoint(tmp_path, "hf", {}, special_tokens={"eos_ids": [2]})
+    ckpt.tokenizer_files = [tokenizer]
+    argv = ["--params", "p.json", "--output-dir", str(tmp_path / "o")]
+    cfg = config_from_args(build_parser().parse_args(argv), tiny_args, ckpt)
+    im_end = tiny_args.vocab_size - 1
+    assert cfg.chat_template == CHATML and cfg.eos_ids == (2, im_end)
+    assert cfg.chat_template_source == str(tmp_path / "chat_template.jinja")
+    other = tmp_path / "gemma.jinja"
+    other.write_text(GEMMA3)
+    cfg = config_from_args(
+        build_parser().parse_args([*argv, "--chat-template", str(other)]), tiny_args, ckpt
+    )
+    assert cfg.chat_template == GEMMA3 and cfg.eos_ids == (2,)  # no <end_of_turn> token here
+    cfg = config_from_args(build_parser().parse_args([*argv, "--eos-id", "5"]), tiny_args, ckpt)
+    assert cfg.eos_ids == (5,)  # --eos-id is taken as given
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{{ messages[0].content }}\n{% if x %}")
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(TINY))
+    code = main(["--params", str(params), "--chat-template", str(broken),
+                 "--output-dir", str(tmp_path / "o2")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "broken.jinja: not a valid chat template (line 2" in err, err
+    assert not (tmp_path / "o2").exists()
