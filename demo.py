@@ -79,15 +79,22 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="score only the first N held-out prompts of each task (default: all 200)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads of the runtime's threadpool (default: one per core)",
+    )
     ns = p.parse_args(argv)
     quiet_third_party()
-    from edgelora.runtime.native import TERMINAL, native_output
+    from edgelora.runtime.native import TERMINAL, native_output, set_threads
 
     work = Path(tempfile.mkdtemp(prefix="edgelora-demo-"))
     native_log = work / "native.log"
     with native_output(native_log):
         say = functools.partial(print, file=TERMINAL.out, flush=True)
         try:
+            set_threads(ns.threads)
             run = _tiny if ns.model == "tiny" else _smollm2
             return run(ns, work, say)
         except EdgeLoraError as e:
@@ -226,7 +233,7 @@ def _smollm2(ns: argparse.Namespace, work: Path, say) -> int:
         _export([*argv, f"--lora={SMOLLM2_ADAPTER}={adapter}"], say)
     manifest = read_export(out)
     _files(manifest, say)
-    threads = set_threads(None)
+    threads = set_threads(None)  # (what main set)
 
     say(f"\nchat in the model's own template ({manifest.chat_template}), greedy:")
     for name in ("base", SMOLLM2_ADAPTER):
