@@ -61,13 +61,14 @@ def lora_gguf(hf: Path, work: Path) -> Path:
         )  # fmt: skip
         found = list(sdist_dir.glob("llama_cpp_python-*.tar.gz"))
     src = sdist_dir / found[0].name.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
-    if not (src / "convert_lora_to_gguf.py").is_file():
+    if not (src / "conversion" / "__init__.py").is_file():
         import tarfile
 
         with tarfile.open(found[0]) as tar:
             members = [
                 m for m in tar.getmembers()
-                if "/vendor/llama.cpp/convert_" in m.name or "/vendor/llama.cpp/gguf-py/" in m.name
+                if any(f"/vendor/llama.cpp/{p}" in m.name
+                       for p in ("convert_", "conversion/", "gguf-py/"))
             ]  # fmt: skip
             tar.extractall(sdist_dir, members=members, filter="data")
     env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
