@@ -90,7 +90,7 @@ def token_ids(hf: Path) -> tuple[list[int], list[int]]:
     from edgelora.quant.calibrate import held_out_text
 
     tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
-    ids = tok.encode(held_out_text(), add_special_tokens=False).ids
+    ids = tok.encode("\n\n".join(held_out_text()), add_special_tokens=False).ids
     return ids[:PROMPT_TOKENS], ids[PROMPT_TOKENS : PROMPT_TOKENS + DECODE_STEPS]
 
 
