@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgelora.errors import ProgramError
-from edgelora.format.chat_template import CHAT_TEMPLATE_FILE, ChatTemplate
+from edgelora.format.chat_template import (
+    CHAT_TEMPLATE_FILE,
+    ChatTemplate,
+    special_tokens,
+    tokenizer_config,
+)
 from edgelora.format.manifest import read_export
 from edgelora.runtime.sessions import AdapterSession
 from edgelora.runtime.text import shipped_tokenizer
@@ -53,20 +58,17 @@ class Chat:
         manifest = read_export(export_dir)
         if template is not None:
             path = Path(template)
-            if not path.is_file():
-                raise ProgramError(f"{path}: chat template file not found")
-            text = path.read_text(encoding="utf-8")
-            source = str(path)
-        elif manifest.chat_template == CHAT_TEMPLATE_FILE:
+        elif manifest.chat_template == CHAT_TEMPLATE_FILE:  # the one name a manifest may give
             path = export_dir / CHAT_TEMPLATE_FILE
-            text, source = path.read_text(encoding="utf-8"), str(path)
         else:
             raise ProgramError(
                 f"{export_dir}: the export carries no chat template (re-export from a checkpoint "
                 "that has one, or with --chat-template FILE; or pass --chat-template here)"
             )
-        from edgelora.format.chat_template import special_tokens, tokenizer_config
-
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ProgramError(f"{path}: cannot read the chat template ({e})") from None
         tokens = special_tokens(tokenizer_config(export_dir))
         self.template = ChatTemplate(text, tokens, source=source)
         tokenizer_path = shipped_tokenizer(export_dir)
