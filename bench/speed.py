@@ -8,7 +8,8 @@ with and without a LoRA adapter, every candidate fed the same token ids.
   ``examples/smollm2/train.py`` trained (``isodate``, rank 8 on all seven projections).
 * **Ours**: the default recipe (``q4_k_m``) exported with the adapter and ``--switchable``:
   ``base.pte``, ``isodate.pte`` (the adapter lowered into its program) and ``switchable.pte``
-  with the adapter's weights as inputs; and the 8-bit preset (``q8_0``) ``base.pte`` (the
+  with the adapter's weights as inputs; ``isodate.pte`` with ``--adapter-dtype int8`` (int8
+  adapter weights under fp32 activations); and the 8-bit preset (``q8_0``) ``base.pte`` (the
   exports ``bench/adapter_quality.py`` measures, shared through ``--work``).
 * **llama.cpp** (``llama-cpp-python``, built as ``bench/quality.py`` says): Q4_0, Q4_K_M and
   Q8_0 of the model's own GGUF (``llama_model_quantize``), each also with the adapter as a GGUF
@@ -156,19 +157,27 @@ def _measure(forward, prompt: list[int], steps: list[int]) -> dict:
 
 # --- the driver ----------------------------------------------------------------------------
 def candidates(work: Path, hf: Path) -> dict[str, dict]:
-    default, q8 = work / "q4_k_m-isodate", work / "q8_0"
-    times = {}
-    if not (default / "manifest.json").is_file():
-        times["q4_k_m-isodate"] = export(
-            ["--lora", f"isodate={ADAPTER}", "--switchable"], hf, default
-        )
-    if not (q8 / "manifest.json").is_file():
-        times["q8_0"] = export(["--recipe", "q8_0"], hf, q8)
+    # (the exports bench/adapter_quality.py measures)
+    default, q8 = work / "q4_k_m-isodate", work / "q8_0-isodate"
+    int8 = work / "q4_k_m-isodate-int8"
+    lora = ["--lora", f"isodate={ADAPTER}"]
+    for out, flags in (
+        (default, [*lora, "--switchable"]),
+        (q8, ["--recipe", "q8_0", *lora]),
+        (int8, [*lora, "--adapter-dtype", "int8"]),
+    ):
+        if not (out / "manifest.json").is_file():
+            export(flags, hf, out)
     llama = llama_cpp_files(gguf_file(MODELS["smollm2-135m"]), work)
-    lora = str(lora_gguf(hf, work))
+    gguf_lora = str(lora_gguf(hf, work))
     out = {
         "ours q4_k_m (default)": {"kind": "et", "path": str(default)},
         "ours q4_k_m + isodate.pte": {"kind": "et", "path": str(default), "adapter": "isodate"},
+        "ours q4_k_m + isodate.pte (int8 adapter)": {
+            "kind": "et",
+            "path": str(int8),
+            "adapter": "isodate",
+        },
         "ours q4_k_m switchable + isodate": {
             "kind": "et",
             "path": str(default),
@@ -179,7 +188,7 @@ def candidates(work: Path, hf: Path) -> dict[str, dict]:
     }
     for name, path in llama.items():
         out[f"llama.cpp {name}"] = {"kind": "llama", "path": str(path)}
-        out[f"llama.cpp {name} + --lora"] = {"kind": "llama", "path": str(path), "lora": lora}
+        out[f"llama.cpp {name} + --lora"] = {"kind": "llama", "path": str(path), "lora": gguf_lora}
     return out
 
 
