@@ -58,6 +58,19 @@ class _Session:
         return name
 
     position = 0  # the next position of the current sequence
+    _current = ""  # the adapter whose program runs ("base": none; "": none loaded yet)
+
+    @property
+    def adapter(self) -> str | None:
+        return None if self._current in (BASE_PROGRAM, "") else self._current
+
+    def _load(self, name: str, program: Path, foundation: Path) -> None:
+        """Load ``program`` in place of the current one (released first, with its packed
+        foundation) as adapter ``name``'s, and start a new sequence."""
+        self.program = None
+        self.program = LlamaProgram(program, foundation)
+        self._current = name
+        self.position = 0  # a switch starts a new sequence
 
     def generate(
         self, prompt: list[int], max_new_tokens: int, *, stop_at_eos: bool = False
@@ -93,10 +106,6 @@ class SwitchableSession(_Session):
         self.program = LlamaProgram(export_dir / entry.file, export_dir / entry.foundation)
         self.program.extra_inputs = zeros
         self._current = BASE_PROGRAM
-
-    @property
-    def adapter(self) -> str | None:
-        return None if self._current == BASE_PROGRAM else self._current
 
     def use_adapter(self, name: str | None) -> float:
         """Switch to adapter ``name`` (``None``/``"base"``: none); returns the seconds taken."""
@@ -151,12 +160,7 @@ class TemplateSession(_Session):
         self._scratch = tempfile.TemporaryDirectory(prefix="edgelora-template-")
         base = manifest.programs.get(BASE_PROGRAM)
         self._base = None if base is None else export_dir / base.file
-        self._current = ""
         self.use_adapter(None)
-
-    @property
-    def adapter(self) -> str | None:
-        return None if self._current == BASE_PROGRAM else self._current
 
     def use_adapter(self, name: str | None) -> float:
         """Switch to adapter ``name`` (``None``/``"base"``: none); returns the seconds taken
@@ -180,10 +184,7 @@ class TemplateSession(_Session):
                 raise ProgramError(str(e)) from None
             path = Path(self._scratch.name) / program_file(name)
             path.write_bytes(data)
-        self.program = None  # release the previous program (and its packed foundation) first
-        self.program = LlamaProgram(path, self._dir / self._entry.foundation)
-        self._current = name
-        self.position = 0  # a switch starts a new sequence
+        self._load(name, path, self._dir / self._entry.foundation)
         return time.perf_counter() - t
 
 
@@ -195,12 +196,7 @@ class ProgramsSession(_Session):
     def __init__(self, export_dir: Path, manifest: Manifest) -> None:
         self._dir, self._programs = export_dir, manifest.programs
         self.adapters = [n for n in manifest.programs if n != BASE_PROGRAM]
-        self._current = ""
         self.use_adapter(None)
-
-    @property
-    def adapter(self) -> str | None:
-        return None if self._current == BASE_PROGRAM else self._current
 
     def use_adapter(self, name: str | None) -> float:
         """Switch to adapter ``name`` (``None``/``"base"``: none); returns the seconds taken."""
@@ -212,10 +208,7 @@ class ProgramsSession(_Session):
             return 0.0
         t = time.perf_counter()
         entry = self._programs[name]
-        self.program = None  # release the previous program (and its packed foundation) first
-        self.program = LlamaProgram(self._dir / entry.file, self._dir / entry.foundation)
-        self._current = name
-        self.position = 0  # a switch starts a new sequence
+        self._load(name, self._dir / entry.file, self._dir / entry.foundation)
         return time.perf_counter() - t
 
 
