@@ -1,30 +1,49 @@
-"""Fuzz our readers with mutated files for a bounded time; count inputs and crashes.
+"""Coverage-guided fuzzing (atheris, libFuzzer) of every reader of user files.
 
-    python bench/fuzz.py EXPORT_DIR ADAPTER_DIR PARAMS_JSON [--seconds 60 per target]
+    python bench/fuzz.py [--seconds 120] [--targets pte,manifest,...] [--work DIR]
         [--json bench/results/fuzz.json]
 
-Seeds are real files: a program and the foundation from an export (``EXPORT_DIR/chat.pte`` or
-the first adapter program, ``foundation.ptd``), a PEFT adapter directory, a params.json, and a
-checkpoint written from the params. Each mutation (random bit flips, a truncation, an
-overwritten block, inserted bytes, or for JSON a field set to a value of another type) goes
-through the reader the CLI tools use:
+Seeds are real files: the trained tiny model in ``examples/tiny`` (an HF directory: config,
+safetensors, tokenizer) and an export of it made here (``--recipe q4_0 --switchable
+--adapter-template``, adapters ``reverse`` and ``opposite``), plus a ``.pth``, a shard index
+and a ``params.json`` written from it. Each target runs in its own process under libFuzzer,
+with our modules instrumented (``atheris.instrument_imports``), for ``--seconds``:
 
-* ``pte``: ``verify_program`` (our parser, then the ExecuTorch runtime's loader and the
-  checksums), ``ptd``: ``ptd_entries`` and ``verify_program`` with it as the foundation,
-* ``adapter-weights`` / ``adapter-config``: ``load_adapter``, ``checkpoint``: ``open_checkpoint``
-  + ``load_checkpoint``, ``params``: ``ModelArgs.from_json``.
+==================  ====================================================================
+target              reader (what the command-line tools call on that file)
+==================  ====================================================================
+``pte``             ``verify_program`` (our parser, checksums). Every mutant is
+                    re-checksummed first, so it gets past the checksum into the parser;
+                    those the parser accepts are loaded by ExecuTorch's loader afterwards,
+                    each in a forked child (the loader aborts the process on some programs)
+``ptd``             ``read_ptd`` / ``ptd_entries``
+``manifest``        ``read_export`` on an export directory (names, values, every file verified)
+``adapter-inputs``  ``load_adapter_tensors`` against the manifest's slots
+``template``        ``patch_template`` (locating and replacing the template's bytes)
+``adapter-config``  ``load_adapter`` (PEFT config semantics)
+``adapter-weights`` ``load_adapter`` (safetensors)
+``checkpoint``      ``open_checkpoint`` + ``load_checkpoint`` of an HF directory's safetensors
+``shard-index``     the same with ``model.safetensors.index.json``
+``pth``             ``open_checkpoint`` of a Meta ``.pth``
+``params``          ``ModelArgs.from_json``
+``config``          ``open_checkpoint`` of an HF directory's ``config.json``
+``tokenizer``       ``check_tokenizer`` (ExecuTorch's parser), ``tokenizers``, ``end_of_turn_ids``
+==================  ====================================================================
 
 An input passes if it is accepted or refused with one of our errors (``EdgeLoraError``). Any
-other exception is an *unhandled* error, a dead child process (signal) a *crash*: the input is
-saved under ``--crashes`` and the child restarted.
+other exception is an *unhandled error*: the input and its traceback are saved under
+``WORK/findings`` and fuzzing goes on. A dead process (signal) or an input over libFuzzer's
+``-timeout`` is a *crash* or *hang*, saved by libFuzzer there, and the target restarts.
+Every finding is a regression case in ``tests/test_fuzz_regressions.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import random
+import re
 import shutil
 import subprocess
 import sys
@@ -33,203 +52,452 @@ import time
 import traceback
 from pathlib import Path
 
-_MARK = "fuzz-result: "  # the runtime may log to stdout too
-TARGETS = ("pte", "ptd", "adapter-weights", "adapter-config", "checkpoint", "params")
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = (
+    "pte",
+    "ptd",
+    "manifest",
+    "adapter-inputs",
+    "template",
+    "adapter-config",
+    "adapter-weights",
+    "checkpoint",
+    "shard-index",
+    "pth",
+    "params",
+    "config",
+    "tokenizer",
+)
+LOADER_SAMPLE = 300  # parser-accepted program mutants given to ExecuTorch's loader, per run
 
 
-def _mutate(blob: bytes, rng: random.Random) -> bytes:
-    b = bytearray(blob)
-    op = rng.randrange(5)
-    if op == 0 and b:  # flip 1-8 bits
-        for _ in range(rng.randint(1, 8)):
-            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
-    elif op == 1:  # truncate
-        del b[rng.randrange(len(b) + 1) :]
-    elif op == 2 and b:  # overwrite a block with random bytes
-        at = rng.randrange(len(b))
-        for i in range(at, min(len(b), at + rng.randint(1, 64))):
-            b[i] = rng.randrange(256)
-    elif op == 3:  # insert bytes
-        at = rng.randrange(len(b) + 1)
-        b[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 32)))
-    else:  # a flip in the first 256 bytes (headers)
-        if b:
-            b[rng.randrange(min(256, len(b)))] ^= 0xFF
-    return bytes(b)
+# --- seeds -------------------------------------------------------------------------------
 
 
-_ODD_VALUES = [None, -1, 0, 2**63, 1e308, float("nan"), "x", "../../x", [], {}, True, "8"]
+def make_seeds(work: Path, log=print) -> Path:
+    """The seed files (made once under ``work/seeds``)."""
+    seeds = work / "seeds"
+    if (seeds / "done").exists():
+        return seeds
+    shutil.rmtree(seeds, ignore_errors=True)
+    seeds.mkdir(parents=True)
+    tiny = REPO / "examples" / "tiny"
+    hf = seeds / "hf"
+    shutil.copytree(tiny / "model", hf)
+    for name in ("reverse", "opposite"):
+        shutil.copytree(tiny / "adapters" / name, seeds / "adapters" / name)
+    out = seeds / "export"
+    cmd = [sys.executable, "-m", "edgelora.export.cli", "--checkpoint", str(hf)]
+    cmd += ["--recipe", "q4_0", "--switchable", "--adapter-template", "--output-dir", str(out)]
+    cmd += [f"--lora={n}={seeds / 'adapters' / n}" for n in ("reverse", "opposite")]
+    log("  exporting the seed export ...")
+    subprocess.run(cmd, check=True, capture_output=True)
+    import torch
+    from safetensors.torch import load_file, save_file
 
-
-def _mutate_json(blob: bytes, rng: random.Random) -> bytes:
-    try:
-        obj = json.loads(blob)
-    except ValueError:
-        return _mutate(blob, rng)
-    if not isinstance(obj, dict) or not obj or rng.random() < 0.3:
-        return _mutate(blob, rng)
-    key = rng.choice(sorted(obj))
-    obj[key] = rng.choice(_ODD_VALUES)
-    return json.dumps(obj).encode()
-
-
-def _child(target: str, seeds: dict, seconds: float, seed: int, last: Path) -> dict:
-    """Mutate and feed inputs until ``seconds`` pass; before each input, write it to ``last``
-    (so the parent can save it if this process dies)."""
-    from edgelora.errors import EdgeLoraError
     from edgelora.models.args import ModelArgs
+    from edgelora.weights.checkpoint import open_checkpoint
 
-    rng = random.Random(seed)
-    work = Path(tempfile.mkdtemp(prefix="edgelora-fuzz-"))
-    args = ModelArgs.from_json(seeds["params"])
-    tried, refused, unhandled = 0, 0, []
-    source = {
-        "pte": seeds["pte"],
-        "ptd": seeds["ptd"],
-        "adapter-weights": Path(seeds["adapter"]) / "adapter_model.safetensors",
-        "adapter-config": Path(seeds["adapter"]) / "adapter_config.json",
-        "checkpoint": seeds["checkpoint"],
-        "params": seeds["params"],
-    }[target]
-    blob = Path(source).read_bytes()
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        mutated = (_mutate_json if target in ("adapter-config", "params") else _mutate)(blob, rng)
-        last.write_bytes(mutated)
-        tried += 1
-        try:
-            _feed(target, mutated, seeds, args, work)
-        except EdgeLoraError:
-            refused += 1
-        except Exception as e:  # an error we do not turn into a clear message
-            unhandled.append(f"{type(e).__name__}: {e}"[:300] + traceback.format_exc(limit=-2))
-    shutil.rmtree(work, ignore_errors=True)
-    return {
-        "tried": tried,
-        "refused": refused,
-        "unhandled": unhandled[:20],
-        "unhandled_count": len(unhandled),
-    }
+    ckpt = open_checkpoint(hf)
+    sd = {k: v.clone() for k, v in ckpt.take_state_dict().items()}
+    torch.save(sd, seeds / "model.pth")
+    (seeds / "params.json").write_text(json.dumps(ModelArgs.from_dict(ckpt.params).to_dict()))
+    sharded = seeds / "sharded"
+    shutil.copytree(hf, sharded, ignore=shutil.ignore_patterns("model.safetensors"))
+    weights = load_file(str(hf / "model.safetensors"))
+    keys = sorted(weights)
+    index = {"metadata": {}, "weight_map": {}}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: weights[k] for k in part}, str(sharded / name))
+        index["weight_map"].update({k: name for k in part})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    (seeds / "done").write_text("")
+    return seeds
 
 
-def _feed(target: str, data: bytes, seeds: dict, args, work: Path) -> None:
-    from edgelora.format.checksums import verify_program
-    from edgelora.format.pte import ptd_entries
-    from edgelora.models.args import ModelArgs
-    from edgelora.models.llama import build_model
-    from edgelora.weights.adapter_files import load_adapter
-    from edgelora.weights.checkpoint import load_checkpoint, open_checkpoint
+# --- targets (in the fuzzing process) ----------------------------------------------------
 
-    if target == "pte":
-        path = work / "x.pte"
+
+class Target:
+    """``seed`` is the file a target mutates; ``run(data)`` feeds one mutant to the reader."""
+
+    def __init__(self, name: str, seeds: Path, scratch: Path) -> None:
+        self.name, self.seeds, self.scratch = name, seeds, scratch
+        self.export = seeds / "export"
+        getattr(self, "_setup_" + name.replace("-", "_"))()
+
+    def _file(self, name: str, data: bytes) -> Path:
+        path = self.scratch / name
         path.write_bytes(data)
-        verify_program(path, Path(seeds["ptd"]))
-    elif target == "ptd":
-        path = work / "x.ptd"
+        return path
+
+    def _dir_with(self, src: Path, name: str) -> Path:
+        """A copy of ``src`` (hard links) whose ``name`` the mutant replaces."""
+        d = self.scratch / "dir"
+        if not d.exists():
+            shutil.copytree(src, d, copy_function=os.link)
+        return d
+
+    def _put(self, d: Path, name: str, data: bytes) -> None:
+        path = d / name
+        path.unlink(missing_ok=True)
         path.write_bytes(data)
+
+    # pte: re-checksummed, so mutants reach the parser
+    def _setup_pte(self):
+        from edgelora.format.checksums import PROGRAM_SHA_METHOD
+        from edgelora.format.pte import read_pte
+
+        self.seed = self.export / "reverse.pte"
+        self.own = read_pte(self.seed).constants[PROGRAM_SHA_METHOD]
+        self.accepted = self.scratch.parent / "accepted"
+        self.accepted.mkdir(exist_ok=True)
+
+    def _run_pte(self, data: bytes):
+        from edgelora.format.checksums import restamp, verify_program
+
+        if data.count(self.own[:8]) == 1:
+            data = restamp(data, data.index(self.own[:8]))
+        path = self._file("p.pte", data)
+        verify_program(path, self.export / "foundation.ptd")
+        kept = len(os.listdir(self.accepted))
+        if kept < LOADER_SAMPLE and data != self.seed.read_bytes():
+            self._file("p.pte", data).rename(self.accepted / f"{kept:05d}.pte")
+
+    def _setup_ptd(self):
+        self.seed = self.export / "foundation.ptd"
+
+    def _run_ptd(self, data: bytes):
+        from edgelora.format.pte import ptd_entries, read_ptd
+
+        path = self._file("f.ptd", data)
+        read_ptd(path)
         ptd_entries(path)
-        verify_program(Path(seeds["pte"]), path)
-    elif target.startswith("adapter"):
-        adir = work / "adapter"
-        shutil.rmtree(adir, ignore_errors=True)
-        shutil.copytree(seeds["adapter"], adir)
-        name = "adapter_model.safetensors" if target == "adapter-weights" else "adapter_config.json"
-        (adir / name).write_bytes(data)
-        load_adapter(adir, args, "fuzz")
-    elif target == "checkpoint":
-        path = work / "x.safetensors"
-        path.write_bytes(data)
-        load_checkpoint(build_model(args), open_checkpoint(path))
-    else:
-        path = work / "params.json"
-        path.write_bytes(data)
-        ModelArgs.from_json(path)
+
+    def _setup_manifest(self):
+        self.seed = self.export / "manifest.json"
+
+    def _run_manifest(self, data: bytes):
+        from edgelora.format.manifest import read_export
+
+        d = self._dir_with(self.export, "manifest.json")
+        self._put(d, "manifest.json", data)
+        read_export(d, wait_s=0)
+
+    def _setup_adapter_inputs(self):
+        from edgelora.format.manifest import read_export
+
+        self.seed = self.export / "reverse.lora.safetensors"
+        self.switchable = read_export(self.export).switchable
+
+    def _run_adapter_inputs(self, data: bytes):
+        from edgelora.format.adapter_inputs import load_adapter_tensors
+
+        sw = self.switchable
+        load_adapter_tensors(self._file("a.safetensors", data), sw.slots, sw.input_dtypes[0])
+
+    def _setup_template(self):
+        import torch
+
+        from edgelora.format.adapter_inputs import load_adapter_tensors
+        from edgelora.format.manifest import read_export
+        from edgelora.format.template import slot_weights
+
+        manifest = read_export(self.export)
+        self.seed = self.export / "template.pte"
+        self.entry = manifest.switchable.template
+        sw = manifest.switchable
+        inputs = load_adapter_tensors(
+            self.export / "reverse.lora.safetensors", sw.slots, sw.input_dtypes[0]
+        )
+        self.weights = [w.to(getattr(torch, self.entry.dtype)) for w in slot_weights(inputs)]
+
+    def _run_template(self, data: bytes):
+        from edgelora.format.template import patch_template
+
+        path = self._file("t.pte", data)
+        patch_template(path, self.entry, hashlib.sha256(data).hexdigest(), self.weights)
+
+    def _setup_adapter_config(self):
+        self.seed = self.seeds / "adapters" / "reverse" / "adapter_config.json"
+        self._adapter_setup()
+
+    def _setup_adapter_weights(self):
+        self.seed = self.seeds / "adapters" / "reverse" / "adapter_model.safetensors"
+        self._adapter_setup()
+
+    def _adapter_setup(self):
+        from edgelora.models.args import ModelArgs
+
+        self.args = ModelArgs.from_json(self.seeds / "params.json")
+
+    def _run_adapter(self, data: bytes):
+        from edgelora.weights.adapter_files import load_adapter
+
+        d = self._dir_with(self.seeds / "adapters" / "reverse", self.seed.name)
+        self._put(d, self.seed.name, data)
+        load_adapter(d, self.args, "x")
+
+    _run_adapter_config = _run_adapter_weights = _run_adapter
+
+    def _setup_checkpoint(self):
+        self.seed, self.dir = self.seeds / "hf" / "model.safetensors", self.seeds / "hf"
+        self._adapter_setup()
+
+    def _setup_shard_index(self):
+        self._adapter_setup()
+        self.dir = self.seeds / "sharded"
+        self.seed = self.dir / "model.safetensors.index.json"
+
+    def _setup_config(self):
+        self.seed, self.dir = self.seeds / "hf" / "config.json", self.seeds / "hf"
+        self._adapter_setup()
+
+    def _run_checkpoint(self, data: bytes):
+        d = self._dir_with(self.dir, self.seed.name)
+        self._put(d, self.seed.name, data)
+        self._load(d)
+
+    def _load(self, path: Path):
+        """What an export does with a checkpoint: open it, build the model its parameters
+        describe (on the meta device) and load it strictly."""
+        from edgelora.models.args import ModelArgs
+        from edgelora.models.llama import build_model
+        from edgelora.weights.checkpoint import load_checkpoint, open_checkpoint
+
+        ckpt = open_checkpoint(path)
+        args = ModelArgs.from_dict(ckpt.params) if ckpt.params else self.args
+        load_checkpoint(build_model(args, empty=True), ckpt, assign=True)
+
+    _run_shard_index = _run_config = _run_checkpoint
+
+    def _setup_pth(self):
+        self.seed = self.seeds / "model.pth"
+        self._adapter_setup()
+
+    def _run_pth(self, data: bytes):
+        self._load(self._file("m.pth", data))
+
+    def _setup_params(self):
+        self.seed = self.seeds / "params.json"
+
+    def _run_params(self, data: bytes):
+        from edgelora.models.args import ModelArgs
+
+        ModelArgs.from_json(self._file("params.json", data))
+
+    def _setup_tokenizer(self):
+        from edgelora.format.chat_template import ChatTemplate
+
+        self.seed = self.seeds / "hf" / "tokenizer.json"
+        self.template = ChatTemplate(
+            "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>{% endfor %}", {}
+        )
+
+    def _run_tokenizer(self, data: bytes):
+        from edgelora.errors import ProgramError
+        from edgelora.export.tokenizer import check_tokenizer
+        from edgelora.format.chat_template import end_of_turn_ids
+        from edgelora.runtime.chat import load_tokenizer
+
+        path = self._file("tokenizer.json", data)
+        check_tokenizer(path, 1 << 20)
+        load_tokenizer(path)
+        end_of_turn_ids(self.template, path, ProgramError)
+
+    def run(self, data: bytes) -> None:
+        getattr(self, "_run_" + self.name.replace("-", "_"))(data)
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        target, seeds, seconds, seed, last = sys.argv[2:7]
-        result = _child(target, json.loads(seeds), float(seconds), int(seed), Path(last))
-        print("\n" + _MARK + json.dumps(result), flush=True)
-        return
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def fuzz_child(name: str, seeds: Path, work: Path, seconds: int) -> None:
+    """Run under libFuzzer (this process does not return)."""
+    import atheris
+
+    with atheris.instrument_imports(include=["edgelora"]):
+        import edgelora.errors
+        import edgelora.export.tokenizer  # noqa: F401
+        import edgelora.format.adapter_inputs  # noqa: F401
+        import edgelora.format.chat_template  # noqa: F401
+        import edgelora.format.checksums  # noqa: F401
+        import edgelora.format.manifest  # noqa: F401
+        import edgelora.format.pte  # noqa: F401
+        import edgelora.format.template  # noqa: F401
+        import edgelora.models.args  # noqa: F401
+        import edgelora.runtime.chat  # noqa: F401
+        import edgelora.weights.adapter_files  # noqa: F401
+        import edgelora.weights.checkpoint  # noqa: F401
+    from edgelora._quiet import quiet_third_party
+
+    quiet_third_party()
+    scratch = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work / "scratch"))
+    target = Target(name, seeds, scratch)
+    findings = work / "findings"
+    corpus = work / "corpus" / name
+    corpus.mkdir(parents=True, exist_ok=True)
+    shutil.copy(target.seed, corpus / "seed")
+    expected = edgelora.errors.EdgeLoraError
+
+    def one(data: bytes) -> None:
+        try:
+            target.run(data)
+        except expected:
+            pass
+        except Exception:  # noqa: BLE001 - every other exception is a finding
+            digest = hashlib.sha256(data).hexdigest()[:16]
+            path = findings / f"{name}-unhandled-{digest}"
+            if not path.exists():
+                path.write_bytes(data)
+                path.with_suffix(".txt").write_text(traceback.format_exc())
+                print(f"fuzz-unhandled: {path.name}", file=sys.stderr, flush=True)
+
+    argv = [sys.argv[0], str(corpus), f"-max_total_time={seconds}", "-timeout=20"]
+    argv += ["-rss_limit_mb=6000", "-print_final_stats=1", f"-artifact_prefix={findings}/{name}-"]
+    argv += ["-max_len=" + str(max(4096, 2 * target.seed.stat().st_size))]
+    atheris.Setup(argv, one)
+    atheris.Fuzz()
+
+
+# --- the loader check and the campaign (parent) -------------------------------------------
+
+
+def load_accepted(work: Path, ptd: Path) -> dict:
+    """ExecuTorch's loader on every program mutant our parser accepted, each in a forked child:
+    how many loaded, were refused with an error, or killed the child."""
+    script = r"""
+import os, sys, pathlib
+from edgelora.runtime.program import LlamaProgram
+from edgelora.errors import EdgeLoraError
+ptd = sys.argv[1]
+for p in sorted(pathlib.Path(sys.argv[2]).glob("*.pte")):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            prog = LlamaProgram(p, ptd)
+            prog.forward([1, 2], 0)
+            os._exit(0)
+        except EdgeLoraError:
+            os._exit(3)
+        except Exception:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    print("loader:", p.name, status, flush=True)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(ptd), str(work / "scratch" / "accepted")],
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
-    p.add_argument("export_dir", type=Path)
-    p.add_argument("adapter_dir", type=Path)
-    p.add_argument("params", type=Path)
-    p.add_argument("--seconds", type=float, default=60, help="per target (default 60)")
-    p.add_argument("--targets", default=",".join(TARGETS))
-    p.add_argument("--crashes", type=Path, default=Path("fuzz-crashes"))
-    p.add_argument("--json", type=Path, default=None)
-    ns = p.parse_args()
+    counts = {"ran": 0, "refused": 0, "unhandled": 0, "crashed": 0}
+    crashed = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("loader: "):
+            _, name, status = line.split()
+            status = int(status)
+            if os.WIFSIGNALED(status):
+                counts["crashed"] += 1
+                crashed.append(name)
+            else:
+                code = os.WEXITSTATUS(status)
+                counts[{0: "ran", 3: "refused"}.get(code, "unhandled")] += 1
+    for name in crashed:
+        shutil.copy(
+            work / "scratch" / "accepted" / name, work / "findings" / f"pte-loader-crash-{name}"
+        )
+    return counts
 
-    from edgelora.models.args import ModelArgs
-    from edgelora.models.llama import build_model
-    from edgelora.weights.tensor_files import save_checkpoint
 
-    tmp = Path(tempfile.mkdtemp(prefix="edgelora-fuzz-seeds-"))
-    ckpt = save_checkpoint(build_model(ModelArgs.from_json(ns.params)), tmp / "model.safetensors")
-    ptes = sorted(p for p in ns.export_dir.glob("*.pte") if p.name != "base.pte")
-    seeds = {
-        "pte": str(ptes[0]),
-        "ptd": str(ns.export_dir / "foundation.ptd"),
-        "adapter": str(ns.adapter_dir),
-        "checkpoint": str(ckpt),
-        "params": str(ns.params),
-    }
-    results = {}
-    for i, target in enumerate(t for t in ns.targets.split(",") if t):
-        row = {"tried": 0, "refused": 0, "unhandled_count": 0, "unhandled": [], "crashes": 0}
-        end = time.monotonic() + ns.seconds
-        restart = 0
-        while time.monotonic() < end - 1:
-            last = tmp / f"last-{target}"
-            cmd = [
+_STAT = re.compile(r"stat::(\w+):\s+(\d+)")
+_COV = re.compile(r"#(\d+)\s+DONE\s+cov: (\d+) ft: (\d+)")
+
+
+def run_target(name: str, seeds: Path, work: Path, seconds: int, log=print) -> dict:
+    """Fuzz one target for ``seconds`` in child processes (restarted after a crash)."""
+    start, result = time.monotonic(), {"executions": 0, "crashes": 0, "restarts": 0}
+    cov = ft = 0
+    while (left := seconds - (time.monotonic() - start)) > 5:
+        proc = subprocess.run(
+            [
                 sys.executable,
                 __file__,
                 "--child",
-                target,
-                json.dumps(seeds),
-                str(end - time.monotonic()),
-                str(1000 * i + restart),
-                str(last),
-            ]
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore")
-            )
-            if proc.returncode == 0:
-                out = json.loads(proc.stdout.rsplit(_MARK, 1)[1].splitlines()[0])
-                for k in ("tried", "refused", "unhandled_count"):
-                    row[k] += out[k]
-                row["unhandled"] += out["unhandled"]
-                break
-            row["crashes"] += 1  # the child died on the input in `last`
-            ns.crashes.mkdir(parents=True, exist_ok=True)
-            saved = ns.crashes / f"{target}-{restart}.bin"
-            shutil.copy(last, saved)
-            row["unhandled"].append(
-                f"crash (exit {proc.returncode}) on {saved}: " + proc.stderr[-300:]
-            )
-            restart += 1
-        results[target] = row
-        print(
-            f"{target}: {row['tried']} inputs, {row['refused']} refused with a clear error, "
-            f"{row['unhandled_count']} unhandled, {row['crashes']} crashes",
-            flush=True,
+                name,
+                "--work",
+                str(work),
+                "--seconds",
+                str(int(left)),
+            ],
+            capture_output=True,
+            text=True,
         )
-    shutil.rmtree(tmp, ignore_errors=True)
-    total = {
-        k: sum(r[k] for r in results.values())
-        for k in ("tried", "refused", "unhandled_count", "crashes")
+        stats = dict((k, int(v)) for k, v in _STAT.findall(proc.stderr))
+        result["executions"] += stats.get("number_of_executed_units", 0)
+        for m in _COV.finditer(proc.stderr):
+            cov, ft = max(cov, int(m.group(2))), max(ft, int(m.group(3)))
+        if proc.returncode != 0:
+            result["crashes"] += 1
+            result["restarts"] += 1
+            tail = proc.stderr[-1500:]
+            log(f"    {name}: child ended with {proc.returncode}:\n{tail}")
+            if "number_of_executed_units" not in proc.stderr:
+                break  # it could not start: do not spin
+    result["coverage_edges"], result["features"] = cov, ft
+    result["seconds"] = round(time.monotonic() - start, 1)
+    result["unhandled"] = len(list((work / "findings").glob(f"{name}-unhandled-*[!.txt]")))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=int, default=120, help="fuzzing time per target")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated targets")
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgelora-fuzz")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ns = p.parse_args(argv)
+    if ns.child is not None:
+        fuzz_child(ns.child, ns.work / "seeds", ns.work, ns.seconds)
+        return 0
+    targets = ns.targets.split(",")
+    for t in targets:
+        if t not in TARGETS:
+            p.error(f"--targets: unknown {t!r} (have {', '.join(TARGETS)})")
+    (ns.work / "findings").mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(ns.work / "scratch", ignore_errors=True)
+    (ns.work / "scratch").mkdir()
+    seeds = make_seeds(ns.work)
+    results = {}
+    for t in targets:
+        print(f"fuzzing {t} for {ns.seconds} s ...", flush=True)
+        results[t] = run_target(t, seeds, ns.work, ns.seconds)
+        print(f"  {t}: {json.dumps(results[t])}", flush=True)
+    if "pte" in targets:
+        results["pte"]["loader"] = load_accepted(ns.work, seeds / "export" / "foundation.ptd")
+        print(f"  pte mutants given to ExecuTorch's loader: {results['pte']['loader']}")
+    total = {k: sum(r[k] for r in results.values()) for k in ("executions", "crashes", "unhandled")}
+    loader_crashes = results.get("pte", {}).get("loader", {}).get("crashed", 0)
+    summary = {
+        "atheris": __import__("atheris").__version__ if _has_atheris() else None,
+        "seconds_per_target": ns.seconds,
+        "total": {**total, "loader_crashes": loader_crashes},
+        "targets": results,
+        "findings": sorted(p.name for p in (ns.work / "findings").iterdir()),
     }
-    text = json.dumps(
-        {"seconds_per_target": ns.seconds, "total": total, "targets": results}, indent=2
-    )
-    print(text)
-    if ns.json:
-        ns.json.write_text(text + "\n")
+    print(json.dumps(summary["total"]))
+    if ns.json is not None:
+        ns.json.parent.mkdir(parents=True, exist_ok=True)
+        ns.json.write_text(json.dumps(summary, indent=1) + "\n")
+    return 0 if not (total["crashes"] or total["unhandled"] or loader_crashes) else 1
+
+
+def _has_atheris() -> bool:
+    try:
+        import atheris  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -371,7 +372,7 @@ class ExportConfig:
             gptq=r.gptq,
             upgrade=r.upgrade,
             upgrade_qmode=r.upgrade_qmode,
-            calibration=None if self.calibration is None else str(self.calibration),
+            calibration=None if self.calibration is None else os.path.realpath(self.calibration),
             tokenizer=tokenizer if r.calibrated else None,
             recipe=r.name,
             checkpoint=self.checkpoint,

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -85,8 +86,8 @@ def run_export(
 ) -> ExportResult:
     """Run the pipeline for an already-validated ``config`` and loaded ``adapters``
     (``checkpoint`` is ``config.checkpoint`` already opened, to avoid reading it twice)."""
-    with export_lock(config.output_dir, log=log):
-        return _run_export(config, adapters, checkpoint, log)
+    with export_lock(config.output_dir, log=log) as out_dir:
+        return _run_export(config, adapters, checkpoint, log, out_dir)
 
 
 def _run_export(
@@ -94,9 +95,10 @@ def _run_export(
     adapters: list[Adapter],
     checkpoint: Checkpoint | None,
     log: Callable[[str], None],
+    out_dir: Path,
 ) -> ExportResult:
     timer = StageTimer(log)
-    args, out_dir = config.model_args, config.output_dir
+    args = config.model_args
     merged = next((a for a in adapters if a.name == config.merge), None)
     adapters = [a for a in adapters if a is not merged]
 
@@ -179,7 +181,9 @@ def _run_export(
                 fuse=config.fuse,
                 sdpa=config.sdpa,
                 logits=config.logits,
-                checkpoint=None if config.checkpoint is None else str(config.checkpoint),
+                checkpoint=None
+                if config.checkpoint is None
+                else os.path.realpath(config.checkpoint),
                 checkpoint_layout=None if checkpoint is None else checkpoint.layout,
                 checkpoint_sha256=None
                 if config.checkpoint is None

@@ -14,14 +14,14 @@ without touching the foundation or any other program.
    the adapter's weights in place of its own (:mod:`edgelora.format.template`).
 4. **Programs** (only with model arguments): rebuild the foundation, export and lower only the
    new programs, each checked to need exactly the ``foundation.ptd`` already there.
-5. **Commit**: each new file is renamed into place, then ``manifest.json`` is replaced
-   atomically; existing files keep their bytes and modification times.
+5. **Commit**: the new export is staged beside ``OUT`` -- hard links to the files it keeps
+   (their bytes and modification times are kept), the new files, the new manifest -- and
+   swapped in at once (:func:`edgelora.export.output.commit_update`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from edgelora.errors import ConfigError, OutputError
+from edgelora.errors import ConfigError, OutputError, ProgramError
 from edgelora.export.config import AdapterSpec, FoundationSpec
-from edgelora.export.output import export_lock, place_file, staging_prefix
+from edgelora.export.output import commit_update, export_lock, staging_prefix
 from edgelora.export.programs import (
     ProgramWriter,
     write_adapter_inputs,
@@ -120,7 +120,8 @@ def add_adapters(
     from edgelora.weights.adapter_files import load_adapter
 
     timer = StageTimer(log)
-    with export_lock(out_dir, log=log):
+    _check_exists(out_dir)
+    with export_lock(out_dir, log=log) as out_dir:
         # 1. Lock and read.
         manifest = _read_checked(out_dir)
         # 2. Check.
@@ -184,12 +185,11 @@ def add_adapters(
                     new_files[entry.file] = stage / entry.file
                 if manifest.switchable is not None:
                     _write_inputs(stage, model, adapters, manifest, new_files)
-            # 5. Commit: new files first, then the manifest that lists them.
+            # 5. Commit, through the journal.
             with timer("move into place + manifest"):
                 files = dict(manifest.files)
                 for name, path in new_files.items():
                     files[name] = FileEntry.of(path)
-                    os.replace(path, out_dir / name)
                 switchable = manifest.switchable
                 if switchable is not None:
                     switchable = replace(
@@ -204,7 +204,7 @@ def add_adapters(
                         },
                     )
                 manifest = replace(manifest, programs=programs, switchable=switchable, files=files)
-                manifest.write(out_dir)
+                commit_update(out_dir, stage / "stage", manifest, new_files, [])
     log(
         f"added {', '.join(a.name for a in adapters)} to {out_dir}: "
         + ", ".join(f"{n} {manifest.files[n].size / 1e6:.3f} MB" for n in new_files)
@@ -217,7 +217,8 @@ def remove_adapters(
 ) -> Manifest:
     """Remove adapters (their programs and switchable inputs) from the export in ``out_dir``:
     the manifest stops listing them (replaced atomically), then their files are deleted."""
-    with export_lock(out_dir, log=log):
+    _check_exists(out_dir)
+    with export_lock(out_dir, log=log) as out_dir:
         manifest = _read_checked(out_dir)
         programs, files = dict(manifest.programs), dict(manifest.files)
         inputs = dict(manifest.switchable.adapters) if manifest.switchable else {}
@@ -239,9 +240,8 @@ def remove_adapters(
         if switchable is not None:
             switchable = replace(switchable, adapters=inputs)
         manifest = replace(manifest, programs=programs, switchable=switchable, files=files)
-        manifest.write(out_dir)
-        for file in gone:
-            (out_dir / file).unlink(missing_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=staging_prefix(out_dir)) as t:
+            commit_update(out_dir, Path(t) / "stage", manifest, {}, gone)
     log(f"removed {', '.join(names)} from {out_dir} ({', '.join(gone)})")
     return manifest
 
@@ -254,20 +254,26 @@ def layout_model(args: ModelArgs, manifest: Manifest) -> Transformer:
     return model
 
 
-def _read_checked(out_dir: Path) -> Manifest:
-    if not out_dir.is_dir():
+def _check_exists(out_dir: Path) -> None:
+    """Before the lock (which creates files beside it): the export directory is there."""
+    if not Path(out_dir).is_dir():
         raise OutputError(f"{out_dir}: no such export directory")
-    manifest = read_export(out_dir)
-    for name in manifest.files:
-        path = out_dir / name
-        if not path.is_file():
-            raise OutputError(f"{path}: listed in the manifest but missing; re-export")
+
+
+def _read_checked(out_dir: Path) -> Manifest:
+    """The manifest, every file it lists verified (an update builds on what is there)."""
+    _check_exists(out_dir)
+    manifest = read_export(out_dir, verify=False)
     found = sha256_file(out_dir / FOUNDATION_FILE)
     if found != manifest.foundation_sha256:
         raise OutputError(
             f"{out_dir / FOUNDATION_FILE} was altered: sha256 {found[:16]}..., the manifest "
             f"records {str(manifest.foundation_sha256)[:16]}...; re-export"
         )
+    try:
+        manifest.verify(out_dir)
+    except ProgramError as e:
+        raise OutputError(str(e)) from None
     return manifest
 
 
@@ -359,8 +365,5 @@ def _write_inputs(
     dtype = getattr(torch, switchable.dtype)
     for adapter in adapters:
         name = adapter_inputs_file(adapter.name)
-        new_files[name] = place_file(
-            stage,
-            name,
-            lambda p, a=adapter: write_adapter_inputs(model, a, switchable.slots, dtype, p),
-        )
+        write_adapter_inputs(model, adapter, switchable.slots, dtype, stage / name)
+        new_files[name] = stage / name

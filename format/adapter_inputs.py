@@ -16,6 +16,7 @@ in the stored dtype.)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,20 @@ class Slot:
 
     @classmethod
     def from_dict(cls, d: dict) -> Slot:
-        return cls(str(d["module"]), int(d["in"]), int(d["out"]), int(d["rank"]))
+        """A slot as a manifest records it; ``ValueError`` naming a field that is not a module
+        name or a size in range (a hostile manifest must not allocate terabytes)."""
+        module = d["module"]
+        if not isinstance(module, str) or not _MODULE.fullmatch(module):
+            raise ValueError(f"slot module {module!r} is not a module name")
+        sizes = [d["in"], d["out"], d["rank"]]
+        for key, value in zip(("in", "out", "rank"), sizes, strict=True):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_DIM:
+                raise ValueError(f"slot {module}: {key!r} {value!r} is not in 1..{MAX_DIM}")
+        return cls(module, *sizes)
 
+
+MAX_DIM = 1 << 18  # a slot's width or rank; far above any model's (and 2^36 elements at most)
+_MODULE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+){0,15}")
 
 ADAPTER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 

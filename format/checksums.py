@@ -107,16 +107,24 @@ def recorded_checksums(pte: Path) -> dict[str, object]:
     }
 
 
-def verify_program(pte: Path, data: Path | None) -> None:
-    """Before a program runs: it must parse, match its own checksum and, if it records one,
-    be paired with ``data`` of the foundation sha256 it was exported with. Raises
-    :class:`ProgramError` naming the file (and both hashes for a wrong foundation)."""
+def verify_program(pte: Path, data: Path | None, *, allow_unverified: bool = False) -> None:
+    """Before a program runs: it must parse, match its own checksum and be paired with
+    ``data`` of the foundation sha256 it was exported with. A program without the checksum
+    methods (not an edgelora export, or one they were stripped from) is refused unless
+    ``allow_unverified``. Raises :class:`ProgramError` naming the file (and both hashes for a
+    wrong foundation)."""
     recorded = recorded_checksums(pte)
     if recorded["checksum_ok"] is False:
         raise ProgramError(f"{pte}: corrupt program (its checksum does not match its bytes)")
     want = recorded["foundation_sha256"]
-    if want is None:
-        return
+    if want is None or recorded["checksum_ok"] is None:
+        if allow_unverified:
+            return
+        raise ProgramError(
+            f"{pte}: carries no edgelora checksums (not an edgelora export, or they were "
+            "stripped), so its bytes and its foundation cannot be verified; pass "
+            "--allow-unverified to run it anyway"
+        )
     if data is None:
         raise ProgramError(
             f"{pte} needs its foundation data file (sha256 {want[:16]}...); pass --data "

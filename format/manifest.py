@@ -10,18 +10,28 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from edgelora import _fs
+from edgelora._jsonfile import read_json
 from edgelora.errors import ProgramError
 from edgelora.format.adapter_inputs import Slot
-from edgelora.format.layout import FOUNDATION_FILE, MANIFEST_FILE, sha256_file
+from edgelora.format.layout import (
+    FOUNDATION_FILE,
+    MANIFEST_FILE,
+    check_file_name,
+    sha256_file,
+)
 from edgelora.format.template import TemplateEntry
 
 FORMAT = "edgelora-export/1"
+MAX_MANIFEST_BYTES = 16 << 20  # far above any export's (a few kB per program)
 
 
 @dataclass(frozen=True)
@@ -200,7 +210,7 @@ class Manifest:
                 return ProgramEntry(**{**p, **halves})
 
             sw = d.get("switchable")
-            return cls(
+            manifest = cls(
                 model=dict(d["model"]),
                 quantization=QuantizationEntry(**d["quantization"]),
                 programs={n: program(p) for n, p in d["programs"].items()},
@@ -230,38 +240,115 @@ class Manifest:
                     }
                 ),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise ProgramError(f"{source}: malformed manifest ({type(e).__name__}: {e})") from None
+        manifest._check_files(source)
+        return manifest
+
+    def _check_files(self, source: str) -> None:
+        """Every file name is a plain name in the directory, and every file a record points
+        to is listed with its size and sha256: a manifest cannot name ``../x`` or ``/etc``."""
+        for name, entry in self.files.items():
+            check_file_name(name, f"{source}: file")
+            if not (
+                isinstance(entry.size, int)
+                and entry.size >= 0
+                and isinstance(entry.sha256, str)
+                and len(entry.sha256) == 64
+                and all(c in "0123456789abcdef" for c in entry.sha256)
+            ):
+                raise ProgramError(f"{source}: file {name!r} has no valid size and sha256")
+        if FOUNDATION_FILE not in self.files:
+            raise ProgramError(f"{source}: lists no {FOUNDATION_FILE}")
+        for what, name in self.named_files():
+            if name not in self.files:
+                raise ProgramError(f"{source}: {what} {name!r} is not one of the files it lists")
+
+    def named_files(self) -> list[tuple[str, str]]:
+        """``(what, file name)`` of every file a record of this manifest points to."""
+        named = []
+        for n, p in self.programs.items():
+            named += [(f"program {n!r}", p.file), (f"program {n!r}'s foundation", p.foundation)]
+            if p.template:
+                named.append((f"program {n!r}'s template", p.template))
+        for rec, what in ((self.bundle, "bundle"), (self.switchable, "switchable program")):
+            if rec is not None:
+                named += [(what, rec.file), (f"{what}'s foundation", rec.foundation)]
+        sw = self.switchable
+        if sw is not None:
+            named += [(f"adapter {n!r}'s inputs", f) for n, f in sw.adapters.items()]
+            if sw.template is not None:
+                named.append(("template program", sw.template.file))
+        for what, name in (("tokenizer", self.tokenizer), ("chat template", self.chat_template)):
+            if name is not None:
+                named.append((what, name))
+        for what, name in named:
+            check_file_name(name, what)
+        return named
+
+    def verify(self, directory: str | Path, names: list[str] | None = None) -> None:
+        """Check that each of ``names`` (default: every file listed) is a regular file in
+        ``directory`` (not a symlink) with the size and sha256 recorded; :class:`ProgramError`
+        naming the first that is not."""
+        directory = Path(directory)
+        for name in self.files if names is None else names:
+            entry = self.files.get(name)
+            if entry is None:
+                raise ProgramError(f"{directory}: {name} is not listed in its manifest")
+            path = directory / name
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                raise ProgramError(
+                    f"{path}: listed in the manifest but missing; re-export"
+                ) from None
+            if not stat.S_ISREG(st.st_mode):
+                raise ProgramError(f"{path}: not a regular file (a symlink?); re-export")
+            if st.st_size != entry.size or sha256_file(path) != entry.sha256:
+                raise ProgramError(
+                    f"{path} was altered: its sha256 or size is not the one the manifest records; "
+                    "re-export"
+                )
 
     @classmethod
     def read(cls, directory: str | Path) -> Manifest | None:
         """The manifest of an export directory, ``None`` if it has none; :class:`ProgramError`
         if it is unreadable."""
         path = Path(directory) / MANIFEST_FILE
-        if not path.is_file():
+        if not os.path.lexists(path):
             return None
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ProgramError(f"{path}: unreadable manifest ({e})") from None
+        d = read_json(path, ProgramError, "manifest", max_bytes=MAX_MANIFEST_BYTES)
         return cls.from_json(d, str(path))
 
     def write(self, directory: Path) -> Path:
         """Write ``directory/manifest.json``, atomically: a temporary file, flushed to disk,
         renamed over the old one (a kill leaves the old manifest or the new, never half)."""
         path = directory / MANIFEST_FILE
-        tmp = directory / f".{MANIFEST_FILE}.tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(self.to_json(), indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _fs.write_atomic(path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
         return path
 
 
-def read_export(directory: str | Path) -> Manifest:
-    """The manifest of an export directory; :class:`ProgramError` if there is none."""
-    manifest = Manifest.read(directory)
-    if manifest is None:
-        raise ProgramError(f"{directory}: no {MANIFEST_FILE} (not an export_llama directory)")
-    return manifest
+def read_export(directory: str | Path, *, verify: bool = True, wait_s: float = 30.0) -> Manifest:
+    """The manifest of an export directory, with every file it lists verified (size, sha256,
+    a regular file) unless ``verify`` is false; :class:`ProgramError` if there is none or a
+    file does not match.
+
+    A writer may swap in a new export meanwhile (:mod:`edgelora.export.output`): a file that
+    does not match a manifest that has since changed is read again, for up to ``wait_s``
+    seconds. So a reader sees the old export or the new one, never half of each."""
+    directory = Path(directory)
+    deadline = time.monotonic() + wait_s
+    while True:
+        manifest = Manifest.read(directory)
+        if manifest is None:
+            raise ProgramError(f"{directory}: no {MANIFEST_FILE} (not an export_llama directory)")
+        if not verify:
+            return manifest
+        try:
+            manifest.verify(directory)
+            if Manifest.read(directory) == manifest:
+                return manifest
+        except ProgramError:
+            if time.monotonic() > deadline or Manifest.read(directory) == manifest:
+                raise
+        time.sleep(0.02)

@@ -15,7 +15,7 @@ import torch
 from edgelora.errors import AdapterError
 from edgelora.format.layout import RESERVED_NAMES
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool = False, multiplier: float = 1.0) -> float:
@@ -58,9 +58,9 @@ class Adapter:
 
 def validate_adapter_name(name: str) -> str:
     """Adapter names become file names: a plain word, no path separators."""
-    if not _NAME.match(name) or name in RESERVED_NAMES:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in RESERVED_NAMES:
         raise AdapterError(
             f"adapter name {name!r} is not allowed: use letters, digits, '_', '-', '.' "
-            "(not starting with '.' and not 'base', 'foundation' or 'manifest')"
+            f"(not starting with '.', at most 64, and none of {', '.join(RESERVED_NAMES)})"
         )
     return name

@@ -52,7 +52,6 @@ class Chat:
         session: str = "auto",
         template: str | Path | None = None,
     ) -> None:
-        from tokenizers import Tokenizer
 
         export_dir = Path(export_dir)
         manifest = read_export(export_dir)
@@ -71,11 +70,7 @@ class Chat:
             raise ProgramError(f"{path}: cannot read the chat template ({e})") from None
         tokens = special_tokens(tokenizer_config(export_dir))
         self.template = ChatTemplate(text, tokens, source=source)
-        tokenizer_path = shipped_tokenizer(export_dir)
-        try:
-            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        except Exception as e:  # tokenizers raises its own Exception subclass
-            raise ProgramError(f"{tokenizer_path}: cannot read the tokenizer ({e})") from None
+        self.tokenizer = load_tokenizer(shipped_tokenizer(export_dir))
         self.session = AdapterSession(export_dir, session)
         self.system = system
         self.messages: list[dict[str, str]] = []
@@ -167,3 +162,14 @@ class Chat:
             on_text(answer[len(shown) :])
         self.messages = [*messages, {"role": "assistant", "content": answer}]
         return Reply(answer, reply, fed, stopped)
+
+
+def load_tokenizer(path: Path):
+    """``tokenizers.Tokenizer`` of a ``tokenizer.json``; :class:`ProgramError` naming the file
+    if it cannot be read."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own Exception subclass
+        raise ProgramError(f"{path}: cannot read the tokenizer ({e})") from None

@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="run a program file that carries no edgelora checksums (ExecuTorch's own "
+        "example's); by default such a program is refused, since neither its bytes nor its "
+        "foundation can be verified",
+    )
+    p.add_argument(
         "--logits-out",
         type=Path,
         default=None,
@@ -175,9 +182,17 @@ def _main(ns: argparse.Namespace) -> int:
         raise EdgeLoraError("--adapter picks a program from an export directory; got a file")
     if ns.prompt is not None:
         return _print_text(
-            ns, generate_text(ns.pte, ns.tokenizer, ns.data, ns.prompt, ns.max_new_tokens)
+            ns,
+            generate_text(
+                ns.pte,
+                ns.tokenizer,
+                ns.data,
+                ns.prompt,
+                ns.max_new_tokens,
+                allow_unverified=ns.allow_unverified,
+            ),
         )
-    program = LlamaProgram(ns.pte, ns.data)
+    program = LlamaProgram(ns.pte, ns.data, allow_unverified=ns.allow_unverified)
     gen = program.generate(ns.prompt_ids, ns.max_new_tokens, stop_at_eos=not ns.ignore_eos)
     if ns.logits_out is not None:
         import numpy as np

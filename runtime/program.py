@@ -35,11 +35,17 @@ class LlamaProgram:
     checksums verified (:func:`edgelora.format.checksums.verify_program`). Raises
     :class:`ProgramError` naming the files if they are missing, corrupt, or if the data file
     lacks keys the program needs. ``extra_inputs`` are appended to every call (a switchable
-    program's ``lora`` inputs).
+    program's ``lora`` inputs). ``allow_unverified`` runs a program that has no checksums
+    (ExecuTorch's own example's, for a baseline).
     """
 
     def __init__(
-        self, pte: str | Path, data: str | Path | None = None, *, method: str = "forward"
+        self,
+        pte: str | Path,
+        data: str | Path | None = None,
+        *,
+        method: str = "forward",
+        allow_unverified: bool = False,
     ) -> None:
         from executorch.runtime import Runtime
 
@@ -48,7 +54,7 @@ class LlamaProgram:
         for path, kind in ((self.pte, "program"), (self.data, "data")):
             if path is not None and not path.is_file():
                 raise ProgramError(f"{path}: {kind} file not found")
-        verify_program(self.pte, self.data)
+        verify_program(self.pte, self.data, allow_unverified=allow_unverified)
         self.extra_inputs: list[torch.Tensor] = []
         try:
             self._program = Runtime.get().load_program(self.pte, data_path=self.data)

@@ -62,6 +62,8 @@ def generate_text(
     data: str | Path | None,
     prompt: str,
     max_new_tokens: int,
+    *,
+    allow_unverified: bool = False,
 ) -> TextGeneration:
     """Greedy generation (temperature 0) with ``TextLLMRunner``; no BOS is added."""
     register_kernels()
@@ -70,7 +72,9 @@ def generate_text(
     for path, kind in ((pte, "program"), (tokenizer, "tokenizer"), (data, "data")):
         if path is not None and not Path(path).is_file():
             raise ProgramError(f"{path}: {kind} file not found")
-    verify_program(Path(pte), None if data is None else Path(data))
+    verify_program(
+        Path(pte), None if data is None else Path(data), allow_unverified=allow_unverified
+    )
     try:
         runner = TextLLMRunner(str(pte), str(tokenizer), None if data is None else str(data))
     except RuntimeError as e:

@@ -15,6 +15,7 @@ The config's semantics (which modules, rank and alpha) are :mod:`edgelora.weight
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -213,7 +214,9 @@ def load_adapter(
             f"{missing[:3]} (is the adapter for a model with {args.n_layers} layers?)"
         )
 
-    adapter = Adapter(name=name, source=str(path), scale=float(scale), notes=list(cfg.notes))
+    adapter = Adapter(
+        name=name, source=os.path.realpath(path), scale=float(scale), notes=list(cfg.notes)
+    )
     for module in targeted:
         pair = halves[module]
         if set(pair) != {"A", "B"}:

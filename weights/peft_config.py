@@ -16,12 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import regex
+
 from edgelora.errors import AdapterError
 from edgelora.lora.record import Adapter
 from edgelora.weights import hf_keys
 from edgelora.weights.hf_names import ALL_PROJECTIONS, HF_PROJECTIONS
 
 CONFIG_FILE = "adapter_config.json"
+# A config's regexes come from whoever wrote the adapter: each match gets this long, so a
+# catastrophic one ("(m|m)*x") is an error naming it, not a hang. Module names are short.
+REGEX_TIMEOUT_S = 1.0
 UNSUPPORTED_MODULES = {
     "lm_head": "LoRA on the output layer (lm_head) is not supported; retrain without it",
     "model.embed_tokens": "embedding LoRA (embed_tokens) is not supported; retrain without it",
@@ -73,32 +78,46 @@ class AdapterConfig:
     def targets(self, key: str) -> bool:
         """PEFT's ``check_target_module_exists`` for an HF module name ``key``."""
         ex = self.exclude_modules
-        if isinstance(ex, str) and ex and re.fullmatch(ex, key):
+        if isinstance(ex, str) and ex and _search("fullmatch", ex, key, self.path):
             return False
         if isinstance(ex, tuple) and any(key == e or key.endswith("." + e) for e in ex):
             return False
         if isinstance(self.target_modules, str):  # PEFT ignores layers_to_transform here
-            return re.fullmatch(self.target_modules, key) is not None
+            return _search("fullmatch", self.target_modules, key, self.path) is not None
         if not any(key == t or key.endswith("." + t) for t in self.target_modules):
             return False
         if self.layers_to_transform is None:
             return True
         patterns = self.layers_pattern or (r"[^.]*",)
         for pattern in patterns:
-            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            m = _search("match", rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key, self.path)
             if m is not None:
                 return int(m.group("idx")) in self.layers_to_transform
         return False
 
     def rank_alpha(self, key: str) -> tuple[int, float]:
         """PEFT's per-module rank and alpha (first matching ``rank_pattern``/``alpha_pattern``)."""
-        r = next((v for p, v in self.rank_pattern.items() if _pattern_matches(p, key)), self.r)
-        a = next((v for p, v in self.alpha_pattern.items() if _pattern_matches(p, key)), self.alpha)
-        return r, float(a)
+
+        def first(patterns, default):
+            return next((v for p, v in patterns.items() if self._matches(p, key)), default)
+
+        return first(self.rank_pattern, self.r), float(first(self.alpha_pattern, self.alpha))
+
+    def _matches(self, pattern: str, key: str) -> bool:
+        return _search("match", rf"(.*\.)?({pattern})$", key, self.path) is not None
 
 
-def _pattern_matches(pattern: str, key: str) -> bool:
-    return re.match(rf"(.*\.)?({pattern})$", key) is not None
+def _search(how: str, pattern: str, key: str, cfg_path: Path):
+    """``regex.<how>(pattern, key)`` (``re``'s semantics) within :data:`REGEX_TIMEOUT_S`."""
+    try:
+        return getattr(regex, how)(pattern, key, timeout=REGEX_TIMEOUT_S)
+    except TimeoutError:
+        raise AdapterError(
+            f"{cfg_path}: the pattern {pattern[:80]!r} takes more than {REGEX_TIMEOUT_S:g} s to "
+            f"match the module name {key!r} (a catastrophic regex); simplify it"
+        ) from None
+    except regex.error as e:
+        raise AdapterError(f"{cfg_path}: {pattern[:80]!r} is not a valid regex ({e})") from None
 
 
 def _positive_int(value: Any) -> bool:

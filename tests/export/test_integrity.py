@@ -138,7 +138,10 @@ def test_commit_refuses_another_foundation_unless_overwrite(tmp_path, export_fp3
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     same = Manifest.read(out).foundation_sha256
     commit_output(stage, out, same, overwrite=False)  # the same foundation: replaced
-    assert [p.name for p in out.iterdir()] == ["base.pte"] and not stage.exists()
+    assert [p.name for p in out.iterdir()] == ["base.pte"]
+    # swapped: the stage holds the previous export (the staging directory's removal drops it)
+    assert sorted(p.name for p in stage.iterdir()) == sorted(before)
+    shutil.rmtree(stage)
     stage.mkdir()
     (stage / "x.pte").write_bytes(b"x")
     commit_output(stage, out, "1" * 64, overwrite=True)

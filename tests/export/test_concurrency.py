@@ -1,0 +1,180 @@
+"""Determinism across processes, and many writers and readers on one export.
+
+- The same export in two fresh processes, with different ``PYTHONHASHSEED``, thread counts,
+  working directories and spellings of every path (absolute, relative with ``..``, through a
+  symlink): every file byte-identical.
+- Writers adding and removing adapters (each a fresh ``export_llama`` process, some killed at
+  a random moment) while a reader reads the export in a loop: the reader never sees a half
+  export (``read_export`` verifies every file against the manifest it read), and nothing is
+  lost (each adapter's last completed operation is what the export shows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from edgelora.format.manifest import read_export
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "examples" / "tiny"
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_same_export_in_fresh_processes_is_byte_identical(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b" / "c").mkdir(parents=True)
+    (tmp_path / "tiny-link").symlink_to(TINY)
+    base = ["--recipe", "q4_0", "--switchable", "--adapter-template"]
+    spelled = {
+        # absolute paths, one thread, one hash seed
+        "a": (
+            tmp_path / "a",
+            "1",
+            "1",
+            [
+                "--checkpoint",
+                str(TINY / "model"),
+                f"--lora=reverse={TINY / 'adapters' / 'reverse'}",
+                f"--lora=opposite={TINY / 'adapters' / 'opposite'}",
+                "--output-dir",
+                str(tmp_path / "a" / "out"),
+            ],
+        ),
+        # relative, through a symlink and "..", two threads, another seed
+        "b": (
+            tmp_path / "b" / "c",
+            "2",
+            "2",
+            [
+                "--checkpoint",
+                "../../tiny-link/model/",
+                "--lora=reverse=../../tiny-link/adapters/../adapters/reverse",
+                f"--lora=opposite={os.path.relpath(TINY / 'adapters' / 'opposite', tmp_path / 'b' / 'c')}",
+                "--output-dir",
+                "./../c/out",
+            ],
+        ),
+    }
+    outs = {}
+    for key, (cwd, seed, threads, argv) in spelled.items():
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": threads}
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgelora.export.cli", *argv, *base],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        outs[key] = _files(cwd / "out")
+    assert outs["a"].keys() == outs["b"].keys()
+    differ = [n for n in outs["a"] if outs["a"][n] != outs["b"][n]]
+    assert not differ, differ
+
+
+def _op(out: Path, argv: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "edgelora.export.cli", "--add-to", str(out), *argv]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+_READER = r"""
+import sys, time
+from edgelora.format.manifest import read_export
+from edgelora.errors import EdgeLoraError
+out, seconds = sys.argv[1], float(sys.argv[2])
+reads, failures, seen = 0, [], set()
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        m = read_export(out)  # every file verified against this manifest
+        assert "foundation.ptd" in m.files and "base" in m.programs
+        seen.add(tuple(sorted(m.switchable.adapters)))
+        reads += 1
+    except EdgeLoraError as e:
+        failures.append(str(e))
+print(reads, len(seen), repr(failures[:3]), len(failures))
+"""
+
+
+def test_writers_readers_and_kills_on_one_export(tmp_path, export_8da4w_slots, adapter_dirs):
+    out = tmp_path / "out"
+    shutil.copytree(export_8da4w_slots, out)
+    rng = random.Random(5)
+    seconds = 75.0
+    reader = subprocess.Popen(
+        [sys.executable, "-c", _READER, str(out), str(seconds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # two writers, each on its own names; an op is a fresh process, some killed mid-way
+    last: dict[str, tuple[str, bool]] = {}  # name -> (op, completed?) of its last operation
+    present = {f"w{w}": [] for w in range(2)}
+    running: dict[str, tuple[subprocess.Popen, str, str, float]] = {}
+    kills = done = 0
+    end = time.monotonic() + seconds - 10
+    counter = 0
+    while time.monotonic() < end or running:
+        for w in list(present):
+            if w in running or time.monotonic() >= end:
+                continue
+            if present[w] and rng.random() < 0.4:
+                name, op = rng.choice(present[w]), "remove"
+                argv = ["--remove", name]
+            else:
+                counter += 1
+                name, op = f"{w}a{counter}", "add"
+                argv = ["--lora", f"{name}={adapter_dirs[rng.choice(['chat', 'code'])]}"]
+            kill_at = time.monotonic() + rng.uniform(0.5, 6.0) if rng.random() < 0.35 else None
+            running[w] = (_op(out, argv), name, op, kill_at)
+        for w, (proc, name, op, kill_at) in list(running.items()):
+            if kill_at is not None and proc.poll() is None and time.monotonic() > kill_at:
+                proc.send_signal(signal.SIGKILL)
+            if proc.poll() is None:
+                continue
+            err = proc.stderr.read()
+            del running[w]
+            ok = proc.returncode == 0
+            assert ok or proc.returncode == -signal.SIGKILL, err
+            kills += not ok
+            done += ok
+            last[name] = (op, ok)
+            if ok and op == "add":
+                present[w].append(name)
+            if op == "remove" or not ok:  # after a kill either state is allowed: leave it be
+                if name in present[w]:
+                    present[w].remove(name)
+        time.sleep(0.05)
+    stdout, stderr = reader.communicate(timeout=120)
+    reads, states, failures, n_failures = stdout.split(maxsplit=3)
+    assert reader.returncode == 0 and int(n_failures) == 0, (failures, stderr[-2000:])
+    assert int(reads) > 20 and int(states) > 3, stdout
+    # a last writer finishes what a killed one left; then nothing is lost
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "edgelora.export.cli", "--add-to", str(out), "--remove", "chat"],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
+    final = set(read_export(out).switchable.adapters)
+    for name, (op, ok) in last.items():
+        if ok:
+            assert (name in final) == (op == "add"), (name, op)
+    assert done > 6 and kills >= 1, (done, kills)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert json.loads((out / "manifest.json").read_text())["files"].keys() == {
+        p.name for p in out.iterdir() if p.name != "manifest.json"
+    }
