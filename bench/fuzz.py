@@ -4,9 +4,9 @@
         [--json bench/results/fuzz.json]
 
 Seeds are real files: the trained tiny model in ``examples/tiny`` (an HF directory: config,
-safetensors, tokenizer) and an export of it made here (``--recipe q4_0 --switchable
---adapter-template``, adapters ``reverse`` and ``opposite``), plus a ``.pth``, a shard index
-and a ``params.json`` written from it. Each target runs in its own process under libFuzzer,
+safetensors, tokenizer; its adapters), a ``.pth``, a shard index and a ``params.json`` written
+from it, and an export made here of a smaller model (:data:`SEED_MODEL`, ``--recipe q4_0
+--switchable --adapter-template``, two adapters). Each target runs in its own process under libFuzzer,
 with our modules instrumented (``atheris.instrument_imports``), for ``--seconds``:
 
 ==================  ====================================================================
@@ -74,6 +74,20 @@ LOADER_SAMPLE = 300  # parser-accepted program mutants given to ExecuTorch's loa
 # --- seeds -------------------------------------------------------------------------------
 
 
+# The export seed: a 1-layer model of random weights, so a program is a few hundred kB of
+# which the flatbuffer structure is a large share (the mutations reach it), and exports in
+# seconds. The checkpoint, adapter and tokenizer seeds are examples/tiny's trained files.
+SEED_MODEL = {
+    "dim": 64,
+    "n_layers": 1,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "vocab_size": 96,
+    "multiple_of": 32,
+    "max_seq_len": 64,
+}
+
+
 def make_seeds(work: Path, log=print) -> Path:
     """The seed files (made once under ``work/seeds``)."""
     seeds = work / "seeds"
@@ -86,18 +100,30 @@ def make_seeds(work: Path, log=print) -> Path:
     shutil.copytree(tiny / "model", hf)
     for name in ("reverse", "opposite"):
         shutil.copytree(tiny / "adapters" / name, seeds / "adapters" / name)
-    out = seeds / "export"
-    cmd = [sys.executable, "-m", "edgelora.export.cli", "--checkpoint", str(hf)]
-    cmd += ["--recipe", "q4_0", "--switchable", "--adapter-template", "--output-dir", str(out)]
-    cmd += [f"--lora={n}={seeds / 'adapters' / n}" for n in ("reverse", "opposite")]
-    log("  exporting the seed export ...")
-    subprocess.run(cmd, check=True, capture_output=True)
     import torch
     from safetensors.torch import load_file, save_file
 
     from edgelora.models.args import ModelArgs
+    from edgelora.models.llama import build_model
+    from edgelora.weights.adapter_files import save_peft_adapter
     from edgelora.weights.checkpoint import open_checkpoint
+    from edgelora.weights.synthetic import random_adapter
 
+    small = ModelArgs.from_dict(SEED_MODEL)
+    (seeds / "small.json").write_text(json.dumps(SEED_MODEL))
+    model = build_model(small)
+    lora = []
+    for name, targets, seed in (("a", None, 1), ("b", ("q_proj", "v_proj"), 2)):
+        kw = {} if targets is None else {"targets": targets}
+        save_peft_adapter(random_adapter(model, name, rank=4, alpha=8, seed=seed, **kw),
+                          seeds / "small-adapters" / name, small)  # fmt: skip
+        lora.append(f"--lora={name}={seeds / 'small-adapters' / name}")
+    out = seeds / "export"
+    cmd = [sys.executable, "-m", "edgelora.export.cli", "--params", str(seeds / "small.json")]
+    cmd += ["--recipe", "q4_0", "--switchable", "--adapter-template", "--output-dir", str(out)]
+    cmd += ["--tokenizer", str(hf / "tokenizer.json")] if _vocab(hf) <= 96 else []
+    log("  exporting the seed export ...")
+    subprocess.run(cmd + lora, check=True, capture_output=True)
     ckpt = open_checkpoint(hf)
     sd = {k: v.clone() for k, v in ckpt.take_state_dict().items()}
     torch.save(sd, seeds / "model.pth")
@@ -114,6 +140,10 @@ def make_seeds(work: Path, log=print) -> Path:
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
     (seeds / "done").write_text("")
     return seeds
+
+
+def _vocab(hf: Path) -> int:
+    return json.loads((hf / "config.json").read_text())["vocab_size"]
 
 
 # --- targets (in the fuzzing process) ----------------------------------------------------
@@ -149,7 +179,8 @@ class Target:
         from edgelora.format.checksums import PROGRAM_SHA_METHOD
         from edgelora.format.pte import read_pte
 
-        self.seed = self.export / "reverse.pte"
+        self.seed = self.export / "a.pte"
+        self.seed_bytes = self.seed.read_bytes()
         self.own = read_pte(self.seed).constants[PROGRAM_SHA_METHOD]
         self.accepted = self.scratch.parent / "accepted"
         self.accepted.mkdir(exist_ok=True)
@@ -162,7 +193,7 @@ class Target:
         path = self._file("p.pte", data)
         verify_program(path, self.export / "foundation.ptd")
         kept = len(os.listdir(self.accepted))
-        if kept < LOADER_SAMPLE and data != self.seed.read_bytes():
+        if kept < LOADER_SAMPLE and data != self.seed_bytes:
             self._file("p.pte", data).rename(self.accepted / f"{kept:05d}.pte")
 
     def _setup_ptd(self):
@@ -188,7 +219,7 @@ class Target:
     def _setup_adapter_inputs(self):
         from edgelora.format.manifest import read_export
 
-        self.seed = self.export / "reverse.lora.safetensors"
+        self.seed = self.export / "a.lora.safetensors"
         self.switchable = read_export(self.export).switchable
 
     def _run_adapter_inputs(self, data: bytes):
@@ -209,7 +240,7 @@ class Target:
         self.entry = manifest.switchable.template
         sw = manifest.switchable
         inputs = load_adapter_tensors(
-            self.export / "reverse.lora.safetensors", sw.slots, sw.input_dtypes[0]
+            self.export / "a.lora.safetensors", sw.slots, sw.input_dtypes[0]
         )
         self.weights = [w.to(getattr(torch, self.entry.dtype)) for w in slot_weights(inputs)]
 
@@ -366,8 +397,11 @@ def load_accepted(work: Path, ptd: Path) -> dict:
     how many loaded, were refused with an error, or killed the child."""
     script = r"""
 import os, sys, pathlib
-from edgelora.runtime.program import LlamaProgram
+from edgelora.runtime.program import LlamaProgram, register_kernels
 from edgelora.errors import EdgeLoraError
+from executorch.runtime import Runtime
+register_kernels()
+Runtime.get()
 ptd = sys.argv[1]
 for p in sorted(pathlib.Path(sys.argv[2]).glob("*.pte")):
     pid = os.fork()
@@ -390,7 +424,7 @@ for p in sorted(pathlib.Path(sys.argv[2]).glob("*.pte")):
         timeout=3600,
     )
     counts = {"ran": 0, "refused": 0, "unhandled": 0, "crashed": 0}
-    crashed = []
+    crashed, unhandled = [], []
     for line in proc.stdout.splitlines():
         if line.startswith("loader: "):
             _, name, status = line.split()
@@ -399,8 +433,10 @@ for p in sorted(pathlib.Path(sys.argv[2]).glob("*.pte")):
                 counts["crashed"] += 1
                 crashed.append(name)
             else:
-                code = os.WEXITSTATUS(status)
-                counts[{0: "ran", 3: "refused"}.get(code, "unhandled")] += 1
+                kind = {0: "ran", 3: "refused"}.get(os.WEXITSTATUS(status), "unhandled")
+                counts[kind] += 1
+                if kind == "unhandled":
+                    unhandled.append(name)
     for name in crashed:
         shutil.copy(
             work / "scratch" / "accepted" / name, work / "findings" / f"pte-loader-crash-{name}"
@@ -478,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     total = {k: sum(r[k] for r in results.values()) for k in ("executions", "crashes", "unhandled")}
     loader_crashes = results.get("pte", {}).get("loader", {}).get("crashed", 0)
     summary = {
-        "atheris": __import__("atheris").__version__ if _has_atheris() else None,
+        "atheris": _atheris_version(),
         "seconds_per_target": ns.seconds,
         "total": {**total, "loader_crashes": loader_crashes},
         "targets": results,
@@ -491,12 +527,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if not (total["crashes"] or total["unhandled"] or loader_crashes) else 1
 
 
-def _has_atheris() -> bool:
+def _atheris_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        import atheris  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        return version("atheris")
+    except PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

@@ -149,6 +149,7 @@ def read_pte(path: str | Path) -> ProgramInfo:
         info.constant_bytes = sum(len(b.storage) for b in program.constant_buffer)
         referenced: set[str] = set()
         for plan in program.execution_plan:
+            _check_plan(plan, program)
             if not plan.inputs and len(plan.outputs) == 1:
                 val = plan.values[plan.outputs[0]].val
                 idx = getattr(val, "data_buffer_idx", 0)
@@ -170,6 +171,93 @@ def read_pte(path: str | Path) -> ProgramInfo:
         raise ProgramError(f"{path}: not a valid .pte program ({type(e).__name__}: {e})") from None
     info.needed = referenced - set(info.inline)
     return info
+
+
+# bytes per element of the scalar types our programs use (others are not bounds-checked)
+_ELEMENT_BYTES = {
+    "BYTE": 1, "CHAR": 1, "BOOL": 1, "QINT8": 1, "QUINT8": 1, "SHORT": 2, "HALF": 2,
+    "BFLOAT16": 2, "INT": 4, "FLOAT": 4, "QINT32": 4, "LONG": 8, "DOUBLE": 8,
+}  # fmt: skip
+_MAX_DIM = 1 << 31
+
+
+def _check_plan(plan, program) -> None:
+    """Every index an execution plan holds is in range, and every planned tensor lies inside
+    its memory buffer: ExecuTorch's loader trusts these (an out-of-range operator index
+    crashed it in fuzzing, bench/fuzz.py), so a program whose checksum was recomputed over
+    bytes that say otherwise is refused here, before the loader sees it. Raises ValueError."""
+    from executorch.exir import schema
+
+    name, nv = plan.name, len(plan.values)
+
+    def value(i: int, what: str) -> None:
+        if not (isinstance(i, int) and 0 <= i < nv):
+            raise ValueError(f"method {name}: {what} {i} is not one of its {nv} values")
+
+    def below(i: int, n: int, what: str) -> None:
+        if not (isinstance(i, int) and 0 <= i < n):
+            raise ValueError(f"method {name}: {what} {i} is out of range (0..{n - 1})")
+
+    for i in (*plan.inputs, *plan.outputs):
+        value(i, "input/output")
+    for chain in plan.chains:
+        for i in (*chain.inputs, *chain.outputs):
+            value(i, "chain input/output")
+        for ins in chain.instructions:
+            a = ins.instr_args
+            if isinstance(a, schema.KernelCall):
+                below(a.op_index, len(plan.operators), "operator index")
+                for i in a.args:
+                    value(i, "kernel argument")
+            elif isinstance(a, schema.DelegateCall):
+                below(a.delegate_index, len(plan.delegates), "delegate index")
+                for i in a.args:
+                    value(i, "delegate argument")
+            elif isinstance(a, schema.MoveCall):
+                value(a.move_from, "move source")
+                value(a.move_to, "move target")
+            elif isinstance(a, schema.JumpFalseCall):
+                value(a.cond_value_index, "jump condition")
+                below(a.destination_instruction, len(chain.instructions), "jump destination")
+            elif isinstance(a, schema.FreeCall):
+                value(a.value_index, "freed value")
+    constants = max(len(program.constant_buffer), len(program.constant_segment.offsets))
+    buffers = plan.non_const_buffer_sizes
+    for v in plan.values:
+        t = v.val
+        if isinstance(t, schema.Tensor):
+            if any(not 0 <= d < _MAX_DIM for d in t.sizes):
+                raise ValueError(f"method {name}: tensor sizes {list(t.sizes)[:8]} out of range")
+            if t.dim_order and sorted(t.dim_order) != list(range(len(t.sizes))):
+                raise ValueError(
+                    f"method {name}: dim order {list(t.dim_order)} of {len(t.sizes)} dims"
+                )
+            external = t.extra_tensor_info is not None and t.extra_tensor_info.location == 1
+            if t.data_buffer_idx and not external:  # (an external tensor's data is by key)
+                below(t.data_buffer_idx, constants, "constant buffer index")
+            ai = t.allocation_info
+            if ai is not None:
+                below(ai.memory_id, len(buffers), "memory id")
+                per = _ELEMENT_BYTES.get(getattr(t.scalar_type, "name", ""), 0)
+                numel = 1
+                for d in t.sizes:
+                    numel *= d
+                end = (ai.memory_offset_low | ai.memory_offset_high << 32) + numel * per
+                if end > buffers[ai.memory_id]:
+                    raise ValueError(
+                        f"method {name}: a planned tensor ends at byte {end}, past its buffer "
+                        f"of {buffers[ai.memory_id]}"
+                    )
+        elif isinstance(t, (schema.TensorList, schema.OptionalTensorList)):
+            for i in t.items:
+                if not (isinstance(t, schema.OptionalTensorList) and i == -1):
+                    value(i, "list item")
+    for d in plan.delegates:
+        ref = d.processed
+        if ref.location == schema.DataLocation.INLINE:
+            below(ref.index, len(program.backend_delegate_data), "delegate data index")
+        else:
+            below(ref.index, len(program.segments), "delegate segment index")
 
 
 def missing_keys(pte: str | Path, ptd: str | Path | None) -> set[str]:

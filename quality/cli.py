@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", type=Path, default=None, help="a .pte file's foundation.ptd")
     p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="evaluate a .pte file that carries no edgelora checksums (ExecuTorch's own "
+        "example's); refused by default",
+    )
+    p.add_argument(
         "--tokenizer",
         type=Path,
         default=None,
@@ -169,7 +175,15 @@ def evaluate(ns: argparse.Namespace) -> list[dict]:
         eos = export_eos_ids(ns.target)
         if eos is None:
             raise ConfigError(f"{ns.target}: a .pte file needs --eos-ids")
-    scorers = [open_runtime(ns.target, adapter=ns.adapter, data=ns.data, switchable=ns.switchable)]
+    scorers = [
+        open_runtime(
+            ns.target,
+            adapter=ns.adapter,
+            data=ns.data,
+            switchable=ns.switchable,
+            allow_unverified=ns.allow_unverified,
+        )
+    ]
     if ns.reference is not None:
         from edgelora.quality.reference import ReferenceScorer
 

@@ -42,10 +42,12 @@ def open_runtime(
     adapter: str | None = None,
     data: str | Path | None = None,
     switchable: bool = False,
+    allow_unverified: bool = False,
 ) -> RuntimeScorer:
     """The scorer of ``target``: an export directory (``adapter`` names the program, default
     base; with ``switchable`` the adapter is selected in ``switchable.pte``) or a ``.pte`` file
-    (``data``: its foundation). :class:`ProgramError` if there is no such program."""
+    (``data``: its foundation; ``allow_unverified``: it may lack edgelora's checksums).
+    :class:`ProgramError` if there is no such program."""
     target = Path(target)
     if target.is_dir():
         if switchable:
@@ -56,7 +58,8 @@ def open_runtime(
         return RuntimeScorer(LlamaProgram(pte, foundation), pte.name)
     if switchable or adapter:
         raise ProgramError(f"{target}: --adapter and --switchable need an export directory")
-    return RuntimeScorer(LlamaProgram(target, data), target.name)
+    program = LlamaProgram(target, data, allow_unverified=allow_unverified)
+    return RuntimeScorer(program, target.name)
 
 
 def export_eos_ids(target: str | Path) -> list[int] | None:

@@ -23,19 +23,19 @@ from pathlib import Path
 
 from edgelora.format.manifest import read_export
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "examples" / "tiny"
-
 
 def _files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
-def test_same_export_in_fresh_processes_is_byte_identical(tmp_path):
+def test_same_export_in_fresh_processes_is_byte_identical(tmp_path, params_file, adapter_dirs):
+    """The default recipe (calibrated), switchable and template programs, two adapters."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b" / "c").mkdir(parents=True)
-    (tmp_path / "tiny-link").symlink_to(TINY)
-    base = ["--recipe", "q4_0", "--switchable", "--adapter-template"]
+    (tmp_path / "in-link").symlink_to(adapter_dirs["chat"].parent)
+    shutil.copy(params_file, tmp_path / "params.json")
+    base = ["--switchable", "--adapter-template"]
+    rel = os.path.relpath(adapter_dirs["code"], tmp_path / "b" / "c")
     spelled = {
         # absolute paths, one thread, one hash seed
         "a": (
@@ -43,10 +43,10 @@ def test_same_export_in_fresh_processes_is_byte_identical(tmp_path):
             "1",
             "1",
             [
-                "--checkpoint",
-                str(TINY / "model"),
-                f"--lora=reverse={TINY / 'adapters' / 'reverse'}",
-                f"--lora=opposite={TINY / 'adapters' / 'opposite'}",
+                "--params",
+                str(tmp_path / "params.json"),
+                f"--lora=chat={adapter_dirs['chat']}",
+                f"--lora=code={adapter_dirs['code']}",
                 "--output-dir",
                 str(tmp_path / "a" / "out"),
             ],
@@ -57,10 +57,10 @@ def test_same_export_in_fresh_processes_is_byte_identical(tmp_path):
             "2",
             "2",
             [
-                "--checkpoint",
-                "../../tiny-link/model/",
-                "--lora=reverse=../../tiny-link/adapters/../adapters/reverse",
-                f"--lora=opposite={os.path.relpath(TINY / 'adapters' / 'opposite', tmp_path / 'b' / 'c')}",
+                "--params",
+                "../../b/../params.json",
+                "--lora=chat=../../in-link/code/../chat/",
+                f"--lora=code={rel}",
                 "--output-dir",
                 "./../c/out",
             ],
