@@ -209,6 +209,7 @@ def _check_plan(plan, program) -> None:
                 below(a.op_index, len(plan.operators), "operator index")
                 for i in a.args:
                     value(i, "kernel argument")
+                _check_argument_types(plan, plan.operators[a.op_index], a.args)
             elif isinstance(a, schema.DelegateCall):
                 below(a.delegate_index, len(plan.delegates), "delegate index")
                 for i in a.args:
@@ -258,6 +259,69 @@ def _check_plan(plan, program) -> None:
             below(ref.index, len(program.backend_delegate_data), "delegate data index")
         else:
             below(ref.index, len(program.segments), "delegate segment index")
+
+
+def _check_argument_types(plan, op, args) -> None:
+    """A kernel's arguments have the kinds its schema gives (a Tensor where it takes a Tensor,
+    an Int where an int ...): ExecuTorch's kernels read an argument as the kind they expect,
+    so an index pointing at a value of another kind crashed the process in fuzzing. Operators
+    with no schema in this process (ExecuTorch's own prim ops) are not checked."""
+    kinds = _argument_kinds(op.name, op.overload)
+    if kinds is None:
+        return
+    if len(args) != len(kinds):
+        raise ValueError(
+            f"method {plan.name}: {op.name}.{op.overload} takes {len(kinds)} arguments, "
+            f"the program passes {len(args)}"
+        )
+    for n, (i, allowed) in enumerate(zip(args, kinds, strict=True)):
+        got = type(plan.values[i].val).__name__
+        if allowed and got not in allowed:
+            raise ValueError(
+                f"method {plan.name}: argument {n} of {op.name}.{op.overload} is a {got}, "
+                f"not a {' or '.join(sorted(allowed))}"
+            )
+
+
+_KINDS: dict[tuple[str, str], list[frozenset[str]] | None] = {}
+_SCALAR = {
+    "TensorType": "Tensor", "IntType": "Int", "SymIntType": "Int", "FloatType": "Double",
+    "SymFloatType": "Double", "BoolType": "Bool", "SymBoolType": "Bool", "StringType": "String",
+    "ScalarTypeType": "Int", "LayoutType": "Int", "MemoryFormatType": "Int",
+}  # fmt: skip
+_LISTS = {"IntType": "IntList", "SymIntType": "IntList", "TensorType": "TensorList",
+          "FloatType": "DoubleList", "BoolType": "BoolList"}  # fmt: skip
+
+
+def _argument_kinds(name: str, overload: str) -> list[frozenset[str]] | None:
+    """The EValue kinds each argument (then each return) of an operator may be; an empty set
+    where any is allowed; ``None`` if the operator has no schema here."""
+    key = (name, overload)
+    if key not in _KINDS:
+        import torch
+
+        try:
+            s = torch._C._get_schema(name, overload)
+        except RuntimeError:
+            _KINDS[key] = None
+        else:
+            _KINDS[key] = [_kinds(a.type) for a in (*s.arguments, *s.returns)]
+    return _KINDS[key]
+
+
+def _kinds(t) -> frozenset[str]:
+    kind = t.kind()
+    if kind == "OptionalType":
+        inner = _kinds(t.getElementType())
+        return inner | {"Null"} if inner else inner
+    if kind == "NumberType":
+        return frozenset({"Int", "Double", "Bool"})
+    if kind == "ListType":
+        elem = t.getElementType()
+        if elem.kind() == "OptionalType" and elem.getElementType().kind() == "TensorType":
+            return frozenset({"OptionalTensorList"})
+        return frozenset({_LISTS[elem.kind()]}) if elem.kind() in _LISTS else frozenset()
+    return frozenset({_SCALAR[kind]}) if kind in _SCALAR else frozenset()
 
 
 def missing_keys(pte: str | Path, ptd: str | Path | None) -> set[str]:

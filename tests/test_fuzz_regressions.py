@@ -1,0 +1,115 @@
+"""Regression cases from fuzzing (``bench/fuzz.py``): each input it found that crashed a process
+or escaped our errors, rebuilt here from a shared export, must be refused with one line.
+
+- **An argument of the wrong kind** (fuzzing, ``pte`` target: ``aten::select_copy.int_out``'s
+  ``int dim`` pointed at a Tensor value). The kernel read the Tensor as an int and the process
+  died. Every kernel call's arguments are now checked against the operator's schema.
+- **An out-of-range operator index** (fuzzing, ``pte`` target: one byte of a ``KernelCall``'s
+  ``op_index``, 8 -> 553648136, with the checksum recomputed). Our parser accepted it and
+  ExecuTorch's loader crashed the process running it. ``format/pte.py`` now checks every index
+  of an execution plan and every planned tensor's bounds; the neighbouring cases below (a value,
+  delegate or jump index out of range, a planned tensor past its buffer) are refused by the same
+  checks.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgelora.errors import ProgramError
+from edgelora.format.checksums import PROGRAM_SHA_METHOD, restamp, verify_program
+from edgelora.format.pte import read_pte
+
+
+def _first(plan, kind):
+    for chain in plan.chains:
+        for ins in chain.instructions:
+            if type(ins.instr_args).__name__ == kind:
+                return ins.instr_args
+    raise AssertionError(f"no {kind} in {plan.name}")
+
+
+def _forward(pte):
+    return next(p for p in pte.program.execution_plan if p.name == "forward")
+
+
+def _planned(plan):
+    return next(v.val for v in plan.values if getattr(v.val, "allocation_info", None) is not None)
+
+
+def _int_argument_gets_a_tensor(pte) -> None:
+    """The first kernel call taking (Tensor, int, ...) gets its tensor where the int goes."""
+    plan = _forward(pte)
+    for chain in plan.chains:
+        for ins in chain.instructions:
+            a = ins.instr_args
+            kinds = [type(plan.values[i].val).__name__ for i in getattr(a, "args", [])[:2]]
+            if type(a).__name__ == "KernelCall" and kinds == ["Tensor", "Int"]:
+                a.args[1] = a.args[0]
+                return
+    raise AssertionError("no kernel call taking (Tensor, int)")
+
+
+MUTATIONS = {
+    # fuzzing: aten::select_copy.int_out's int dim pointing at a Tensor value crashed the process
+    "argument-kind": (_int_argument_gets_a_tensor, "is a Tensor, not a Int"),
+    "operator-index": (
+        lambda pte: setattr(_first(_forward(pte), "KernelCall"), "op_index", 553648136),
+        "operator index 553648136",
+    ),
+    "kernel-argument": (
+        lambda pte: _first(_forward(pte), "KernelCall").args.__setitem__(0, 10**6),
+        "kernel argument 1000000",
+    ),
+    "delegate-index": (
+        lambda pte: setattr(_first(_forward(pte), "DelegateCall"), "delegate_index", 7),
+        "delegate index 7",
+    ),
+    "planned-tensor-past-its-buffer": (
+        lambda pte: _planned(_forward(pte)).sizes.__setitem__(0, 1 << 30),
+        "past its buffer",
+    ),
+    "output-index": (lambda pte: _forward(pte).outputs.__setitem__(0, -1), "input/output -1"),
+}
+
+
+def _mutant(src: Path, dst: Path, mutate) -> Path:
+    from executorch.exir._serialize._program import deserialize_pte_binary, serialize_pte_binary
+
+    pte = deserialize_pte_binary(src.read_bytes())
+    mutate(pte)
+    data = bytes(serialize_pte_binary(pte, extract_delegate_segments=True))
+    own = read_pte(src).constants[PROGRAM_SHA_METHOD]
+    assert data.count(own) == 1
+    dst.write_bytes(restamp(data, data.index(own)))  # a valid checksum: only the parser stands
+    return dst
+
+
+def test_round_trip_is_accepted(export_8da4w, tmp_path):
+    """(The mutants are made by ExecuTorch's own serializer; unmutated, it gives a program our
+    checks accept.)"""
+    same = _mutant(export_8da4w / "chat.pte", tmp_path / "same.pte", lambda pte: None)
+    verify_program(same, export_8da4w / "foundation.ptd")
+
+
+@pytest.mark.parametrize("case", sorted(MUTATIONS))
+def test_corrupt_plan_is_refused_before_the_loader(case, export_8da4w, tmp_path):
+    mutate, message = MUTATIONS[case]
+    bad = _mutant(export_8da4w / "chat.pte", tmp_path / f"{case}.pte", mutate)
+    with pytest.raises(ProgramError, match="not a valid .pte program") as e:
+        verify_program(bad, export_8da4w / "foundation.ptd")
+    assert message in str(e.value)
+    # the tool, in a process of its own (the loader would have crashed it): one line, exit 2
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgelora.runtime.cli", str(bad), "--data"]
+        + [str(export_8da4w / "foundation.ptd"), "--prompt-ids", "1,2", "--max-new-tokens", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
