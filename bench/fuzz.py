@@ -452,7 +452,8 @@ def run_target(name: str, seeds: Path, work: Path, seconds: int, log=print) -> d
     """Fuzz one target for ``seconds`` in child processes (restarted after a crash)."""
     start, result = time.monotonic(), {"executions": 0, "crashes": 0, "restarts": 0}
     cov = ft = 0
-    while (left := seconds - (time.monotonic() - start)) > 5:
+    left = seconds
+    while left > 0:
         proc = subprocess.run(
             [
                 sys.executable,
@@ -478,6 +479,9 @@ def run_target(name: str, seeds: Path, work: Path, seconds: int, log=print) -> d
             log(f"    {name}: child ended with {proc.returncode}:\n{tail}")
             if "number_of_executed_units" not in proc.stderr:
                 break  # it could not start: do not spin
+        left = seconds - (time.monotonic() - start)
+        if left < 3:
+            break
     result["coverage_edges"], result["features"] = cov, ft
     result["seconds"] = round(time.monotonic() - start, 1)
     result["unhandled"] = len(list((work / "findings").glob(f"{name}-unhandled-*[!.txt]")))

@@ -129,7 +129,12 @@ def _finish_commit(stage: Path, out_dir: Path) -> None:
     if os.path.lexists(out_dir) and not os.path.lexists(previous):
         os.rename(out_dir, previous)
         _fs.fsync_path(out_dir.parent)
-    os.rename(stage, out_dir)
+    try:
+        os.rename(stage, out_dir)
+    except OSError:
+        if os.path.lexists(previous) and not os.path.lexists(out_dir):
+            os.rename(previous, out_dir)  # put the old export back before saying why
+        raise
     _fs.fsync_path(out_dir.parent)
     os.unlink(commit_record(out_dir))
     _fs.fsync_path(out_dir.parent)

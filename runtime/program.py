@@ -132,7 +132,10 @@ class LlamaProgram:
                 f"max_seq_len {self.max_seq_len}"
             )
         pos = torch.tensor([start], dtype=torch.long)
-        out = self._forward.execute([t, pos, *self.extra_inputs])[0]
+        try:
+            out = self._forward.execute([t, pos, *self.extra_inputs])[0]
+        except RuntimeError as e:  # the runtime's error code for a method that cannot run
+            raise ProgramError(f"{self.pte}: {self.method} failed on the runtime ({e})") from None
         return out.reshape(-1, out.shape[-1])
 
     @property

@@ -10,10 +10,14 @@ or escaped our errors, rebuilt here from a shared export, must be refused with o
   of an execution plan and every planned tensor's bounds; the neighbouring cases below (a value,
   delegate or jump index out of range, a planned tensor past its buffer) are refused by the same
   checks.
+- **A shard index whose weight map holds an object** (fuzzing, ``shard-index`` target):
+  ``TypeError: unhashable type: 'dict'`` escaped ``open_checkpoint``. Every shard name is now
+  checked (a string, a plain file name, not ``..``) before any is used.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +117,19 @@ def test_corrupt_plan_is_refused_before_the_loader(case, export_8da4w, tmp_path)
     )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "shard", [{"a": 1}, ["x"], 7, None, "..", "", "../model.safetensors", "/etc/passwd"]
+)
+def test_bad_shard_names_in_an_index(shard, tmp_path):
+    from edgelora.errors import CheckpointError
+    from edgelora.weights.checkpoint import open_checkpoint
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    index = {"weight_map": {"model.embed_tokens.weight": shard}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="bad shard file name"):
+        open_checkpoint(d)

@@ -86,10 +86,11 @@ def _read_hf_weights(root: Path) -> dict[str, torch.Tensor]:
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_path}: no 'weight_map' object")
+            for shard in weight_map.values():  # (fuzzing: a dict here was a TypeError)
+                if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".."):
+                    raise CheckpointError(f"{index_path}: bad shard file name {shard!r}")
             sd: dict[str, torch.Tensor] = {}
             for shard in sorted(set(weight_map.values())):
-                if not isinstance(shard, str) or Path(shard).name != shard:
-                    raise CheckpointError(f"{index_path}: bad shard file name {shard!r}")
                 part = read_state_dict(root / shard, lazy=True)
                 for key in part:
                     if weight_map.get(key) != shard:
