@@ -412,7 +412,8 @@ for p in sorted(pathlib.Path(sys.argv[2]).glob("*.pte")):
             os._exit(0)
         except EdgeLoraError:
             os._exit(3)
-        except Exception:
+        except Exception as e:
+            p.with_suffix(".err").write_text(f"{type(e).__name__}: {e}")
             os._exit(4)
     _, status = os.waitpid(pid, 0)
     print("loader:", p.name, status, flush=True)
@@ -441,6 +442,12 @@ for p in sorted(pathlib.Path(sys.argv[2]).glob("*.pte")):
         shutil.copy(
             work / "scratch" / "accepted" / name, work / "findings" / f"pte-loader-crash-{name}"
         )
+    for name in unhandled:
+        src = work / "scratch" / "accepted" / name
+        shutil.copy(src, work / "findings" / f"pte-loader-unhandled-{name}")
+        if src.with_suffix(".err").exists():
+            text = src.with_suffix(".err").read_text()
+            (work / "findings" / f"pte-loader-unhandled-{name}.txt").write_text(text)
     return counts
 
 
@@ -516,11 +523,16 @@ def main(argv: list[str] | None = None) -> int:
         results["pte"]["loader"] = load_accepted(ns.work, seeds / "export" / "foundation.ptd")
         print(f"  pte mutants given to ExecuTorch's loader: {results['pte']['loader']}")
     total = {k: sum(r[k] for r in results.values()) for k in ("executions", "crashes", "unhandled")}
-    loader_crashes = results.get("pte", {}).get("loader", {}).get("crashed", 0)
+    loader = results.get("pte", {}).get("loader", {})
+    loader_crashes = loader.get("crashed", 0) + loader.get("unhandled", 0)
     summary = {
         "atheris": _atheris_version(),
         "seconds_per_target": ns.seconds,
-        "total": {**total, "loader_crashes": loader_crashes},
+        "total": {
+            **total,
+            "loader_crashes": loader.get("crashed", 0),
+            "loader_unhandled": loader.get("unhandled", 0),
+        },  # fmt: skip
         "targets": results,
         "findings": sorted(p.name for p in (ns.work / "findings").iterdir()),
     }
