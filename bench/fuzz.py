@@ -293,12 +293,14 @@ class Target:
     def _load(self, path: Path):
         """What an export does with a checkpoint: open it, build the model its parameters
         describe (on the meta device) and load it strictly."""
+        from edgelora.export.memory import check_memory
         from edgelora.models.args import ModelArgs
         from edgelora.models.llama import build_model
         from edgelora.weights.checkpoint import load_checkpoint, open_checkpoint
 
         ckpt = open_checkpoint(path)
         args = ModelArgs.from_dict(ckpt.params) if ckpt.params else self.args
+        check_memory(args)  # as export_llama does before it builds anything
         load_checkpoint(build_model(args, empty=True), ckpt, assign=True)
 
     _run_shard_index = _run_config = _run_checkpoint
@@ -347,6 +349,7 @@ def fuzz_child(name: str, seeds: Path, work: Path, seconds: int) -> None:
 
     with atheris.instrument_imports(include=["edgelora"]):
         import edgelora.errors
+        import edgelora.export.memory  # noqa: F401
         import edgelora.export.tokenizer  # noqa: F401
         import edgelora.format.adapter_inputs  # noqa: F401
         import edgelora.format.chat_template  # noqa: F401

@@ -13,6 +13,9 @@ or escaped our errors, rebuilt here from a shared export, must be refused with o
 - **A shard index whose weight map holds an object** (fuzzing, ``shard-index`` target):
   ``TypeError: unhashable type: 'dict'`` escaped ``open_checkpoint``. Every shard name is now
   checked (a string, a plain file name, not ``..``) before any is used.
+- **A config.json whose ``architectures`` is a number** (fuzzing, ``config`` target):
+  ``TypeError: 'int' object is not iterable`` escaped. ``architectures`` must be a list of
+  names and ``model_type`` a string.
 """
 
 from __future__ import annotations
@@ -133,3 +136,15 @@ def test_bad_shard_names_in_an_index(shard, tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="bad shard file name"):
         open_checkpoint(d)
+
+
+@pytest.mark.parametrize(
+    "change", [{"architectures": 5}, {"architectures": [1]}, {"model_type": ["llama"]}]
+)
+def test_config_architectures_of_the_wrong_type(change, tmp_path):
+    from edgelora.errors import ConfigError
+    from edgelora.weights.architectures import find_architecture
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **change}
+    with pytest.raises(ConfigError, match="must be a"):
+        find_architecture(cfg, "config.json")

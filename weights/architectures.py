@@ -329,6 +329,10 @@ def find_architecture(cfg: dict[str, Any], source: str) -> Architecture:
     ``model_type``); :class:`ConfigError` naming it and the supported ones otherwise."""
     archs = cfg.get("architectures") or []
     model_type = cfg.get("model_type")
+    if not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ConfigError(f"{source}: 'architectures' must be a list of names, got {archs!r:.80}")
+    if model_type is not None and not isinstance(model_type, str):
+        raise ConfigError(f"{source}: 'model_type' must be a string, got {model_type!r:.80}")
     for arch in ARCHITECTURES:
         if set(archs) & set(arch.hf_names) or (not archs and model_type == arch.model_type):
             return arch
