@@ -68,6 +68,7 @@ TARGETS = (
     "config",
     "tokenizer",
 )
+COMBINED = "all"  # one process fuzzing every target (--combined: the CI smoke)
 LOADER_SAMPLE = 300  # parser-accepted program mutants given to ExecuTorch's loader, per run
 
 
@@ -364,30 +365,49 @@ def fuzz_child(name: str, seeds: Path, work: Path, seconds: int) -> None:
     from edgelora._quiet import quiet_third_party
 
     quiet_third_party()
-    scratch = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work / "scratch"))
-    target = Target(name, seeds, scratch)
+    names = TARGETS if name == COMBINED else (name,)
+    targets = []
+    for t in names:
+        scratch = Path(tempfile.mkdtemp(prefix=f"{t}-", dir=work / "scratch"))
+        targets.append(Target(t, seeds, scratch))
     findings = work / "findings"
     corpus = work / "corpus" / name
     corpus.mkdir(parents=True, exist_ok=True)
-    shutil.copy(target.seed, corpus / "seed")
+    if name == COMBINED:  # an input's first byte picks the target, the rest is its file
+        for i, target in enumerate(targets):
+            (corpus / f"seed-{target.name}").write_bytes(bytes([i]) + target.seed.read_bytes())
+    else:
+        shutil.copy(targets[0].seed, corpus / "seed")
     expected = edgelora.errors.EdgeLoraError
+    counts = {t.name: 0 for t in targets}
+    count_file = work / f"counts-{name}.json"
 
     def one(data: bytes) -> None:
+        if name == COMBINED:
+            if not data:
+                return
+            target, data = targets[data[0] % len(targets)], data[1:]
+        else:
+            target = targets[0]
+        counts[target.name] += 1
+        if sum(counts.values()) % 500 == 0:
+            count_file.write_text(json.dumps(counts))
         try:
             target.run(data)
         except expected:
             pass
         except Exception:  # noqa: BLE001 - every other exception is a finding
             digest = hashlib.sha256(data).hexdigest()[:16]
-            path = findings / f"{name}-unhandled-{digest}"
+            path = findings / f"{target.name}-unhandled-{digest}"
             if not path.exists():
                 path.write_bytes(data)
                 path.with_suffix(".txt").write_text(traceback.format_exc())
                 print(f"fuzz-unhandled: {path.name}", file=sys.stderr, flush=True)
 
+    largest = max(t.seed.stat().st_size for t in targets)
     argv = [sys.argv[0], str(corpus), f"-max_total_time={seconds}", "-timeout=20"]
     argv += ["-rss_limit_mb=6000", "-print_final_stats=1", f"-artifact_prefix={findings}/{name}-"]
-    argv += ["-max_len=" + str(max(4096, 2 * target.seed.stat().st_size))]
+    argv += ["-max_len=" + str(max(4096, 2 * largest + 1))]
     atheris.Setup(argv, one)
     atheris.Fuzz()
 
@@ -504,8 +524,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated targets")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgelora-fuzz")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument(
+        "--combined",
+        action="store_true",
+        help="fuzz every target in one process for --seconds in all (an input's first byte "
+        "picks the target; the CI smoke): one start-up instead of one per target",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
+    if ns.combined and ns.targets != ",".join(TARGETS):
+        p.error("--combined fuzzes every target")
     if ns.child is not None:
         fuzz_child(ns.child, ns.work / "seeds", ns.work, ns.seconds)
         return 0
@@ -518,7 +546,17 @@ def main(argv: list[str] | None = None) -> int:
     (ns.work / "scratch").mkdir()
     seeds = make_seeds(ns.work)
     results = {}
-    for t in targets:
+    if ns.combined:
+        print(f"fuzzing {', '.join(targets)} in one process for {ns.seconds} s ...", flush=True)
+        both = run_target(COMBINED, seeds, ns.work, ns.seconds)
+        counts = json.loads((ns.work / f"counts-{COMBINED}.json").read_text())
+        for t in targets:
+            unhandled = len(list((ns.work / "findings").glob(f"{t}-unhandled-*[!.txt]")))
+            results[t] = {"executions": counts.get(t, 0), "unhandled": unhandled, "crashes": 0}
+        results[targets[0]]["crashes"] = both["crashes"]  # (a crash is the process's)
+        combined = {k: both[k] for k in ("executions", "coverage_edges", "features", "seconds")}
+        print(f"  {json.dumps(combined)}", flush=True)
+    for t in [] if ns.combined else targets:
         print(f"fuzzing {t} for {ns.seconds} s ...", flush=True)
         results[t] = run_target(t, seeds, ns.work, ns.seconds)
         print(f"  {t}: {json.dumps(results[t])}", flush=True)
@@ -530,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     loader_crashes = loader.get("crashed", 0) + loader.get("unhandled", 0)
     summary = {
         "atheris": _atheris_version(),
+        "combined": combined if ns.combined else None,
         "seconds_per_target": ns.seconds,
         "total": {
             **total,

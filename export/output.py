@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -170,7 +171,7 @@ def _recover(out_dir: Path, log) -> None:
             _fs.fsync_path(out_dir.parent)
         else:
             _remove(previous)
-    for stale in sorted(out_dir.parent.glob(staging_prefix(out_dir) + "*")):
+    for stale in sorted(out_dir.parent.glob(glob.escape(staging_prefix(out_dir)) + "*")):
         log(f"  removing {stale.name}, left by a writer that did not finish")
         _remove(stale)
 

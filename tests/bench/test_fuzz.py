@@ -1,6 +1,7 @@
-"""The fuzzing smoke: ``bench/fuzz.py`` on every target for about 60 seconds in all (the long
-campaign's results are ``bench/results/fuzz.json``). Every target must run -- executions
-counted, coverage found -- with no crash, hang or unhandled error."""
+"""The fuzzing smoke: ``bench/fuzz.py --combined`` -- every target in one libFuzzer process, an
+input's first byte picking the target -- for 60 seconds (the long campaign's results are
+``bench/results/fuzz.json``). Every target must run and the run find coverage, with no crash,
+hang or unhandled error, and no program mutant our parser accepts may crash ExecuTorch."""
 
 from __future__ import annotations
 
@@ -14,24 +15,18 @@ FUZZ = ROOT / "bench" / "fuzz.py"
 
 
 def test_fuzz_smoke_every_target(tmp_path):
-    sys.path.insert(0, str(FUZZ.parent))
-    try:
-        from fuzz import TARGETS
-    finally:
-        sys.path.remove(str(FUZZ.parent))
-    seconds = max(5, 60 // len(TARGETS))
     result = tmp_path / "fuzz.json"
-    cmd = [sys.executable, str(FUZZ), "--seconds", str(seconds), "--work", str(tmp_path / "w")]
-    proc = subprocess.run(
-        [*cmd, "--json", str(result)], capture_output=True, text=True, timeout=900
-    )
+    cmd = [sys.executable, str(FUZZ), "--combined", "--seconds", "60"]
+    cmd += ["--work", str(tmp_path / "w"), "--json", str(result)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(result.read_text())
     assert proc.returncode == 0, (summary["total"], summary["findings"], proc.stdout[-3000:])
-    assert set(summary["targets"]) == set(TARGETS)
+    assert summary["combined"]["coverage_edges"] > 200, summary["combined"]
     for name, r in summary["targets"].items():
-        # (a checkpoint target runs a few inputs a second: it ran, and found its code)
-        assert r["executions"] > 0 and r["coverage_edges"] > 10, (name, r)
+        # (a checkpoint target runs a few inputs a second: it ran)
+        assert r["executions"] > 0, (name, summary["targets"])
         assert r["crashes"] == r["unhandled"] == 0, (name, r)
+    assert len(summary["targets"]) == 13
     total = summary["total"]
     assert total["loader_crashes"] == total["loader_unhandled"] == 0, summary["targets"]["pte"]

@@ -29,12 +29,12 @@ def _files(out: Path) -> dict[str, bytes]:
 
 
 def test_same_export_in_fresh_processes_is_byte_identical(tmp_path, params_file, adapter_dirs):
-    """The default recipe (calibrated), switchable and template programs, two adapters."""
+    """The default recipe (calibrated), a switchable program, two adapters."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b" / "c").mkdir(parents=True)
     (tmp_path / "in-link").symlink_to(adapter_dirs["chat"].parent)
     shutil.copy(params_file, tmp_path / "params.json")
-    base = ["--switchable", "--adapter-template"]
+    base = ["--switchable"]
     rel = os.path.relpath(adapter_dirs["code"], tmp_path / "b" / "c")
     spelled = {
         # absolute paths, one thread, one hash seed
