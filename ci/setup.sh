@@ -17,7 +17,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # (edgelora.format etc.: an editable install made before a package was added must be redone)
 if ! "$VENV/bin/python" -c "import edgelora.format, edgelora.lora, edgelora.weights, torch, \
-    executorch, torchao, jinja2, pytest, xdist, ruff, importlinter, peft, matplotlib" 2>/dev/null; then
+    executorch, torchao, jinja2, regex, pytest, xdist, ruff, importlinter, peft, matplotlib, \
+    atheris" 2>/dev/null; then
   echo "== installing (torch==2.13.0 CPU, executorch==1.5.1, torchao==0.18.0, ...)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
