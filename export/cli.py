@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="directory to write (required unless --add-to); files are staged in a temporary "
-        "directory and moved into place only when every program succeeded. One export or "
+        "directory beside it and swapped into place only when every program succeeded (a kill "
+        "at any moment leaves the old export or the new one). One export or "
         "update writes a directory at a time (the lock file .NAME.lock beside it)",
     )
     upd = p.add_argument_group("updating an export (adapters added later)")

@@ -16,8 +16,9 @@
    ``--adapter-template``), by the same writer.
 5. **Stamp and commit**: write the foundation's sha256 and each program's own checksum into
    every ``.pte`` (then find the template's weights in it, :mod:`edgelora.format.template`),
-   write ``manifest.json`` (the tokenizer files were copied beside the programs), and move the
-   staging directory into place (no partial output on failure).
+   write ``manifest.json`` (the tokenizer files were copied beside the programs), fsync the
+   stage and swap it with ``OUT`` in one step (:func:`edgelora.export.output.commit_output`: no
+   partial output on failure, never a moment without a complete ``OUT``).
 """
 
 from __future__ import annotations
