@@ -16,6 +16,9 @@ or escaped our errors, rebuilt here from a shared export, must be refused with o
 - **A config.json whose ``architectures`` is a number** (fuzzing, ``config`` target):
   ``TypeError: 'int' object is not iterable`` escaped. ``architectures`` must be a list of
   names and ``model_type`` a string.
+- **A mutated ``.pth``** (fuzzing, the CI smoke's ``pth`` target): ``torch.load`` raised
+  ``AttributeError``/``IndexError`` that escaped. Any failure of ``torch.load`` is now one
+  CheckpointError; every byte of a small checkpoint's pickle is varied below.
 """
 
 from __future__ import annotations
@@ -148,3 +151,34 @@ def test_config_architectures_of_the_wrong_type(change, tmp_path):
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **change}
     with pytest.raises(ConfigError, match="must be a"):
         find_architecture(cfg, "config.json")
+
+
+def test_every_byte_of_a_pth_pickle_changed(tmp_path):
+    """Fuzzing (``pth`` target, the CI smoke): ``torch.load(weights_only=True)`` of a mutated
+    ``.pth`` raised ``AttributeError: 'tuple' object has no attribute 'dtype'``, which escaped.
+    Here every byte of a small checkpoint's pickle is set to four values in turn: each file is
+    read or refused with a CheckpointError, nothing else."""
+    import torch
+
+    from edgelora.errors import CheckpointError
+    from edgelora.weights.tensor_files import read_state_dict
+
+    good = tmp_path / "good.pth"
+    torch.save({"a": torch.zeros(2), "b": torch.ones(3, dtype=torch.float16)}, good)
+    blob = good.read_bytes()
+    start = blob.index(b"\x80\x02")  # the pickle (protocol 2) inside the zip
+    end = blob.index(b".", start) + 1
+    escaped = []
+    bad = tmp_path / "bad.pth"
+    for i in range(start, end):
+        for value in (0x00, 0x30, 0x7F, 0xFF):
+            b = bytearray(blob)
+            b[i] = value
+            bad.write_bytes(bytes(b))
+            try:
+                read_state_dict(bad)
+            except CheckpointError:
+                pass
+            except Exception as e:  # noqa: BLE001 - what the test is for
+                escaped.append((i - start, value, f"{type(e).__name__}: {e}"))
+    assert not escaped, escaped[:5]

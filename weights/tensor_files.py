@@ -64,8 +64,11 @@ def read_state_dict(path: str | Path, *, lazy: bool = False) -> dict[str, torch.
                 f"{path}: refused to load: the file holds pickled objects other than tensors "
                 f"(loaded with weights_only=True; {str(e).splitlines()[0]})"
             ) from None
-        except (RuntimeError, OSError, EOFError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+        except Exception as e:  # noqa: BLE001 - torch.load parses untrusted bytes; fuzzing
+            # found AttributeError and IndexError besides RuntimeError/EOFError/ValueError
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})"
+            ) from None
         if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
             sd = sd["model"]
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
