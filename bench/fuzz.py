@@ -53,6 +53,9 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+from edgelora.tests.tiny import TINY  # noqa: E402 - (bench is run as a script)
+
 TARGETS = (
     "pte",
     "ptd",
@@ -78,15 +81,7 @@ LOADER_SAMPLE = 300  # parser-accepted program mutants given to ExecuTorch's loa
 # The export seed: a 1-layer model of random weights, so a program is a few hundred kB of
 # which the flatbuffer structure is a large share (the mutations reach it), and exports in
 # seconds. The checkpoint, adapter and tokenizer seeds are examples/tiny's trained files.
-SEED_MODEL = {
-    "dim": 64,
-    "n_layers": 1,
-    "n_heads": 4,
-    "n_kv_heads": 2,
-    "vocab_size": 96,
-    "multiple_of": 32,
-    "max_seq_len": 64,
-}
+SEED_MODEL = {**TINY, "max_seq_len": 64}  # the test suite's exported model
 
 
 def make_seeds(work: Path, log=print) -> Path:
