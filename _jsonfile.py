@@ -10,6 +10,10 @@ from typing import Any
 MAX_JSON_BYTES = 64 << 20  # a config, manifest or shard index is kilobytes; refuse a bomb
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN and Infinity
+
+
 def read_json(
     path: str | Path, error: type[Exception], what: str, *, max_bytes: int = MAX_JSON_BYTES
 ) -> Any:
@@ -20,7 +24,7 @@ def read_json(
         size = os.stat(path).st_size
         if size > max_bytes:
             raise error(f"{path}: {what} of {size} bytes is larger than {max_bytes} bytes")
-        return json.loads(path.read_bytes())
+        return json.loads(path.read_bytes(), parse_constant=_refuse_constant)
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError

@@ -15,6 +15,9 @@ HIDDEN_ACTS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full", "sliding")
 
 
+MAX_INT = 1 << 31
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     """Shape of a Llama transformer.
@@ -79,6 +82,11 @@ class ModelArgs:
     hf_fused_projections: bool = False
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # no size reaches 2**31 (torch takes int64 shapes)
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, int) and not -MAX_INT <= v < MAX_INT for v in values):
+                raise ConfigError(f"ModelArgs.{f.name} is out of range: {value!r:.60}")
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

@@ -151,12 +151,12 @@ def markdown(rows: list[dict]) -> str:
 
 
 def evaluate(ns: argparse.Namespace) -> list[dict]:
-    from tokenizers import Tokenizer
     from tqdm import tqdm
 
     from edgelora.quality.runtime import export_eos_ids, open_runtime
     from edgelora.quality.scoring import agreement, encode_set, score_set
     from edgelora.quality.tasks import as_chat, read_eval_file
+    from edgelora.runtime.chat import load_tokenizer
     from edgelora.runtime.text import shipped_tokenizer
 
     if ns.lora is not None and ns.reference is None:
@@ -165,10 +165,7 @@ def evaluate(ns: argparse.Namespace) -> list[dict]:
     tok_path = ns.tokenizer or (shipped_tokenizer(ns.target) if ns.target.is_dir() else None)
     if tok_path is None:
         raise ConfigError(f"{ns.target}: a .pte file needs --tokenizer")
-    try:
-        tokenizer = Tokenizer.from_file(str(tok_path))
-    except Exception as e:  # tokenizers raises a bare Exception for a bad file
-        raise ConfigError(f"{tok_path}: cannot read as a tokenizer.json ({e})") from None
+    tokenizer = load_tokenizer(tok_path)
     if ns.eos_ids is not None:
         eos = [int(t) for t in ns.eos_ids.split(",") if t.strip()]
     else:

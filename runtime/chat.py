@@ -171,5 +171,7 @@ def load_tokenizer(path: Path):
 
     try:
         return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises its own Exception subclass
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # tokenizers' own errors, and a Rust panic (a BaseException)
         raise ProgramError(f"{path}: cannot read the tokenizer ({e})") from None

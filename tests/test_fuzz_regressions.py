@@ -16,6 +16,13 @@ or escaped our errors, rebuilt here from a shared export, must be refused with o
 - **A config.json whose ``architectures`` is a number** (fuzzing, ``config`` target):
   ``TypeError: 'int' object is not iterable`` escaped. ``architectures`` must be a list of
   names and ``model_type`` a string.
+- **A config.json field of the wrong type** (fuzzing, the CI smoke's ``config`` target):
+  ``layer_types: 0.0`` ended in ``TypeError: 'float' object is not iterable``. Every field the
+  family readers use now has its JSON type checked first (a ConfigError naming it), NaN and
+  Infinity are refused as JSON, and a value out of range is a ConfigError too.
+- **A tokenizer.json whose merge makes a token the vocabulary lacks** (fuzzing, the CI smoke's
+  ``tokenizer`` target): the Rust ``tokenizers`` library *panics* on it (when the token holds a
+  multi-byte character), and a panic is a ``BaseException`` that escaped ``load_tokenizer``.
 - **A mutated ``.pth``** (fuzzing, the CI smoke's ``pth`` target): ``torch.load`` raised
   ``AttributeError``/``IndexError`` that escaped. Any failure of ``torch.load`` is now one
   CheckpointError; every byte of a small checkpoint's pickle is varied below.
@@ -182,3 +189,101 @@ def test_every_byte_of_a_pth_pickle_changed(tmp_path):
             except Exception as e:  # noqa: BLE001 - what the test is for
                 escaped.append((i - start, value, f"{type(e).__name__}: {e}"))
     assert not escaped, escaped[:5]
+
+
+_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 128,
+}
+
+
+def _wrong_values(kind: str) -> list:
+    return [v for v in ("x", 1.5, True, [1], {"a": 1}) if not _is_kind(v, kind)]
+
+
+def _is_kind(value, kind) -> bool:
+    from edgelora.weights.architectures import _is
+
+    return _is(value, kind)
+
+
+def test_every_config_field_of_the_wrong_type_is_named():
+    """Each field a family reader uses, given each JSON type it must not have, at the top level
+    and inside ``rope_parameters``: a ConfigError naming the field, nothing else escapes."""
+    from edgelora.errors import ConfigError
+    from edgelora.weights.architectures import _FIELD_TYPES, args_from_hf_config
+
+    args_from_hf_config(dict(_LLAMA), "config.json")  # the base case is accepted
+    cases = 0
+    for field, kind in _FIELD_TYPES.items():
+        if field == "model_type":
+            continue  # (find_architecture's own check; tested above)
+        for value in _wrong_values(kind):
+            for cfg, name in (
+                ({**_LLAMA, field: value}, field),
+                ({**_LLAMA, "rope_parameters": {field: value}}, f"rope_parameters.{field}"),
+            ):
+                with pytest.raises(ConfigError, match=f"{name} must be"):
+                    args_from_hf_config(cfg, "config.json")
+                cases += 1
+    assert cases > 150, cases
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"layer_types": 0.0},  # the finding
+        {"layer_types": [1, 2]},
+        {"rope_parameters": 3},
+        {"rope_parameters": {"full_attention": {"rope_theta": "x"}}},
+        {"max_position_embeddings": 10**400},
+        {"num_attention_heads": 0},
+    ],
+)
+def test_config_values_out_of_type_or_range(change):
+    """As an export reads them: the fields, the model arguments, the memory it would need."""
+    from edgelora.errors import EdgeLoraError
+    from edgelora.export.memory import check_memory
+    from edgelora.models.args import ModelArgs
+    from edgelora.weights.architectures import args_from_hf_config
+
+    with pytest.raises(EdgeLoraError):
+        check_memory(ModelArgs.from_dict(args_from_hf_config({**_LLAMA, **change}, "config.json")))
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_json_constants_are_refused(constant, tmp_path):
+    from edgelora._jsonfile import read_json
+    from edgelora.errors import ConfigError
+
+    path = tmp_path / "config.json"
+    path.write_text(f'{{"rope_theta": {constant}}}')
+    with pytest.raises(ConfigError, match="not a readable JSON file"):
+        read_json(path, ConfigError, "config")
+
+
+def test_a_tokenizer_the_rust_library_panics_on(tmp_path):
+    """The minimized finding: one merge whose result is not in the vocabulary, with a
+    multi-byte character in it. ``tokenizers`` panics; we give one ProgramError."""
+    from tokenizers import Tokenizer
+
+    from edgelora.runtime.chat import load_tokenizer
+
+    model = {"type": "BPE", "unk_token": "<unk>", "vocab": {"\u0120back": 0, "wards": 1}}
+    model["merges"] = [["\u0120back", "wards"]]
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps({"version": "1.0", "model": model}))
+    try:  # (the premise: the library itself does not raise an Exception)
+        Tokenizer.from_file(str(path))
+        premise = "loaded"
+    except Exception:  # noqa: BLE001
+        premise = "an Exception"
+    except BaseException:  # noqa: BLE001
+        premise = "a panic"
+    assert premise == "a panic"
+    with pytest.raises(ProgramError, match="cannot read the tokenizer"):
+        load_tokenizer(path)

@@ -16,6 +16,67 @@ from typing import Any
 from edgelora.errors import ConfigError
 from edgelora.weights.hf_names import DEEPSEEK_NORMS, GEMMA3_NORMS, LLAMA_NORMS
 
+# The types of the config.json fields the readers below use (null is always allowed: "unset").
+# Checked before any reader runs, so a field of the wrong type is one line naming it.
+_INT, _NUM, _BOOL, _STR = "an integer", "a number", "true or false", "a string"
+_FIELD_TYPES = {
+    **dict.fromkeys(
+        (
+            "hidden_size num_hidden_layers num_attention_heads num_key_value_heads vocab_size "
+            "intermediate_size head_dim max_position_embeddings sliding_window "
+            "sliding_window_pattern max_window_layers kv_lora_rank qk_rope_head_dim "
+            "qk_nope_head_dim v_head_dim q_lora_rank first_k_dense_replace pretraining_tp "
+            "original_max_position_embeddings"
+        ).split(),
+        _INT,
+    ),
+    **dict.fromkeys(
+        (
+            "rms_norm_eps rope_theta partial_rotary_factor rope_local_base_freq factor "
+            "low_freq_factor high_freq_factor embedding_multiplier residual_multiplier "
+            "attention_multiplier logits_scaling final_logit_softcapping query_pre_attn_scalar"
+        ).split(),
+        _NUM,
+    ),
+    **dict.fromkeys("attention_bias mlp_bias use_sliding_window rope_interleave".split(), _BOOL),
+    **dict.fromkeys("hidden_act hidden_activation model_type rope_type type".split(), _STR),
+}
+_NESTED = ("rope_parameters", "rope_scaling")  # objects holding more of the fields above
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, bool if kind == _BOOL else str)
+
+
+def check_field_types(cfg: dict[str, Any], source: str, where: str = "") -> None:
+    """:class:`ConfigError` naming the first field whose value has the wrong JSON type."""
+    for key, value in cfg.items():
+        name = f"{where}{key}"
+        if value is None:
+            continue
+        kind = _FIELD_TYPES.get(key)
+        if kind is not None and not _is(value, kind):
+            raise ConfigError(f"{source}: {name} must be {kind}, got {value!r:.80}")
+        if key in _NESTED or (where and isinstance(value, dict)):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {name} must be a JSON object, got {value!r:.80}")
+            if name.count(".") < 2:  # Gemma 3 nests one level: {"full_attention": {...}}
+                check_field_types(value, source, f"{name}.")
+        if key == "layer_types" and not (
+            isinstance(value, list) and all(isinstance(t, str) for t in value)
+        ):
+            raise ConfigError(f"{source}: layer_types must be a list of strings, got {value!r:.80}")
+        if key == "no_rope_layers" and not (
+            isinstance(value, list) and all(_is(v, _INT) or isinstance(v, bool) for v in value)
+        ):
+            raise ConfigError(
+                f"{source}: no_rope_layers must be a list of 0/1 flags, got {value!r:.80}"
+            )
+
 
 def _rope_fields(cfg: dict[str, Any], source: str, params: dict | None = None) -> dict[str, Any]:
     # transformers 5 writes `rope_parameters` (theta included); 4.x writes rope_theta + rope_scaling.
@@ -352,5 +413,11 @@ def find_architecture(cfg: dict[str, Any], source: str) -> Architecture:
 
 
 def args_from_hf_config(cfg: dict[str, Any], source: str) -> dict[str, Any]:
-    """``ModelArgs`` fields from a Hugging Face ``config.json`` of a registered architecture."""
-    return find_architecture(cfg, source).read_config(cfg, source)
+    """``ModelArgs`` fields from a Hugging Face ``config.json`` of a registered architecture
+    (field types checked first: a wrong one is a :class:`ConfigError` naming it)."""
+    arch = find_architecture(cfg, source)
+    check_field_types(cfg, source)
+    try:
+        return arch.read_config(cfg, source)
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:  # values out of range
+        raise ConfigError(f"{source}: cannot read the configuration ({e})") from None

@@ -33,7 +33,7 @@ from edgelora._jsonfile import read_json
 from edgelora.errors import CheckpointError
 from edgelora.models.args import ModelArgs
 from edgelora.weights import hf_keys
-from edgelora.weights.architectures import find_architecture
+from edgelora.weights.architectures import args_from_hf_config, find_architecture
 from edgelora.weights.layout import to_model_layout
 from edgelora.weights.tensor_files import all_finite, read_state_dict
 
@@ -138,7 +138,7 @@ def _hf_checkpoint(root: Path, sd: dict[str, torch.Tensor], path: Path) -> Check
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object")
     arch = find_architecture(cfg, str(cfg_path))
-    params = arch.read_config(cfg, str(cfg_path))
+    params = args_from_hf_config(cfg, str(cfg_path))
     args = ModelArgs.from_dict(params, source=str(cfg_path))  # the shapes the names map onto
     tied = "lm_head.weight" not in sd
     ours = hf_keys.hf_state_dict_to_ours(
