@@ -339,7 +339,7 @@ class Target:
         getattr(self, "_run_" + self.name.replace("-", "_"))(data)
 
 
-def fuzz_child(name: str, seeds: Path, work: Path, seconds: int) -> None:
+def fuzz_child(name: str, seeds: Path, work: Path, seconds: int, seed: int | None) -> None:
     """Run under libFuzzer (this process does not return)."""
     import atheris
 
@@ -403,6 +403,7 @@ def fuzz_child(name: str, seeds: Path, work: Path, seconds: int) -> None:
     argv = [sys.argv[0], str(corpus), f"-max_total_time={seconds}", "-timeout=20"]
     argv += ["-rss_limit_mb=6000", "-print_final_stats=1", f"-artifact_prefix={findings}/{name}-"]
     argv += ["-max_len=" + str(max(4096, 2 * largest + 1))]
+    argv += [] if seed is None else [f"-seed={seed}"]
     atheris.Setup(argv, one)
     atheris.Fuzz()
 
@@ -473,9 +474,14 @@ _STAT = re.compile(r"stat::(\w+):\s+(\d+)")
 _COV = re.compile(r"#(\d+)\s+DONE\s+cov: (\d+) ft: (\d+)")
 
 
-def run_target(name: str, seeds: Path, work: Path, seconds: int, log=print) -> dict:
-    """Fuzz one target for ``seconds`` in child processes (restarted after a crash)."""
+def run_target(
+    name: str, seeds: Path, work: Path, seconds: int, log=print, seed: int | None = None
+) -> dict:
+    """Fuzz one target for ``seconds`` in child processes (restarted after a crash). With a
+    ``seed``, libFuzzer's choices and Python's hashing are fixed: the inputs tried are the same
+    sequence in every run, of which a slower machine runs a shorter prefix."""
     start, result = time.monotonic(), {"executions": 0, "crashes": 0, "restarts": 0}
+    env = {**os.environ} if seed is None else {**os.environ, "PYTHONHASHSEED": "0"}
     cov = ft = 0
     left = seconds
     while left > 0:
@@ -489,9 +495,11 @@ def run_target(name: str, seeds: Path, work: Path, seconds: int, log=print) -> d
                 str(work),
                 "--seconds",
                 str(int(left)),
+                *([] if seed is None else ["--seed", str(seed)]),
             ],
             capture_output=True,
             text=True,
+            env=env,
         )
         stats = dict((k, int(v)) for k, v in _STAT.findall(proc.stderr))
         result["executions"] += stats.get("number_of_executed_units", 0)
@@ -525,12 +533,19 @@ def main(argv: list[str] | None = None) -> int:
         help="fuzz every target in one process for --seconds in all (an input's first byte "
         "picks the target; the CI smoke): one start-up instead of one per target",
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="libFuzzer's random seed (and PYTHONHASHSEED=0): the same inputs in every run, "
+        "as the CI smoke needs; default: a new seed each run, as a campaign wants",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     if ns.combined and ns.targets != ",".join(TARGETS):
         p.error("--combined fuzzes every target")
     if ns.child is not None:
-        fuzz_child(ns.child, ns.work / "seeds", ns.work, ns.seconds)
+        fuzz_child(ns.child, ns.work / "seeds", ns.work, ns.seconds, ns.seed)
         return 0
     targets = ns.targets.split(",")
     for t in targets:
@@ -543,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     if ns.combined:
         print(f"fuzzing {', '.join(targets)} in one process for {ns.seconds} s ...", flush=True)
-        both = run_target(COMBINED, seeds, ns.work, ns.seconds)
+        both = run_target(COMBINED, seeds, ns.work, ns.seconds, seed=ns.seed)
         counts = json.loads((ns.work / f"counts-{COMBINED}.json").read_text())
         for t in targets:
             unhandled = len(list((ns.work / "findings").glob(f"{t}-unhandled-*[!.txt]")))
@@ -553,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {json.dumps(combined)}", flush=True)
     for t in [] if ns.combined else targets:
         print(f"fuzzing {t} for {ns.seconds} s ...", flush=True)
-        results[t] = run_target(t, seeds, ns.work, ns.seconds)
+        results[t] = run_target(t, seeds, ns.work, ns.seconds, seed=ns.seed)
         print(f"  {t}: {json.dumps(results[t])}", flush=True)
     if "pte" in targets:
         results["pte"]["loader"] = load_accepted(ns.work, seeds / "export" / "foundation.ptd")
@@ -565,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         "atheris": _atheris_version(),
         "combined": combined if ns.combined else None,
         "seconds_per_target": ns.seconds,
+        "seed": ns.seed,
         "total": {
             **total,
             "loader_crashes": loader.get("crashed", 0),
