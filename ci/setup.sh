@@ -44,8 +44,9 @@ case "${1:-demo}" in
     lint-imports
     echo "== pytest"
     # Two workers: exports are single-threaded; the shared export matrix is made once for both
-    # (tests/conftest.py).
-    exec python -m pytest tests -p no:cacheprovider --durations=15 -n 2
+    # (tests/conftest.py). worksteal: a worker that runs out of tests takes queued ones from
+    # the other, so the run does not end with one worker alone.
+    exec python -m pytest tests -p no:cacheprovider --durations=15 -n 2 --dist worksteal
     ;;
   *)
     echo "usage: bash ci/setup.sh [demo|test]" >&2

@@ -8,10 +8,15 @@ from pathlib import Path
 
 from edgelora._quiet import quiet_third_party
 from edgelora.errors import ConfigError, EdgeLoraError
-from edgelora.export.config import AdapterSpec, ExportConfig, parse_switchable_slots
+from edgelora.export.config import (
+    AdapterSpec,
+    ExportConfig,
+    config_default,
+    parse_switchable_slots,
+)
 from edgelora.export.tokenizer import end_of_turn_eos, find_chat_template
 from edgelora.models.args import ModelArgs
-from edgelora.quant.recipe import DEFAULT_RECIPE, PRESETS, QMODES
+from edgelora.quant.recipe import DEFAULT_RECIPE, PRESETS, QMODES, QPARAMS, preset
 from edgelora.weights.checkpoint import Checkpoint, open_checkpoint
 
 HF_DEFAULT_MAX_SEQ_LEN = 2048
@@ -76,16 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--dtype",
         choices=["fp32", "fp16"],
-        default="fp32",
+        default=config_default("dtype"),
         help="compute dtype of the exported model; bf16/fp16 checkpoints are "
-        "upcast to fp32 unless this says otherwise (default fp32). bf16 is not offered: "
+        "upcast to fp32 unless this says otherwise (default %(default)s). bf16 is not offered: "
         "XNNPACK does not delegate bf16 linears",
     )
     model.add_argument(
         "--seed",
         type=int,
-        default=0,
-        help="seed of the random weights when no --checkpoint is given (default 0)",
+        default=config_default("seed"),
+        help="seed of the random weights when no --checkpoint is given (default %(default)s)",
     )
     model.add_argument(
         "--max-seq-len",
@@ -116,31 +121,31 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--fuse",
         choices=["none", "qkv", "gate_up", "mla", "all"],
-        default="none",
+        default=config_default("fuse"),
         help="run projections that share an input as one matmul: q/k/v (qkv), "
         "gate/up (gate_up), an MLA model's wq_a/wkv_a as wq_kv_a (mla), or every one "
         "the model has (all). Adapters on the pieces are packed onto the fused layer; "
         "all programs still share one foundation.ptd. A checkpoint in the other MLA "
-        "layout is converted (default none: split, or the model config's "
+        "layout is converted (default %(default)s: split, or the model config's "
         "fused_mla_lora_proj)",
     )
     model.add_argument(
         "--sdpa",
         choices=["custom", "plain"],
-        default="custom",
+        default=config_default("sdpa"),
         help="attention kernels: ExecuTorch's custom ops (llama::update_cache writes the KV "
         "cache in place, llama::custom_sdpa; the runtime process must load "
         "executorch.extension.llm.custom_ops) or plain PyTorch ops (portable; every "
-        "decode step copies the cache). MLA models always use plain (default custom)",
+        "decode step copies the cache). MLA models always use plain (default %(default)s)",
     )
     model.add_argument(
         "--logits",
         choices=["all", "last"],
-        default="all",
+        default=config_default("logits"),
         help="what forward returns: logits for every position of the input (all: what output "
         "matching and evaluation need) or for the last one only (last: what a generating app "
         "reads, as ExecuTorch's example exports by default; the output layer then runs on one "
-        "row, so prefill is faster) (default all)",
+        "row, so prefill is faster) (default %(default)s)",
     )
     model.add_argument(
         "--bundle",
@@ -199,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument(
         "--recipe",
         choices=sorted(PRESETS),
-        default=DEFAULT_RECIPE,
+        default=config_default("recipe"),
         help=f"quantization preset (default {DEFAULT_RECIPE}: the least KL divergence at "
         "llama.cpp Q4_K_M's bytes, measured)",
     )
@@ -231,10 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument(
         "--qparams",
-        choices=["affine", "hqq"],
+        choices=QPARAMS,
         default=None,
         help="how 8da4w weight scales are chosen without GPTQ: from each group's max |w| "
-        "(affine) or by torchao's HQQ scale-only search (hqq) (default: the recipe's, hqq)",
+        "(affine) or by torchao's HQQ scale-only search (hqq) (default: the recipe's; "
+        f"{preset(DEFAULT_RECIPE).qparams} in {DEFAULT_RECIPE})",
     )
     quant.add_argument(
         "--output-bits",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -27,6 +27,19 @@ OUTPUT_BITS = (0, 8)  # 0: the output layer as the other linears; 8: int8 per ou
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# The export's defaults, in one place: ExportConfig's fields, FoundationSpec's and export_llama's
+# flags all read them (tests/export/test_defaults.py holds every reader to them). The
+# quantization defaults are quant/recipe.py's: the DEFAULT_RECIPE preset for an export, the
+# Recipe fields' own defaults for a FoundationSpec built by hand.
+DEFAULT_DTYPE, DEFAULT_FUSE, DEFAULT_SDPA, DEFAULT_LOGITS, DEFAULT_SEED = (
+    "fp32",
+    "none",
+    "custom",
+    "all",
+    0,
+)
+_RECIPE_FIELDS = {f.name: f.default for f in fields(Recipe)}
+
 
 @dataclass(frozen=True)
 class FoundationSpec:
@@ -34,24 +47,24 @@ class FoundationSpec:
     gives bit-identical weights (so the output-match check can rebuild the eager reference)."""
 
     checkpoint: Path | str | None = None
-    seed: int = 0
-    qmode: str = "8da4w"
-    group_size: int = 32
-    embedding_bits: int = 0
-    embedding_group_size: int = 0
-    qparams: str = "affine"  # how the linears' weight scales are chosen (quant/linear.py)
+    seed: int = DEFAULT_SEED
+    qmode: str = _RECIPE_FIELDS["qmode"]
+    group_size: int = _RECIPE_FIELDS["group_size"]
+    embedding_bits: int = _RECIPE_FIELDS["embedding_bits"]
+    embedding_group_size: int = _RECIPE_FIELDS["embedding_group_size"]
+    qparams: str = _RECIPE_FIELDS["qparams"]  # how the linears' weight scales are chosen
     output_bits: int = 0  # 8: the output layer 8da8w per channel, whatever qmode says
     output_qmode: str | None = None  # the output layer's qmode (None: from output_bits)
-    gptq: bool = False  # 8da4w weights rounded by GPTQ on the calibration text
-    upgrade: float = 0.0  # share of the linear weights given upgrade_qmode (measured)
-    upgrade_qmode: str = "8w"
+    gptq: bool = _RECIPE_FIELDS["gptq"]  # 8da4w weights rounded by GPTQ on calibration text
+    upgrade: float = _RECIPE_FIELDS["upgrade"]  # share of the linears given upgrade_qmode
+    upgrade_qmode: str = _RECIPE_FIELDS["upgrade_qmode"]
     calibration: str | None = None  # calibration text (None: the built-in prose)
     tokenizer: str | None = None  # the tokenizer.json calibration text is encoded with
     recipe: str = "custom"  # the recipe's name, for the log and the manifest
-    dtype: str = "fp32"
-    fuse: str = "none"
-    sdpa: str = "plain"  # attention kernels of the traced model
-    logits: str = "all"  # forward's logits: every position, or the last one only
+    dtype: str = DEFAULT_DTYPE
+    fuse: str = DEFAULT_FUSE
+    sdpa: str = DEFAULT_SDPA  # attention kernels of the traced model
+    logits: str = DEFAULT_LOGITS  # forward's logits: every position, or the last one only
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -135,6 +148,13 @@ class AdapterSpec:
         return cls(name, Path(path), scale)
 
 
+def config_default(name: str):
+    """The default of ``ExportConfig``'s field ``name`` (what ``export_llama``'s flag defaults
+    to)."""
+    (f,) = (f for f in fields(ExportConfig) if f.name == name)
+    return f.default
+
+
 def parse_switchable_slots(text: str) -> tuple[tuple[str, ...], int]:
     """``--switchable-slots TARGETS:RANK``: ``all:32``, or ``q_proj,v_proj:16``."""
     targets, sep, rank = text.rpartition(":")
@@ -165,13 +185,13 @@ class ExportConfig:
     embedding_group_size: int | None = None
     qparams: str | None = None
     output_bits: int | None = None  # 8: the output layer 8da8w; 0: as the other linears
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     overwrite: bool = False
     merge: str | None = None  # name of the adapter folded into the base weights
-    dtype: str = "fp32"
-    fuse: str = "none"  # which projections run as one fused matmul
-    sdpa: str = "custom"  # attention kernels: ExecuTorch's custom ops, or plain PyTorch ops
-    logits: str = "all"  # forward's logits: every position, or the last one only
+    dtype: str = DEFAULT_DTYPE
+    fuse: str = DEFAULT_FUSE  # which projections run as one fused matmul
+    sdpa: str = DEFAULT_SDPA  # attention kernels: ExecuTorch's custom ops, or plain PyTorch ops
+    logits: str = DEFAULT_LOGITS  # forward's logits: every position, or the last one only
     bundle: bool = False  # also write bundle.pte: base + every adapter as methods of one program
     switchable: bool = False  # also write switchable.pte: adapter weights as run-time inputs
     # switchable.pte's slots also fit (projections, rank) for adapters added later

@@ -399,9 +399,26 @@ def pytest_configure(config):
     )
 
 
+# The longest tests that make their own exports (measured: 45-120 s each), run first: started
+# late, one of them would leave the other worker idle at the end of the run.
+RUN_FIRST = (
+    "tests/bench/test_fuzz.py",
+    "tests/export/test_concurrency.py",
+    "tests/export/test_memory_estimate.py",
+    "tests/export/test_crash.py",
+)
+
+
+def _first(item) -> int:
+    path = item.nodeid.split("::")[0]
+    return RUN_FIRST.index(path) if path in RUN_FIRST else len(RUN_FIRST)
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Which shared exports this session's tests need (for the work stealing above): the
-    ``export_*`` fixtures they name, and those a ``uses_exports`` mark declares."""
+    """The longest tests first (:data:`RUN_FIRST`; the sort is stable), and which shared exports
+    this session's tests need (for the work stealing above): the ``export_*`` fixtures they
+    name, and those a ``uses_exports`` mark declares."""
+    items.sort(key=_first)
     needed = []
     for item in items:
         names = [f.removeprefix("export_") for f in getattr(item, "fixturenames", ())]

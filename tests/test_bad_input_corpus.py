@@ -188,7 +188,8 @@ def test_broken_checkpoints_and_params(tiny_args, params_file, tmp_path, capsys)
         ("kv-heads-not-dividing-heads", {"n_kv_heads": 3}, "n_kv_heads"),
         ("negative-layers", {"n_layers": -1}, "n_layers"),
         ("string-dim", {"dim": "64"}, "dim"),
-        ("huge-vocab", {"vocab_size": 10**12}, "GiB is available"),
+        ("huge-vocab", {"vocab_size": 10**9}, "GiB is available"),
+        ("vocab-past-int32", {"vocab_size": 10**12}, "vocab_size is out of range"),
     ]:
         p = work / f"{name}.json"
         p.write_text(json.dumps({**params, **change}))
