@@ -408,56 +408,15 @@ def config_from_args(
     )
 
 
-# Flags that describe a whole export, not an adapter added to one.
-_NOT_WITH_ADD = (
-    "calibration", "merge", "bundle", "switchable", "tokenizer", "output_dir", "switchable_slots", "adapter_dtype",
-    "adapter_template",
-)  # fmt: skip
-
-
-def _given_flags(argv: list[str] | None) -> dict[str, object]:
-    """The flags given on the command line (not defaulted), by destination."""
-    parser = build_parser()
-    parser.set_defaults(**{a.dest: None for a in parser._actions if a.dest != "help"})
-    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v not in (None, [])}
-
-
-def update_export(ns: argparse.Namespace, argv: list[str] | None) -> None:
-    """``--add-to OUT``: add (or ``--remove``) adapters (:mod:`edgelora.export.update`)."""
-    from edgelora.export.update import ModelSource, add_adapters, remove_adapters
-
-    given = _given_flags(argv)
-    for name in _NOT_WITH_ADD:
-        if name in given:
-            raise ConfigError(
-                f"--{name.replace('_', '-')} describes a whole export; it cannot be used with "
-                "--add-to"
-            )
-    if ns.remove:
-        if ns.lora:
-            raise ConfigError("--add-to: --lora and --remove go in separate runs")
-        remove_adapters(ns.add_to, ns.remove)
-        return
-    source = None
-    if ns.checkpoint is not None or ns.params is not None:
-        source = ModelSource(ns.checkpoint, ns.params, given.get("seed"))
-    elif "seed" in given:
-        raise ConfigError("--seed with --add-to needs the export's --params")
-    add_adapters(
-        ns.add_to,
-        [AdapterSpec.parse(s) for s in ns.lora],
-        source=source,
-        given={k: v for k, v in given.items() if k not in ("seed", "lora", "add_to")},
-        overwrite=ns.overwrite,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
     quiet_third_party()
     try:
-        if ns.add_to is not None:
-            update_export(ns, argv)
+        if ns.add_to is not None:  # the alias of edgelora-add / edgelora-remove
+            from edgelora.export.verbs import update_from_export_flags
+
+            update_from_export_flags(ns, parser, argv)
             return 0
         if ns.remove:
             raise ConfigError("--remove NAME needs --add-to OUT (the export to remove it from)")

@@ -54,23 +54,51 @@ def is_adapter_tensor(fqns: frozenset[str]) -> Callable[[str], bool]:
     return is_adapter
 
 
+def dispatch_lora_linear(base: nn.Module, w: LoRAWeights, scale: float) -> LoRAWrapper | None:
+    """A plain LoRA adapter on an ``nn.Linear`` (quantized or not): :class:`LoRALinear`."""
+    if not isinstance(base, nn.Linear):
+        return None
+    return LoRALinear.from_base(base, w, multiplier=scale)
+
+
+# Adapter types, tried in order: the first that returns a wrapper wraps the layer (PEFT's
+# ``dispatch_*`` chain). Another type (DoRA, say) is one function added here.
+DISPATCHERS: list[Callable[[nn.Module, LoRAWeights, float], LoRAWrapper | None]] = [
+    dispatch_lora_linear,
+]
+
+
+def dispatch(base: nn.Module, w: LoRAWeights, scale: float) -> LoRAWrapper | None:
+    """The wrapper of the first adapter type that takes ``base``; None if none does."""
+    for make in DISPATCHERS:
+        wrapper = make(base, w, scale)
+        if wrapper is not None:
+            return wrapper
+    return None
+
+
 def _attach_linear(model: nn.Module, adapter: Adapter, fqn: str, w: LoRAWeights) -> None:
     parent_name, _, leaf = fqn.rpartition(".")
     parent = model.get_submodule(parent_name)
     base = parent._modules.get(leaf)
     if isinstance(base, LoRAWrapper):
         raise AdapterError(f"adapter {adapter.name!r}: {fqn} already has an adapter attached")
-    if not isinstance(base, nn.Linear):
-        raise AdapterError(f"adapter {adapter.name!r}: {fqn} is not a linear projection")
-    want_a = (w.rank, base.in_features)
-    want_b = (base.out_features, w.rank)
-    if tuple(w.lora_a.shape) != want_a or tuple(w.lora_b.shape) != want_b:
+    in_f, out_f = getattr(base, "in_features", None), getattr(base, "out_features", None)
+    if isinstance(in_f, int) and isinstance(out_f, int):
+        want_a, want_b = (w.rank, in_f), (out_f, w.rank)
+        if tuple(w.lora_a.shape) != want_a or tuple(w.lora_b.shape) != want_b:
+            raise AdapterError(
+                f"adapter {adapter.name!r} ({adapter.source}): {fqn} is [{out_f} x {in_f}] so "
+                f"lora_A must be {list(want_a)} and lora_B {list(want_b)}; got "
+                f"{list(w.lora_a.shape)} and {list(w.lora_b.shape)}"
+            )
+    wrapper = dispatch(base, w, adapter.scale)
+    if wrapper is None:
         raise AdapterError(
-            f"adapter {adapter.name!r} ({adapter.source}): {fqn} is "
-            f"[{base.out_features} x {base.in_features}] so lora_A must be {list(want_a)} "
-            f"and lora_B {list(want_b)}; got {list(w.lora_a.shape)} and {list(w.lora_b.shape)}"
+            f"adapter {adapter.name!r}: {fqn} is a {type(base).__name__}, which no adapter type "
+            "wraps (a LoRA adapter needs a linear projection)"
         )
-    setattr(parent, leaf, LoRALinear.from_base(base, w, multiplier=adapter.scale))
+    setattr(parent, leaf, wrapper)
 
 
 def _attach_pieces(
