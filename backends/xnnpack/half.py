@@ -11,30 +11,21 @@ and fp16 (``xnn_define_convert``, which ExecuTorch's runtime builds for an ``XNN
   stock config, a layout-only copy);
 - the serializer's visitor for ``aten._to_copy`` (the partition's passes turn
   ``_to_dim_order_copy`` back into it) writes such a conversion as an ``XNNConvert`` node and
-  hands every other copy to the stock visitor.
+  hands every other copy to the stock visitor: a patch, so it lives in
+  :mod:`edgelora.backends.xnnpack.patches` (``half_conversion_visitor``), active only while such
+  a program lowers.
 
 Other dtype changes (bf16, integers) stay refused, as before.
 """
 
 from __future__ import annotations
 
-import torch
-
-_HALF = frozenset({torch.float32, torch.float16})
-_TO_COPY = "aten._to_copy.default"
-
-
-def _is_half_conversion(node: torch.fx.Node) -> bool:
-    from executorch.backends.xnnpack.utils.utils import get_input_node
-
-    src, dst = get_input_node(node, 0).meta["val"].dtype, node.meta["val"].dtype
-    return src != dst and {src, dst} == _HALF
+from edgelora.backends.xnnpack.patches import can_convert_half, is_half_conversion
 
 
 def replace_copy_config(configs: list[type]) -> list[type]:
-    """``configs`` with the ``_to_dim_order_copy`` one replaced by ``HalfConversionConfig``,
-    whose serializer's visitor this registers (``configs`` as they are if there is no visitor
-    to extend)."""
+    """``configs`` with the ``_to_dim_order_copy`` one replaced by ``HalfConversionConfig``
+    (``configs`` as they are if this ExecuTorch has no ``_to_copy`` visitor to extend)."""
     from executorch.backends.xnnpack.partition.config.generic_node_configs import (
         ToDimOrderCopyConfig,
     )
@@ -44,43 +35,12 @@ def replace_copy_config(configs: list[type]) -> list[type]:
         conversion that keeps the default layout."""
 
         def check_constraints(self, node, ep) -> bool:
-            if not _is_half_conversion(node):
+            if not is_half_conversion(node):
                 return super().check_constraints(node, ep)
             dims = node.kwargs.get("dim_order")
             contiguous = dims is None or list(dims) == list(range(node.meta["val"].dim()))
             return contiguous and self.check_common_constraints(node, ep)
 
-    if not _register_visitor():
+    if not can_convert_half():
         return list(configs)
     return [HalfConversionConfig if c is ToDimOrderCopyConfig else c for c in configs]
-
-
-def _register_visitor() -> bool:
-    """Register :class:`HalfConversionVisitor` over the stock ``_to_copy`` visitor (once);
-    ``False`` if this ExecuTorch has no such visitor to extend."""
-    from executorch.backends.xnnpack.operators import node_visitor
-    from executorch.backends.xnnpack.serialization.xnnpack_graph_schema import XNNConvert, XNode
-    from executorch.backends.xnnpack.utils.utils import get_input_node
-
-    stock = node_visitor._node_visitor_dict.get(_TO_COPY)
-    if stock is None:
-        return False
-    if getattr(stock, "converts_half", False):
-        return True
-
-    class HalfConversionVisitor(stock):
-        """``_to_copy`` between fp32 and fp16 as ``XNNConvert``; any other copy as before."""
-
-        converts_half = True
-
-        def define_node(self, node, xnn_graph, vals_to_ids, debug_handle) -> None:
-            if not _is_half_conversion(node):
-                return super().define_node(node, xnn_graph, vals_to_ids, debug_handle)
-            src = get_input_node(node, 0)
-            self.define_tensor(src, xnn_graph, vals_to_ids)
-            self.define_tensor(node, xnn_graph, vals_to_ids)
-            convert = XNNConvert(input_id=vals_to_ids[src], output_id=vals_to_ids[node], flags=0)
-            xnn_graph.xnodes.append(XNode(xnode_union=convert, debug_handle=debug_handle))
-
-    node_visitor.register_node_visitor(HalfConversionVisitor)
-    return True

@@ -13,15 +13,14 @@ base-only export and of any adapter export hold the same keys and bytes.
 
 from __future__ import annotations
 
-import sys
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.export import ExportedProgram
+
+from edgelora.backends.xnnpack.patches import DECOMPOSED, forget_rejected_nodes, lowering_patches
 
 FOUNDATION_TAG = "foundation"
 # XNNPACK reads this key of node.meta["custom"] to send a delegated constant to a data file.
@@ -194,112 +193,6 @@ def _external_constant_tagger(
     return tag
 
 
-# XNNPACK's per-partition pipeline (``XNNPACKPassManager``) runs 17 passes on every partition, and
-# most of them re-trace the whole partition on fake tensors even when they have nothing to
-# rewrite: half of a Llama layer's lowering time. These passes rewrite (or tag) only graphs
-# holding one of the named ops (substrings of the op names, taken before the first pass runs);
-# a partition without any skips them. The programs are byte-identical either way
-# (tests/backends/test_lower.py checks it).
-#
-# The channels-last pass changes a graph only around a node that wants NHWC input (its
-# ``memory_sensitive_ops_nhwc``) or a channels-last copy: without them every tensor stays NCHW
-# and it inserts nothing (it marks 4-D constants NCHW, which the serializer reads as the default
-# anyway). The copy-removal pass after it needs a copy, from the graph or from that pass.
-_NHWC = ("convolution", "upsample", "mean.dim", "max_pool2d", "avg_pool2d", "amax", "max.dim",
-         "prelu", "_to_copy", "_to_dim_order_copy")  # fmt: skip
-_PASS_NEEDS = {
-    "ConvertToUpsampleBilinear2d": ("upsample", "index"),
-    "ConvertToSDPAPass": ("_softmax",),
-    "FuseBatchNormPass": ("batch_norm",),
-    "DecomposeBatchNorm": ("batch_norm",),
-    "Conv1dUnsqueezePass": ("convolution",),
-    "PReLUReshapePass": ("prelu",),
-    "InsertPadQDQPass": ("constant_pad_nd",),
-    "RemoveGetItemPass": ("max_pool2d_with_indices", "max.dim"),
-    "ConvertToLinearPass": ("mm",),  # mm, addmm, bmm (and linear's decompositions to them)
-    "PropagateCustomMetaPass": ("quantize",),  # q/dq nodes (quantize_*, dequantize_*)
-    "FuseActivationPass": ("relu", "hardtanh"),
-    "DecomposeConcatenate": ("cat",),
-    "ChannelsLastTaggedReshapePass": _NHWC,
-    "RemoveRedundantCopyPass": _NHWC,
-}
-
-
-@contextmanager
-def lean_xnnpack_passes(
-    enabled: bool = True, on_partition: Callable[[int], None] | None = None
-) -> Iterator[dict[str, int]]:
-    """While active, XNNPACK's partition pass pipeline skips the passes of ``_PASS_NEEDS`` on a
-    partition without their ops; yields counts (``partitions``, ``skipped`` passes).
-    ``on_partition(n)`` is told as the n-th partition starts its passes (for progress)."""
-    from executorch.backends.xnnpack import _passes
-
-    counts = {"partitions": 0, "skipped": 0}
-    init = _passes.XNNPACKPassManager.__init__
-
-    def lean_init(self, exported_program, passes=None):
-        init(self, exported_program, passes)
-        counts["partitions"] += 1
-        if on_partition is not None:
-            on_partition(counts["partitions"])
-        if not enabled:
-            return
-        ops = " ".join(
-            str(n.target) for n in exported_program.graph.nodes if n.op == "call_function"
-        )
-        kept = [
-            p
-            for p in self.passes
-            if p.__name__ not in _PASS_NEEDS or any(op in ops for op in _PASS_NEEDS[p.__name__])
-        ]
-        counts["skipped"] += len(self.passes) - len(kept)
-        self.passes = kept
-
-    _passes.XNNPACKPassManager.__init__ = lean_init
-    try:
-        yield counts
-    finally:
-        _passes.XNNPACKPassManager.__init__ = init
-
-
-@contextmanager
-def shared_constants_in_preprocess() -> Iterator[None]:
-    """While active, the copy of each partition ExecuTorch makes for XNNPACK's preprocessing
-    shares the partition's constant tensors instead of deep-copying them.
-
-    ExecuTorch copies every partition's program (graph *and* weights) before preprocessing
-    any, and keeps the copies until the last partition is compiled: a second copy of every
-    quantized weight (~1.5 GB at Llama-3.2-1B) on top of the model and XNNPACK's packed
-    weights. XNNPACK's passes replace constants, never write into them (the programs are
-    byte-identical and the source weights unchanged, tests/backends/test_lower.py), so the
-    graph is copied and the tensors shared -- as ExecuTorch's own CUDA backend does in its
-    low-memory mode."""
-    import copy
-
-    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
-
-    name = "copy_exported_program_for_preprocess"
-    own = XnnpackBackend.__dict__.get(name)  # None: inherited from BackendDetails
-
-    def share(cls, edge_program, compile_specs):
-        memo = {
-            id(t): t
-            for values in (edge_program.state_dict, edge_program.constants)
-            for t in values.values()
-            if isinstance(t, torch.Tensor)
-        }
-        return copy.deepcopy(edge_program, memo)
-
-    setattr(XnnpackBackend, name, classmethod(share))
-    try:
-        yield
-    finally:
-        if own is None:
-            delattr(XnnpackBackend, name)
-        else:
-            setattr(XnnpackBackend, name, own)
-
-
 def _partitioner(half_conversions: bool = False):
     """XNNPACK's partitioner, letting ExecuTorch decompose the graph once instead of twice.
 
@@ -347,26 +240,6 @@ def _partitioner(half_conversions: bool = False):
     return Partitioner
 
 
-def _forget_rejected_nodes() -> None:
-    """Drop the graph nodes ExecuTorch keeps in module-level state after a lowering: the
-    unbounded ``lru_cache`` of ``exir.backend.utils.is_same_node`` and the last node each
-    ``WhyNoPartition`` logger rejected. Through their graphs they held every lowered program
-    -- XNNPACK's packed weights included, ~0.9 GB per program at 1B -- for the whole export."""
-    from executorch.exir.backend import utils
-    from executorch.exir.backend.utils import WhyNoPartition
-
-    cache_clear = getattr(utils.is_same_node, "cache_clear", None)
-    if cache_clear is not None:
-        cache_clear()
-
-    for module in list(sys.modules.values()):
-        if not getattr(module, "__name__", "").startswith("executorch."):
-            continue
-        for value in list(vars(module).values()):
-            if isinstance(value, WhyNoPartition):
-                value.node = None
-
-
 def decompose_for_xnnpack(ep: ExportedProgram) -> ExportedProgram:
     """``ep`` functionalized and decomposed to core ATen, keeping whole the ops XNNPACK takes
     whole (``linear``, ...): the decomposition ``to_edge_transform_and_lower`` would do, done
@@ -379,46 +252,8 @@ def decompose_for_xnnpack(ep: ExportedProgram) -> ExportedProgram:
     for op in ops:
         table.pop(op, None)
     decomposed = ep.run_decompositions(table)
-    _DECOMPOSED.add(decomposed)
+    DECOMPOSED.add(decomposed)  # (patches.no_redundant_decompositions)
     return decomposed
-
-
-# Programs decompose_for_xnnpack made (functional, decomposed): see no_redundant_decompositions.
-_DECOMPOSED: weakref.WeakSet = weakref.WeakSet()
-
-
-@contextmanager
-def no_redundant_decompositions() -> Iterator[None]:
-    """While active, ``run_decompositions`` on a program :func:`decompose_for_xnnpack` made
-    returns that program when the table has nothing left to do in it.
-
-    ``to_edge_transform_and_lower`` re-traces every program twice more: once to functionalize
-    it (an empty table; ours is functional already) and once with the decomposition table
-    whenever the graph holds one of its ops -- which a dynamic-shape graph always does, since
-    ``aten.sym_size.int`` is in the table and survives any decomposition. Each is a whole-graph
-    re-trace on fake tensors (1.3-1.6 s for a one-layer program here). The programs are
-    byte-identical either way (tests/backends/test_lower.py checks it). ExecuTorch then works
-    on the traced program itself rather than on a copy, so :func:`lower_to_xnnpack` forgets
-    its programs once lowered: lowering one again takes ExecuTorch's copying route."""
-    run = ExportedProgram.run_decompositions
-    inert = {torch.ops.aten.sym_size.int}
-
-    def lean_run(self, decomp_table=None, *args, **kwargs):
-        if self in _DECOMPOSED and decomp_table is not None and not args and not kwargs:
-            left = {
-                n.target
-                for n in self.graph.nodes
-                if n.op == "call_function" and n.target in decomp_table
-            }
-            if left <= inert:
-                return self
-        return run(self, decomp_table, *args, **kwargs)
-
-    ExportedProgram.run_decompositions = lean_run
-    try:
-        yield
-    finally:
-        ExportedProgram.run_decompositions = run
 
 
 @dataclass
@@ -487,9 +322,7 @@ def lower_to_xnnpack(
     (its ``derived_foundation``): an adapter program sends those there and keeps the others,
     which may be derived from adapter weights. Without it (the base program), a program with
     no adapter constant sends all of them to the foundation. ``lean=False`` runs ExecuTorch's
-    stock lowering: XNNPACK's full pass pipeline on every partition (see
-    :func:`lean_xnnpack_passes`) and deep-copied partitions (see
-    :func:`shared_constants_in_preprocess`).
+    stock lowering (none of :mod:`edgelora.backends.xnnpack.patches`).
     ``progress(done, total)`` is called as each XNNPACK partition is compiled.
     ``half_conversions``: delegate fp32 <-> fp16 conversions (an fp16 adapter in an fp32 model).
     """
@@ -515,10 +348,8 @@ def lower_to_xnnpack(
         if progress is not None:
             progress(n, max(n, partitioner.partitions))
 
-    sharing = shared_constants_in_preprocess() if lean else nullcontext()
-    decompositions = no_redundant_decompositions() if lean else nullcontext()
     try:
-        with lean_xnnpack_passes(lean, on_partition), sharing, decompositions:
+        with lowering_patches(lean, on_partition, half_conversions=half_conversions):
             edge = to_edge_transform_and_lower(
                 methods,
                 partitioner=[partitioner],
@@ -527,12 +358,11 @@ def lower_to_xnnpack(
             )
     finally:
         for m in methods.values():
-            _DECOMPOSED.discard(m)
+            DECOMPOSED.discard(m)
     import gc
 
     from edgelora._memory import release_free_memory
 
-    _forget_rejected_nodes()
     gc.collect()  # the intermediate programs of the passes (reference cycles) before emitting
     release_free_memory()
     derived: set[str] = set()
@@ -557,5 +387,5 @@ def lower_to_xnnpack(
             external_constants=tagger,
         )
     )
-    _forget_rejected_nodes()  # again: emitting the program looked nodes up too
+    forget_rejected_nodes()  # again: emitting the program looked nodes up too
     return LoweredProgram(manager=et, split=split, derived_foundation=derived_foundation)

@@ -98,8 +98,8 @@ def test_reader_rejects_corrupt_files(tmp_path, export_8da4w):
 @pytest.mark.parametrize("sdpa", ["custom", "plain"])
 def test_lean_lowering_is_byte_identical(tiny_args, adapter_dirs, sdpa, monkeypatch):
     """The lean XNNPACK pass pipeline, the single decomposition and the partition copies that
-    share the model's tensors (lower.lean_xnnpack_passes, lower._partitioner,
-    lower.no_redundant_decompositions, lower.shared_constants_in_preprocess) write the same
+    share the model's tensors (patches.lean_xnnpack_passes, lower._partitioner,
+    patches.no_redundant_decompositions, patches.shared_constants_in_preprocess) write the same
     program and foundation as ExecuTorch's stock pipeline, and leave the model's weights as
     they were, for an adapter program (LoRA linears inside the partitions) with either
     attention path (the plain one keeps XNNPACK's SDPA pass: its graph has a softmax). The
@@ -109,7 +109,8 @@ def test_lean_lowering_is_byte_identical(tiny_args, adapter_dirs, sdpa, monkeypa
 
     from torch.export import ExportedProgram
 
-    from edgelora.backends.xnnpack.lower import lean_xnnpack_passes, lower_to_xnnpack
+    from edgelora.backends.xnnpack.lower import lower_to_xnnpack
+    from edgelora.backends.xnnpack.patches import lean_xnnpack_passes
 
     retraces = []
     run = ExportedProgram.run_decompositions

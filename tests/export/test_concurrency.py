@@ -162,7 +162,10 @@ def test_writers_readers_and_kills_on_one_export(
                 counter += 1
                 name, op = f"{w}a{counter}", "add"
                 argv = ["--lora", f"{name}={adapter_dirs[rng.choice(['chat', 'code'])]}"]
-            kill_at = time.monotonic() + rng.uniform(0.5, 6.0) if rng.random() < 0.35 else None
+            if counter <= 2:  # each writer's first operation is killed early (>= 1 kill)
+                kill_at = time.monotonic() + rng.uniform(0.5, 1.5)
+            else:
+                kill_at = time.monotonic() + rng.uniform(0.5, 6.0) if rng.random() < 0.35 else None
             running[w] = (_op(out, argv), name, op, kill_at)
         for w, (proc, name, op, kill_at) in list(running.items()):
             if kill_at is not None and proc.poll() is None and time.monotonic() > kill_at:
