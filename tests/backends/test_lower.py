@@ -132,9 +132,9 @@ def test_lean_lowering_is_byte_identical(tiny_args, adapter_dirs, sdpa, monkeypa
         with lean_xnnpack_passes(False) as counts:  # counts only: lower_to_xnnpack decides
             lowered = lower_to_xnnpack(ep, is_adapter=adapter_fqns(model).__contains__, lean=lean)
         monkeypatch.undo()
-        # lean: none, also after the other lowering tests in the same worker (it was 2 there
-        # while the fp16 conversion visitor stayed registered after its test: patches.py now
-        # puts everything back); 4 with the skip disabled; stock: 9
+        # lean: none (it was once seen at 2 after other tests in the same worker, cause not
+        # found; with every patch now undone on exit it is 0 after the model, quant, adapter
+        # dtype and lowering tests in one process); 4 with the skip disabled; stock: 9
         assert len(retraces) == 0 if lean else len(retraces) > 2, (lean, len(retraces))
         buf = io.BytesIO()
         lowered.manager.write_to_file(buf)
