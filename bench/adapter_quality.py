@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from edgelora.bench.quality import export  # noqa: E402
 from edgelora.realmodels import MODELS, cache_dir, hf_dir  # noqa: E402
-from quality import export  # noqa: E402
 
 ADAPTER = ROOT / "examples" / "smollm2" / "adapters" / "isodate"
 EVAL = ROOT / "examples" / "smollm2" / "eval" / "isodate.jsonl"

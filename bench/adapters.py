@@ -186,9 +186,7 @@ def _task(out: Path, scorer, s, ref: list | None) -> tuple[dict, list]:
 def _random_inputs(config: str, work: Path) -> tuple[Path, list, dict]:
     """A random ``config``-shaped checkpoint and two random adapters in ``work``; the export
     arguments; each adapter dtype's ``.lora.safetensors`` bytes for the first adapter."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from spine import CONFIGS
-
+    from edgelora.bench.spine import CONFIGS
     from edgelora.export.programs import write_adapter_inputs
     from edgelora.format.adapter_inputs import ADAPTER_DTYPES
     from edgelora.lora.slots import adapter_slots
@@ -311,9 +309,9 @@ def _at_scale(ns, work: Path) -> dict:
     ``--switchable --adapter-template --adapter-dtype int8``; the adapter added again from
     ``template.pte`` (fp32); decode of base.pte, both adapter programs and the switchable
     program, and template-session switches."""
-    import scale
     from executorch.extension.pybindings import portable_lib
 
+    from edgelora.bench import scale
     from edgelora.runtime.program import LlamaProgram
     from edgelora.runtime.sessions import AdapterSession
 

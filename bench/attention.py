@@ -8,12 +8,10 @@ and ``--sdpa custom`` and measures decode ms/token and prefill tokens/s alternat
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fuse import compare, write  # noqa: E402
-from spine import CONFIGS  # noqa: E402
+from edgelora.bench.fuse import compare, write  # noqa: E402
+from edgelora.bench.spine import CONFIGS  # noqa: E402
 
 
 def main() -> None:

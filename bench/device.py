@@ -30,8 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spine import CONFIGS  # noqa: E402
+from edgelora.bench.spine import CONFIGS  # noqa: E402
 
 PROMPT_LEN = 128
 DECODE_STEPS = 64
@@ -42,7 +41,7 @@ def _prompt(vocab: int) -> list[int]:
     return [(7 * i) % (vocab - 3) + 3 for i in range(PROMPT_LEN)]
 
 
-def _measure(program, vocab: int) -> dict:
+def measure(program, vocab: int) -> dict:
     """Prefill (median of 3), TTFT and decode on a loaded LlamaProgram."""
     prompt = _prompt(vocab)
     times = []
@@ -71,7 +70,7 @@ def _child(kind: str, out: Path, vocab: int) -> dict:
     start = resident_mib()  # after torch/executorch imports: the figures are the program's
     if kind != "switchable":
         program = LlamaProgram(out / f"{kind}.pte", out / "foundation.ptd")
-        row = _measure(program, vocab)
+        row = measure(program, vocab)
         row["rss_mib"] = resident_mib() - start
         row["peak_rss_mib"] = peak_rss_mib()
         return row
@@ -79,7 +78,7 @@ def _child(kind: str, out: Path, vocab: int) -> dict:
     session.program.forward([1, 2], 0)
     rss_base = resident_mib() - start
     first_switch = session.use_adapter("a0")
-    row = _measure(session.program, vocab)
+    row = measure(session.program, vocab)
     row["rss_mib_1_adapter"] = resident_mib() - start
     switches = [first_switch]
     for name in ADAPTERS[1:]:

@@ -9,18 +9,15 @@ error).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
+from edgelora.bench.et_baseline import TINY, et_export_command, run_et_export, write_et_inputs  # noqa: E402
 from edgelora.lora.attach import adapter_attached
 from edgelora.models.args import ModelArgs
 from edgelora.models.llama import build_model
 from edgelora.weights.synthetic import random_adapter
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from et_baseline import TINY, et_export_command, run_et_export, write_et_inputs  # noqa: E402
 
 
 def _runtime_logits(pte: Path, ptd: Path | None, tokens: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spine import CONFIGS  # noqa: E402
+from edgelora.bench.spine import CONFIGS  # noqa: E402
 
 
 def compare(config: str, variants: dict[str, dict], rounds: int) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,9 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _modules(config: str, rank: int) -> tuple[dict[str, nn.Module], tuple[int, int]]:
     """The reference and the fp32 and int8 adapters (seeded weights) in the split and the
     stacked layout, and ``(dim, hidden)``."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from spine import CONFIGS
-
+    from edgelora.bench.spine import CONFIGS
     from edgelora.lora.modules import LoRAWrapper
     from edgelora.models.args import ModelArgs
     from edgelora.quant.linear import quantize_adapter_weights

@@ -22,16 +22,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 _CHILD = r"""
 import io, json, sys, time
-sys.path.insert(0, {bench!r})
-from lowering_profile import _model  # the same model as the profile, with this code
+from edgelora.bench.lowering_profile import profile_model  # the same model as the profile, with this code
 from edgelora.backends.xnnpack.lower import lower_to_xnnpack
 from edgelora.export.programs import trace
 from edgelora.lora.attach import adapter_attached, adapter_fqns
-model, args, adapter = _model({shape!r}, {layers}, {adapter})
+model, args, adapter = profile_model({shape!r}, {layers}, {adapter})
 with adapter_attached(model, adapter):
     t0 = time.perf_counter()
     ep = trace(model, args)
@@ -47,7 +45,7 @@ def _round(root: str | None, ns) -> dict:
     env = dict(os.environ)
     if root:
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    code = _CHILD.format(bench=str(HERE), shape=ns.shape, layers=ns.layers, adapter=ns.adapter)
+    code = _CHILD.format(shape=ns.shape, layers=ns.layers, adapter=ns.adapter)
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/"
     )

@@ -19,13 +19,10 @@ import cProfile
 import io
 import json
 import pstats
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from scale import SHAPES  # noqa: E402
+from edgelora.bench.scale import SHAPES  # noqa: E402
 
 # Functions whose cumulative time is reported (substring of pstats' "file:line(function)").
 PHASES = {
@@ -43,7 +40,7 @@ PHASES = {
 }
 
 
-def _model(shape: str, layers: int, adapter: bool):
+def profile_model(shape: str, layers: int, adapter: bool):
     from edgelora.export.config import FoundationSpec
     from edgelora.export.foundation import build_foundation
     from edgelora.models.args import ModelArgs
@@ -77,7 +74,7 @@ def main() -> None:
     from edgelora.export.programs import trace
     from edgelora.lora.attach import adapter_attached, adapter_fqns
 
-    model, args, adapter = _model(ns.shape, ns.layers, ns.adapter)
+    model, args, adapter = profile_model(ns.shape, ns.layers, ns.adapter)
     with adapter_attached(model, adapter):
         t0 = time.perf_counter()
         ep = trace(model, args)

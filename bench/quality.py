@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edgelora.realmodels import MODELS, gguf_file, hf_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

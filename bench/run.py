@@ -39,17 +39,16 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from device import _measure  # noqa: E402
-from report import ADAPTER, VARIANTS, bound, figures_of, markdown, plots  # noqa: E402
-from spine import CONFIGS  # noqa: E402
+from edgelora.bench.device import measure  # noqa: E402
+from edgelora.bench.report import ADAPTER, VARIANTS, bound, figures_of, markdown, plots  # noqa: E402
+from edgelora.bench.spine import CONFIGS  # noqa: E402
 
 
 # --------------------------------------------------------------------------- child processes
 def _child_program(pte: str, ptd: str, vocab: int) -> dict:
     from edgelora.runtime.program import LlamaProgram
 
-    return _measure(LlamaProgram(pte, ptd or None, allow_unverified=True), vocab)
+    return measure(LlamaProgram(pte, ptd or None, allow_unverified=True), vocab)
 
 
 def _child_eager(work: str, config: str, qmode: str) -> dict:
@@ -66,7 +65,7 @@ def _child_eager(work: str, config: str, qmode: str) -> dict:
     model, _, _ = build_foundation(args, spec)
     model.eval()
 
-    class Eager:  # the LlamaProgram interface _measure uses
+    class Eager:  # the LlamaProgram interface measure uses
         def forward(self, tokens, start):
             if start == 0:
                 model.reset_cache()
@@ -76,7 +75,7 @@ def _child_eager(work: str, config: str, qmode: str) -> dict:
         def generate(self, prompt, n):
             return eager_generate(model, prompt, n)
 
-    return _measure(Eager(), args.vocab_size)
+    return measure(Eager(), args.vocab_size)
 
 
 def _child_bandwidth() -> dict:
@@ -96,7 +95,7 @@ def _child_bandwidth() -> dict:
 def _child_profile(pte: str, ptd: str) -> dict:
     """Where a decode step's time goes (ETDump): the XNNPACK 4-bit GEMMs are the floor the
     delegate's kernels put under decode, whatever runs around them."""
-    from delegate_profile import profile_program
+    from edgelora.bench.delegate_profile import profile_program
 
     prof = profile_program(Path(pte), Path(ptd) if ptd else None, 32)
     gemm = sum(r["ms"] for k, r in prof["xnnpack"].items() if "QB4W" in k or "QC4W" in k)
@@ -148,7 +147,7 @@ _STAGE = re.compile(
 
 
 def _our_export(work: Path, variant: str) -> dict:
-    from et_baseline import run_et_export
+    from edgelora.bench.et_baseline import run_et_export
 
     out = work / f"ours-{variant}"
     cmd = [
@@ -177,7 +176,7 @@ def _our_export(work: Path, variant: str) -> dict:
 
 
 def _baseline_export(work: Path, params: dict, model, adapter) -> dict:
-    from et_baseline import et_export_command, run_et_export, write_et_inputs
+    from edgelora.bench.et_baseline import et_export_command, run_et_export, write_et_inputs
 
     inputs = write_et_inputs(work / "et", params, model, adapter)
     recs = {}

@@ -26,9 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from et_baseline import et_export_command, run_et_export, write_et_inputs  # noqa: E402
+from edgelora.bench.et_baseline import et_export_command, run_et_export, write_et_inputs  # noqa: E402
 
 SHAPES = {
     "llama-3.2-1b": dict(

@@ -38,9 +38,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from edgelora.bench.quality import export, llama_cpp_files  # noqa: E402
 from edgelora.realmodels import MODELS, cache_dir, gguf_file, hf_dir  # noqa: E402
-from quality import export, llama_cpp_files  # noqa: E402
 
 ADAPTER = ROOT / "examples" / "smollm2" / "adapters" / "isodate"
 PROMPT_TOKENS, DECODE_STEPS = 128, 64

@@ -206,7 +206,7 @@ def _wrong_values(kind: str) -> list:
 
 
 def _is_kind(value, kind) -> bool:
-    from edgelora.weights.architectures import _is
+    from edgelora.weights.families.base import _is
 
     return _is(value, kind)
 
@@ -215,7 +215,8 @@ def test_every_config_field_of_the_wrong_type_is_named():
     """Each field a family reader uses, given each JSON type it must not have, at the top level
     and inside ``rope_parameters``: a ConfigError naming the field, nothing else escapes."""
     from edgelora.errors import ConfigError
-    from edgelora.weights.architectures import _FIELD_TYPES, args_from_hf_config
+    from edgelora.weights.architectures import args_from_hf_config
+    from edgelora.weights.families.base import _FIELD_TYPES
 
     args_from_hf_config(dict(_LLAMA), "config.json")  # the base case is accepted
     cases = 0
