@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         "quantization: a single-adapter deployment with no LoRA cost at run time. "
         "Writes NAME.pte (no base.pte) and foundation.ptd holding the merged weights",
     )
-    model.add_argument(
+    progs = p.add_argument_group("programs (what is written, and how it runs)")
+    progs.add_argument(
         "--fuse",
         choices=["none", "qkv", "gate_up", "mla", "all"],
         default=config_default("fuse"),
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "layout is converted (default %(default)s: split, or the model config's "
         "fused_mla_lora_proj)",
     )
-    model.add_argument(
+    progs.add_argument(
         "--sdpa",
         choices=["custom", "plain"],
         default=config_default("sdpa"),
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "executorch.extension.llm.custom_ops) or plain PyTorch ops (portable; every "
         "decode step copies the cache). MLA models always use plain (default %(default)s)",
     )
-    model.add_argument(
+    progs.add_argument(
         "--logits",
         choices=["all", "last"],
         default=config_default("logits"),
@@ -147,14 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
         "reads, as ExecuTorch's example exports by default; the output layer then runs on one "
         "row, so prefill is faster) (default %(default)s)",
     )
-    model.add_argument(
+    progs.add_argument(
         "--bundle",
         action="store_true",
         help="also write bundle.pte: one program whose methods are base and each --lora "
         "adapter, sharing foundation.ptd, so an app loads the foundation once and switches "
         "adapters by method (edgelora.runtime.session.AdapterSession)",
     )
-    model.add_argument(
+    progs.add_argument(
         "--switchable",
         action="store_true",
         help="also write switchable.pte: ONE program forward(tokens, input_pos, lora) whose "
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "adapter's inputs; a process loads the foundation (and XNNPACK packs it) once and "
         "switches adapters by passing other tensors (AdapterSession, edgelora-run --adapters)",
     )
-    model.add_argument(
+    progs.add_argument(
         "--switchable-slots",
         default=None,
         metavar="TARGETS:RANK",
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of every layer, of rank at least RANK (e.g. all:32). Without it the slots are the "
         "union of the --lora adapters given now; --add-to refuses an adapter that does not fit",
     )
-    model.add_argument(
+    progs.add_argument(
         "--adapter-template",
         action="store_true",
         help="with --switchable: also write template.pte, a lowered program with switchable."
@@ -181,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "once, at load, not on every call as switchable.pte's inputs are). Costs one more "
         "lowering now",
     )
-    model.add_argument(
+    progs.add_argument(
         "--adapter-dtype",
         choices=["fp32", "fp16", "int8"],
         default=None,
