@@ -119,7 +119,7 @@ def test_writers_readers_and_kills_on_one_export(
     out = tmp_path / "out"
     shutil.copytree(export_8da4w_slots, out)
     rng = random.Random(5)
-    seconds = 60.0
+    seconds = 50.0
     reader = subprocess.Popen(
         [sys.executable, "-c", _READER, str(out), str(seconds)],
         stdout=subprocess.PIPE,
