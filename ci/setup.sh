@@ -15,10 +15,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-# (edgelora.format etc.: an editable install made before a package was added must be redone)
+# (edgelora.format etc., or a console script added since: an editable install made before
+# must be redone)
 if ! "$VENV/bin/python" -c "import edgelora.format, edgelora.lora, edgelora.weights, torch, \
     executorch, torchao, jinja2, regex, pytest, xdist, ruff, importlinter, peft, matplotlib, \
-    atheris" 2>/dev/null; then
+    atheris" 2>/dev/null || [ ! -x "$VENV/bin/edgelora-add" ]; then
   echo "== installing (torch==2.13.0 CPU, executorch==1.5.1, torchao==0.18.0, ...)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
