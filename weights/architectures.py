@@ -11,8 +11,6 @@ from typing import Any
 from edgelora.errors import ConfigError
 from edgelora.weights.families import REGISTRY, Family, check_field_types
 
-Architecture = Family  # (the name the readers use)
-
 
 def registered() -> tuple[type[Family], ...]:
     """Every registered family, in registration order (a family registered later included)."""

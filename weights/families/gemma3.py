@@ -1,5 +1,6 @@
-"""Gemma 3 (text): (1 + w) norms around both branches, q/k norms, GELU-tanh, scaled
-embeddings, ``query_pre_attn_scalar``, sliding layers with their own rotary base, soft-capping."""
+"""Gemma 3 (text): (1 + w) norms around both branches, q/k norms, GELU-tanh, embeddings scaled
+by sqrt(hidden_size), ``query_pre_attn_scalar``, sliding layers with their own rotary base,
+soft-capping when set."""
 
 from __future__ import annotations
 
@@ -18,9 +19,6 @@ class Gemma3(Family):
 
     @classmethod
     def read_config(cls, cfg: dict[str, Any], source: str) -> dict[str, Any]:
-        """Gemma 3 (text): (1 + w) norms around both branches, q/k norms, GELU-tanh, embeddings
-        scaled by sqrt(hidden_size), query_pre_attn_scalar, sliding layers with their own rotary
-        base, soft-capping when set."""
         rope = cfg.get("rope_parameters") or {}
         full = rope.get("full_attention") if isinstance(rope.get("full_attention"), dict) else None
         fields = decoder_fields(

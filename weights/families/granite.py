@@ -14,7 +14,6 @@ class Granite(Family):
 
     @classmethod
     def read_config(cls, cfg: dict[str, Any], source: str) -> dict[str, Any]:
-        """Granite: multipliers on the embedding, residual branches and scores; logits divided."""
         return {
             **decoder_fields(cfg, source),
             "embedding_scale": float(cfg.get("embedding_multiplier", 1.0)),

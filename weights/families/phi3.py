@@ -14,5 +14,4 @@ class Phi3(Family):
 
     @classmethod
     def read_config(cls, cfg: dict[str, Any], source: str) -> dict[str, Any]:
-        """Phi-3 / Phi-4-mini: fused qkv_proj and gate_up_proj, partial rotary (Phi-4-mini)."""
         return {**decoder_fields(cfg, source), "hf_fused_projections": True}

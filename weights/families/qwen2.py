@@ -14,5 +14,4 @@ class Qwen2(Family):
 
     @classmethod
     def read_config(cls, cfg: dict[str, Any], source: str) -> dict[str, Any]:
-        """Qwen2/2.5: q/k/v always have a bias, the output projection none."""
         return {**decoder_fields(cfg, source), "attention_bias": True, "attention_out_bias": False}

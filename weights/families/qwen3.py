@@ -14,5 +14,4 @@ class Qwen3(Family):
 
     @classmethod
     def read_config(cls, cfg: dict[str, Any], source: str) -> dict[str, Any]:
-        """Qwen3: an explicit head_dim and RMSNorm on each q/k head before rotary."""
         return {**decoder_fields(cfg, source), "qk_norm": True}

@@ -15,7 +15,6 @@ class SmolLM3(Family):
 
     @classmethod
     def read_config(cls, cfg: dict[str, Any], source: str) -> dict[str, Any]:
-        """SmolLM3: ``no_rope_layers[i]`` is 0 for a layer without rotary embeddings."""
         fields = decoder_fields(cfg, source)
         flags = cfg.get("no_rope_layers")
         if flags is not None:
