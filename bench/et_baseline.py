@@ -47,12 +47,12 @@ from torch import nn
 
 from edgelora.lora.record import Adapter
 from edgelora.models.args import ModelArgs
-from edgelora.weights.hf_names import HF_PROJECTIONS
+from edgelora.weights.families.base import LLAMA_PROJECTIONS
 
 ET_EXPORT_MODULE = "executorch.examples.models.llama.export_llama"
 TIME_BIN = Path("/usr/bin/time")
 # Our layer-relative projection path -> the HF name the example's LoRA config and keys use.
-_HF_NAME = {ours: proj for proj, (_, ours) in HF_PROJECTIONS.items()}
+_HF_NAME = {ours: proj for proj, (_, ours) in LLAMA_PROJECTIONS.items()}
 _PEFT_KEY = "base_model.model.model.layers.{layer}.{parent}.{proj}.lora_{half}.weight"
 TINY = {
     "dim": 64,
@@ -166,7 +166,7 @@ def _write_adapter(adapter: Adapter, n_layers: int, out: Path) -> dict[str, Path
         _, layer, path = fqn.split(".", 2)
         proj = _HF_NAME[path]
         scale = adapter.scale * w.alpha / (math.sqrt(rank) if w.use_rslora else rank)
-        key = {"layer": layer, "parent": HF_PROJECTIONS[proj][0], "proj": proj}
+        key = {"layer": layer, "parent": LLAMA_PROJECTIONS[proj][0], "proj": proj}
         tensors[_PEFT_KEY.format(half="A", **key)] = w.lora_a.float().contiguous()
         b = w.lora_b.float() * (scale / (alpha / rank))
         tensors[_PEFT_KEY.format(half="B", **key)] = b.contiguous()

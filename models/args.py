@@ -77,9 +77,9 @@ class ModelArgs:
     rope_local_theta: float | None = None  # rotary base of sliding layers (Gemma 3)
     rope_linear_factor: float = 1.0  # "linear" rope scaling of full layers: positions / factor
     nope_layers: tuple[int, ...] = ()  # layers without rotary embeddings (SmolLM3)
-    # The family's Hugging Face layers are fused qkv_proj / gate_up_proj (Phi-3): how its
-    # checkpoints and PEFT adapters name the projections (the model may run either layout).
-    hf_fused_projections: bool = False
+    # The Hugging Face family (its model_type) whose names the checkpoint and PEFT adapters
+    # use for the projections and norms (weights/families); a Meta params.json model: Llama's.
+    family: str = "llama"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # no size reaches 2**31 (torch takes int64 shapes)
@@ -94,6 +94,10 @@ class ModelArgs:
         kv = self.n_kv_heads
         if kv is not None and (not isinstance(kv, int) or kv <= 0):
             raise ConfigError(f"ModelArgs.n_kv_heads must be a positive integer, got {kv!r}")
+        if not isinstance(self.family, str) or not self.family:
+            raise ConfigError(
+                f"ModelArgs.family must be a family's model_type, got {self.family!r}"
+            )
         self._check_attention()
         self._check_features()
         if self.hidden_dim is not None and (
@@ -292,13 +296,16 @@ class ModelArgs:
         """Build from a ``params.json``-style dict; unknown keys are an error naming them."""
         if not isinstance(params, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(params).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | {"hf_fused_projections"}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ConfigError(
                 f"{source}: unsupported field(s) {unknown}; known fields are {sorted(known)}"
             )
         params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+        if "hf_fused_projections" in params:  # what exports before `family` recorded (Phi-3)
+            fused = params.pop("hf_fused_projections")
+            params.setdefault("family", "phi3" if fused else "llama")
         try:
             return cls(**params)
         except TypeError as e:  # wrong value types that dataclass construction trips on

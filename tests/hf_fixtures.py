@@ -202,7 +202,7 @@ FAMILIES = {
             tie_word_embeddings=True,
         ),
         dict(target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
-        {"hf_fused_projections": True, "rope_dim": 12},
+        {"family": "phi3", "rope_dim": 12},
     ),
 }
 

@@ -14,19 +14,22 @@ The config's semantics (which modules, rank and alpha) are :mod:`edgelora.weight
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from edgelora._jsonfile import read_json
 from edgelora.errors import AdapterError, CheckpointError
 from edgelora.lora.record import Adapter, LoRAWeights, validate_adapter_name
 from edgelora.models.args import ModelArgs
 from edgelora.weights import hf_keys
-from edgelora.weights.hf_names import HF_PROJECTIONS, hf_projections
+from edgelora.weights.families import family_of
+from edgelora.weights.families.base import LLAMA_PROJECTIONS
 from edgelora.weights.peft_config import (
     CONFIG_FILE,
     UNSUPPORTED_MODULES,
@@ -39,11 +42,11 @@ from edgelora.weights.tensor_files import read_state_dict
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 TORCHTUNE_WEIGHTS = ("adapter_model.pt",)
 # HF Llama module names an adapter may address, per layer (torchtune adapters are Llama only).
-_LAYER_MODULES = {proj: f"{parent}.{proj}" for proj, (parent, _) in HF_PROJECTIONS.items()}
+_LAYER_MODULES = {proj: f"{parent}.{proj}" for proj, (parent, _) in LLAMA_PROJECTIONS.items()}
 
 
 def _projections(args: ModelArgs) -> dict[str, tuple[str, str]]:
-    return hf_projections(args.attention_type, args.q_lora_rank, fused=args.hf_fused_projections)
+    return family_of(args).layer_projections(args)
 
 
 _PEFT_KEY = re.compile(
@@ -62,37 +65,31 @@ def hf_module_names(args: ModelArgs) -> list[str]:
     return names + list(UNSUPPORTED_MODULES)
 
 
-def projection_shape(args: ModelArgs, proj: str) -> tuple[int, int]:
-    """``(out_features, in_features)`` of HF projection ``proj`` in a model of ``args``."""
-    hidden = args.ffn_hidden_dim
-    ffn = {
-        "gate_proj": (hidden, args.dim),
-        "up_proj": (hidden, args.dim),
-        "down_proj": (args.dim, hidden),
+def projection_shape(args: ModelArgs, proj: str, layer: int = 0) -> tuple[int, int]:
+    """``(out_features, in_features)`` of HF projection ``proj`` in layer ``layer`` of a model
+    of ``args``, read from the module tree (:func:`_layer_shapes`)."""
+    return _layer_shapes(args, layer)[_projections(args)[proj][1]]
+
+
+@functools.lru_cache(maxsize=16)
+def _layer_shapes(args: ModelArgs, layer: int) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of every linear of one layer, built on the meta device (no memory), and of
+    each fused piece a checkpoint may name (``wqkv``: its slices' rows together)."""
+    from edgelora.models.llama import TransformerBlock
+
+    with torch.device("meta"):
+        block = TransformerBlock(args, layer)
+    shapes = {
+        name: (m.out_features, m.in_features)
+        for name, m in block.named_modules()
+        if isinstance(m, nn.Linear)
     }
-    if args.is_mla:
-        heads = args.n_heads
-        return {
-            "q_proj": (heads * args.qk_head_dim, args.dim),
-            "q_a_proj": (args.q_lora_rank, args.dim),
-            "q_b_proj": (heads * args.qk_head_dim, args.q_lora_rank),
-            "kv_a_proj_with_mqa": (args.kv_lora_rank + args.qk_rope_head_dim, args.dim),
-            "kv_b_proj": (heads * (args.qk_nope_head_dim + args.v_head_dim), args.kv_lora_rank),
-            "o_proj": (args.dim, heads * args.v_head_dim),
-            **ffn,
-        }[proj]
-    q, kv = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
-    return {
-        "q_proj": (q, args.dim),
-        "k_proj": (kv, args.dim),
-        "v_proj": (kv, args.dim),
-        "o_proj": (args.dim, q),
-        "gate_proj": (hidden, args.dim),
-        "up_proj": (hidden, args.dim),
-        "down_proj": (args.dim, hidden),
-        "qkv_proj": (q + 2 * kv, args.dim),
-        "gate_up_proj": (2 * hidden, args.dim),
-    }[proj]
+    for name, m in block.named_modules():
+        for piece, slices in getattr(m, "PIECE_SLICES", {}).items():
+            parts = [shapes.get(f"{name}.{s}") for s in slices]
+            if all(parts):
+                shapes.setdefault(f"{name}.{piece}", (sum(o for o, _ in parts), parts[0][1]))
+    return shapes
 
 
 def _find_weights(path: Path) -> tuple[Path, str]:
@@ -113,7 +110,7 @@ def _module_of(key: str, weights_path: Path) -> tuple[str, str, str]:
     if m := _TT_KEY.match(key):
         layer, parent, proj, half = m.groups()
         hf_proj = hf_keys.TORCHTUNE_TO_HF.get(proj)
-        if hf_proj is None or HF_PROJECTIONS[hf_proj][0] != {"attn": "self_attn"}.get(
+        if hf_proj is None or LLAMA_PROJECTIONS[hf_proj][0] != {"attn": "self_attn"}.get(
             parent, parent
         ):
             raise AdapterError(f"{weights_path}: key {key!r} names unknown projection {proj}")
@@ -224,7 +221,7 @@ def load_adapter(
             raise AdapterError(f"{weights_path}: module {module} has no lora_{absent} weight")
         layer, _, proj = _HF_MODULE.match(module).groups()
         rank, alpha = cfg.rank_alpha(module)
-        out_f, in_f = projection_shape(args, proj)
+        out_f, in_f = projection_shape(args, proj, int(layer))
         a, b = pair["A"], pair["B"]
         if a.shape[0] != rank or b.shape[1] != rank:
             raise AdapterError(
@@ -273,7 +270,7 @@ def save_torchtune_adapter(adapter: Adapter, path: str | Path) -> Path:
     for fqn, w in adapter.modules.items():
         module, proj = hf_module_of(fqn)
         layer = fqn.split(".")[1]
-        parent = "attn" if HF_PROJECTIONS[proj][0] == "self_attn" else "mlp"
+        parent = "attn" if LLAMA_PROJECTIONS[proj][0] == "self_attn" else "mlp"
         base = f"layers.{layer}.{parent}.{to_tt[proj]}"
         tensors[f"{base}.lora_a.weight"] = w.lora_a.contiguous()
         tensors[f"{base}.lora_b.weight"] = w.lora_b.contiguous()

@@ -9,13 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgelora.errors import ConfigError
-from edgelora.weights.families import REGISTRY, Family, check_field_types
-
-
-def registered() -> tuple[type[Family], ...]:
-    """Every registered family, in registration order (a family registered later included)."""
-    return tuple(dict.fromkeys(REGISTRY.values()))
-
+from edgelora.weights.families import REGISTRY, Family, check_field_types, registered
 
 # Architectures refused with a reason (rather than "not supported").
 _REFUSED = {
@@ -61,10 +55,11 @@ def find_architecture(cfg: dict[str, Any], source: str) -> type[Family]:
 
 def args_from_hf_config(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     """``ModelArgs`` fields from a Hugging Face ``config.json`` of a registered architecture
-    (field types checked first: a wrong one is a :class:`ConfigError` naming it)."""
+    (field types checked first: a wrong one is a :class:`ConfigError` naming it), ``family``
+    naming it."""
     arch = find_architecture(cfg, source)
     check_field_types(cfg, source)
     try:
-        return arch.read_config(cfg, source)
+        return {**arch.read_config(cfg, source), "family": arch.model_type}
     except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:  # values out of range
         raise ConfigError(f"{source}: cannot read the configuration ({e})") from None

@@ -141,9 +141,7 @@ def _hf_checkpoint(root: Path, sd: dict[str, torch.Tensor], path: Path) -> Check
     params = args_from_hf_config(cfg, str(cfg_path))
     args = ModelArgs.from_dict(params, source=str(cfg_path))  # the shapes the names map onto
     tied = "lm_head.weight" not in sd
-    ours = hf_keys.hf_state_dict_to_ours(
-        sd, args, norms=arch.norms, source=str(path), label=arch.label
-    )
+    ours = arch.state_dict_to_ours(sd, args, str(path))  # one tensor at a time, by its family
     if args.is_mla:
         notes = ["Hugging Face DeepSeek-V3 layout (dense MLA layers), split wq_a/wkv_a"]
     else:

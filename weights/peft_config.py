@@ -21,7 +21,8 @@ import regex
 from edgelora.errors import AdapterError
 from edgelora.lora.record import Adapter
 from edgelora.weights import hf_keys
-from edgelora.weights.hf_names import ALL_PROJECTIONS, HF_PROJECTIONS
+from edgelora.weights.families import all_projections
+from edgelora.weights.families.base import LLAMA_PROJECTIONS
 
 CONFIG_FILE = "adapter_config.json"
 # A config's regexes come from whoever wrote the adapter: each match gets this long, so a
@@ -55,8 +56,12 @@ _HINTS = {
     "layer_replication": "layer replication changes the model's depth; not supported",
 }
 
-# PEFT's "all-linear": every projection of a layer (either architecture), not the output layer.
-_ALL_LINEAR = r"model\.layers\.\d+\.(?:self_attn|mlp)\.(?:" + "|".join(ALL_PROJECTIONS) + ")"
+
+def _all_linear() -> str:
+    """PEFT's "all-linear": every projection of a layer (any registered family's), not the
+    output layer."""
+    names = "|".join(all_projections())
+    return r"model\.layers\.\d+\.(?:self_attn|mlp)\.(?:" + names + ")"
 
 
 @dataclass(frozen=True)
@@ -201,12 +206,12 @@ def parse_adapter_config(cfg: Any, cfg_path: Path) -> AdapterConfig:
         raise AdapterError(f"{cfg_path}: field 'lora_alpha' must be a number, got {alpha!r}")
     targets = cfg.get("target_modules")
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        targets = _ALL_LINEAR  # PEFT: every linear except the output layer
+        targets = _all_linear()  # PEFT: every linear except the output layer
     targets = _names(targets, "target_modules", cfg_path)
     if not targets:
         raise AdapterError(
             f"{cfg_path}: field 'target_modules' must name the adapted modules "
-            f"(e.g. {', '.join(HF_PROJECTIONS)}), got {cfg.get('target_modules')!r}"
+            f"(e.g. {', '.join(LLAMA_PROJECTIONS)}), got {cfg.get('target_modules')!r}"
         )
     layers = cfg.get("layers_to_transform")
     if layers is not None:
@@ -244,7 +249,7 @@ def hf_module_of(fqn: str) -> tuple[str, str]:
     """Our ``layers.N.attention.wq`` -> (HF module name, HF projection)."""
     _, layer, *rest = fqn.split(".")
     path = ".".join(rest)
-    proj, parent = next((p, par) for p, (par, ours) in ALL_PROJECTIONS.items() if ours == path)
+    proj, parent = next((p, par) for p, (par, ours) in all_projections().items() if ours == path)
     return f"model.layers.{layer}.{parent}.{proj}", proj
 
 

@@ -6,10 +6,13 @@ import torch
 from torch import nn
 
 from edgelora.lora.record import Adapter, LoRAWeights, validate_adapter_name
-from edgelora.weights.hf_names import ALL_PROJECTIONS
+from edgelora.weights.families import all_projections
 
-# Hugging Face projection name -> path of the module inside a TransformerBlock.
-_HF_TO_MODULE = {proj: ours for proj, (_, ours) in ALL_PROJECTIONS.items()}
+
+def _to_module(name: str) -> str:
+    """A Hugging Face projection name (any family's) -> its path inside a TransformerBlock;
+    a path is kept."""
+    return all_projections().get(name, (None, name))[1]
 
 
 def random_adapter(
@@ -29,7 +32,7 @@ def random_adapter(
     """
     gen = torch.Generator().manual_seed(seed)
     adapter = Adapter(name=validate_adapter_name(name), source=f"random(seed={seed})")
-    paths = [_HF_TO_MODULE.get(t, t) for t in (targets or model.projections())]
+    paths = [_to_module(t) for t in (targets or model.projections())]
     for i in range(len(model.layers)):
         for path in paths:
             fqn = f"layers.{i}.{path}"
@@ -67,7 +70,7 @@ def reservation_adapter(args, targets: tuple[str, ...], rank: int) -> Adapter:
     if targets != ("all",):
         paths = []
         for t in targets:
-            path = _HF_TO_MODULE.get(t, t)
+            path = _to_module(t)
             if path not in model.projections():
                 raise ConfigError(
                     f"--switchable-slots: {t!r} is not a projection of this model (have "

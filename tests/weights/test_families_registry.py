@@ -37,11 +37,7 @@ def test_every_fixture_family_is_registered():
 
 
 def test_a_family_added_in_one_class_is_read(monkeypatch):
-    monkeypatch.setattr(families.base, "REGISTRY", dict(REGISTRY))  # undone after the test
-    monkeypatch.setattr(families, "REGISTRY", families.base.REGISTRY)
-    from edgelora.weights import architectures
-
-    monkeypatch.setattr(architectures, "REGISTRY", families.base.REGISTRY)
+    _isolated_registry(monkeypatch)
 
     @register("TinyTestForCausalLM")
     class TinyTest(Family):
@@ -65,3 +61,90 @@ def test_unknown_and_refused_architectures_are_named():
         find_architecture({"architectures": ["NopeForCausalLM"]}, "config.json")
     with pytest.raises(ConfigError, match="mixture-of-experts"):
         find_architecture({"architectures": ["Qwen3MoeForCausalLM"]}, "config.json")
+
+
+def _isolated_registry(monkeypatch):
+    """Register test families into a copy of the registry (undone after the test)."""
+    from edgelora.weights import architectures
+
+    monkeypatch.setattr(families.base, "REGISTRY", dict(REGISTRY))
+    for module in (families, architectures):
+        monkeypatch.setattr(module, "REGISTRY", families.base.REGISTRY)
+
+
+def test_a_family_with_its_own_tensor_names_is_one_class(tmp_path, monkeypatch):
+    """A family whose checkpoints name a norm otherwise and carry a tensor we do not use:
+    its class's ``norms`` and ``map_tensor`` are all it takes to load one (and its q/k rows
+    are put in Meta's rotary order by the shared mapping)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from edgelora.models.args import ModelArgs
+    from edgelora.weights.checkpoint import open_checkpoint
+    from edgelora.weights.families.base import LLAMA_NORMS, permute_rows
+
+    _isolated_registry(monkeypatch)
+
+    @register("RenamedForCausalLM")
+    class Renamed(Family):
+        label = "Renamed"
+        model_type = "renamed"
+        norms = {**LLAMA_NORMS, "pre_mlp_norm": "ffn_norm"}
+
+        @classmethod
+        def map_tensor(cls, key, t, args, source):
+            if key.endswith(".self_attn.sink"):
+                return []  # dropped: nothing in our model reads it
+            return super().map_tensor(key, t, args, source)
+
+    dim, hidden, vocab = 64, 128, 96
+    gen = torch.Generator().manual_seed(0)
+    shapes = {
+        "model.embed_tokens.weight": (vocab, dim),
+        "model.norm.weight": (dim,),
+        "model.layers.0.input_layernorm.weight": (dim,),
+        "model.layers.0.pre_mlp_norm.weight": (dim,),
+        "model.layers.0.self_attn.sink": (4,),
+        **{f"model.layers.0.self_attn.{p}_proj.weight": (dim, dim) for p in "qkvo"},
+        "model.layers.0.mlp.gate_proj.weight": (hidden, dim),
+        "model.layers.0.mlp.up_proj.weight": (hidden, dim),
+        "model.layers.0.mlp.down_proj.weight": (dim, hidden),
+    }
+    sd = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    cfg = {**SIZES, "architectures": ["RenamedForCausalLM"], "num_hidden_layers": 1,
+           "intermediate_size": hidden}  # fmt: skip
+    (tmp_path / "config.json").write_text(__import__("json").dumps(cfg))
+
+    ckpt = open_checkpoint(tmp_path)
+    ours = ckpt.state_dict
+    assert ckpt.params["family"] == "renamed"
+    assert "layers.0.ffn_norm.weight" in ours and not any("sink" in k for k in ours)
+    assert torch.equal(ours["layers.0.ffn_norm.weight"], sd["model.layers.0.pre_mlp_norm.weight"])
+    args = ModelArgs.from_dict(ckpt.params)
+    want_q = permute_rows(sd["model.layers.0.self_attn.q_proj.weight"], [(0, 4)],
+                          args.head_dim, args.rope_dim, to_meta=True)  # fmt: skip
+    assert torch.equal(ours["layers.0.attention.wq.weight"], want_q)
+    assert torch.equal(ours["output.weight"], ours["tok_embeddings.weight"])  # tied
+    with pytest.raises(ConfigError, match="not part of a Renamed checkpoint"):
+        Renamed.map_tensor("model.layers.0.extra.weight", sd["model.norm.weight"], args, "x")
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_projection_shapes_come_from_the_module_tree(name):
+    """Every projection the family names has, in our module tree, the shape transformers'
+    module of that name has (the adapter loader checks adapters against these)."""
+    from edgelora.models.args import ModelArgs
+    from edgelora.weights.adapter_files import projection_shape
+    from edgelora.weights.families import family_of
+
+    from ..hf_fixtures import make_family
+
+    model = make_family(name)
+    args = ModelArgs.from_dict(args_from_hf_config(model.config.to_dict(), "config.json"))
+    family = family_of(args)
+    assert family is find_architecture(model.config.to_dict(), "config.json")
+    for layer, block in enumerate(model.model.layers):
+        for proj, (parent, _) in family.layer_projections(args).items():
+            hf = getattr(getattr(block, parent), proj).weight
+            assert projection_shape(args, proj, layer) == tuple(hf.shape), (proj, layer)

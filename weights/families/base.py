@@ -1,31 +1,141 @@
-"""What every family shares: the :class:`Family` base and its registry, the JSON types of the
-``config.json`` fields the readers use (checked first), and the readers of the fields every
-Llama-like family has (rope, sliding layers, the decoder's sizes)."""
+"""What every family shares: the :class:`Family` base and its registry (a family's config
+reader, per-tensor mapping, projection and layer-norm names, rotary row order), the JSON types
+of the ``config.json`` fields the readers use (checked first), and the readers of the fields
+every Llama-like family has (rope, sliding layers, the decoder's sizes).
+
+Hugging Face stores each attention head's query/key rows permuted for its rotate-half rotary
+convention: HF row ``j`` of a head is Meta row ``2j`` for ``j < head_dim/2`` and ``2(j -
+head_dim/2) + 1`` after. This model uses Meta's convention (rotate adjacent pairs), so HF
+``q_proj``/``k_proj`` weights -- and the ``lora_B`` of adapters on them, whose rows are the same
+output features -- are un-permuted at load time with :meth:`Family.rotary_rows` (and permuted
+back when written); so are q/k biases and q/k norm weights; only the rotary part of a head with
+partial rotary.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
+import torch
+
 from edgelora.errors import ConfigError
-from edgelora.weights.hf_names import LLAMA_NORMS
 
 REGISTRY: dict[str, type[Family]] = {}  # "architectures" name -> its family, in registration order
+
+# HF projection name -> (HF parent module, our module path inside a TransformerBlock).
+LLAMA_PROJECTIONS = {
+    "q_proj": ("self_attn", "attention.wq"),
+    "k_proj": ("self_attn", "attention.wk"),
+    "v_proj": ("self_attn", "attention.wv"),
+    "o_proj": ("self_attn", "attention.wo"),
+    "gate_proj": ("mlp", "feed_forward.w1"),
+    "up_proj": ("mlp", "feed_forward.w3"),
+    "down_proj": ("mlp", "feed_forward.w2"),
+}
+# HF layer-norm name -> ours (inside a TransformerBlock).
+LLAMA_NORMS = {
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attention.q_norm",
+    "self_attn.k_norm": "attention.k_norm",
+}
+_TOP_LEVEL = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_HF_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
+_HF_NORM_KEY = re.compile(
+    r"^model\.layers\.(\d+)\.((?:self_attn\.)?\w*(?:norm|layernorm))\.weight$"
+)
 
 
 class Family:
     """A Hugging Face model family: the ``architectures`` names it takes (given to
-    :func:`register`), its ``model_type``, its layer-norm names, and :meth:`read_config`, which
-    turns its ``config.json`` into ``ModelArgs`` fields -- every field that changes the math
-    honoured or refused by name."""
+    :func:`register`), its ``model_type``, and what it owns:
+
+    * :meth:`read_config`: its ``config.json`` -> ``ModelArgs`` fields, every field that changes
+      the math honoured or refused by name;
+    * :meth:`map_tensor`: one checkpoint tensor -> ours (rename, split, permute or drop);
+    * ``projections`` (:meth:`layer_projections`) and ``norms``: its module names -> ours;
+    * :meth:`rope_blocks`: which rows of which tensor are in HF's rotary order.
+
+    A Llama-like family overrides only what it changes."""
 
     label: ClassVar[str]  # for messages
     hf_names: ClassVar[tuple[str, ...]] = ()
     model_type: ClassVar[str]
-    norms: ClassVar[dict[str, str]] = LLAMA_NORMS  # HF layer-norm name -> ours
+    projections: ClassVar[dict[str, tuple[str, str]]] = LLAMA_PROJECTIONS
+    norms: ClassVar[dict[str, str]] = LLAMA_NORMS
 
     @classmethod
     def read_config(cls, cfg: dict[str, Any], source: str) -> dict[str, Any]:
         return decoder_fields(cfg, source)
+
+    @classmethod
+    def layer_projections(cls, args) -> dict[str, tuple[str, str]]:
+        """The projections every layer of a model of ``args`` has: HF name -> (HF parent
+        module, our path inside a TransformerBlock)."""
+        return cls.projections
+
+    @classmethod
+    def rope_blocks(cls, name: str, args) -> list[tuple[int, int]]:
+        """The ``(row offset, heads)`` blocks of projection (or q/k norm) ``name`` whose rows
+        are in HF's rotary order: q's heads and k's heads."""
+        return {
+            "q_proj": [(0, args.n_heads)],
+            "k_proj": [(0, args.kv_heads)],
+            "q_norm": [(0, 1)],
+            "k_norm": [(0, 1)],
+        }.get(name, [])
+
+    @classmethod
+    def rotary_rows(cls, w: torch.Tensor, name: str, args, *, to_meta: bool = True) -> torch.Tensor:
+        """``w``'s rows (a weight, bias, norm weight or ``lora_B`` of ``name``) in Meta's
+        rotary order (``to_meta``) or back in HF's."""
+        blocks = cls.rope_blocks(name, args)
+        if not blocks:
+            return w
+        return permute_rows(w, blocks, args.head_dim, args.rope_dim, to_meta=to_meta)
+
+    @classmethod
+    def map_tensor(
+        cls, key: str, t: torch.Tensor, args, source: str
+    ) -> list[tuple[str, torch.Tensor]]:
+        """One checkpoint tensor -> ``[(our key, tensor), ...]``: renamed, q/k rows in Meta's
+        rotary order; ``[]`` drops it (a derived buffer); :class:`ConfigError` names a key
+        that is not this family's."""
+        if key.endswith("rotary_emb.inv_freq"):
+            return []  # a derived buffer some old checkpoints carry
+        if key in _TOP_LEVEL:
+            return [(_TOP_LEVEL[key], t)]
+        if (m := _HF_NORM_KEY.match(key)) and m.group(2) in cls.norms:
+            name = m.group(2).rsplit(".", 1)[-1]
+            ours = f"layers.{m.group(1)}.{cls.norms[m.group(2)]}.weight"
+            return [(ours, cls.rotary_rows(t, name, args))]
+        if m := _HF_KEY.match(key):
+            layer, parent, proj, kind = m.groups()
+            projections = cls.layer_projections(args)
+            if proj not in projections or projections[proj][0] != parent:
+                raise ConfigError(f"{source}: key {key!r} is not a {cls.label} projection")
+            ours = f"layers.{layer}.{projections[proj][1]}.{kind}"
+            return [(ours, cls.rotary_rows(t, proj, args))]
+        raise ConfigError(f"{source}: key {key!r} is not part of a {cls.label} checkpoint")
+
+    @classmethod
+    def state_dict_to_ours(
+        cls, sd: dict[str, torch.Tensor], args, source: str
+    ) -> dict[str, torch.Tensor]:
+        """A whole checkpoint mapped one tensor at a time (:meth:`map_tensor`); ``output`` tied
+        to the embedding when the checkpoint has no ``lm_head.weight``."""
+        out: dict[str, torch.Tensor] = {}
+        for key, t in sd.items():
+            for ours, tensor in cls.map_tensor(key, t, args, source):
+                out[ours] = tensor
+        if "output.weight" not in out and "tok_embeddings.weight" in out:
+            out["output.weight"] = out["tok_embeddings.weight"].detach()  # an alias, no copy
+        return out
 
 
 def register(*hf_names: str):
@@ -43,6 +153,59 @@ def register(*hf_names: str):
         return cls
 
     return add
+
+
+def registered() -> tuple[type[Family], ...]:
+    """Every registered family, in registration order (a family registered later included)."""
+    return tuple(dict.fromkeys(REGISTRY.values()))
+
+
+def family_of(args) -> type[Family]:
+    """The family whose names a model of ``args`` (``ModelArgs.family``) takes. A Meta
+    ``params.json`` model has Llama's; with MLA attention, DeepSeek-V3's."""
+    name = args.family
+    if name == "llama" and args.is_mla:
+        name = "deepseek_v3"
+    for family in registered():
+        if family.model_type == name:
+            return family
+    raise ConfigError(
+        f"ModelArgs.family {name!r} is not a registered family (one of "
+        f"{', '.join(sorted(f.model_type for f in registered()))})"
+    )
+
+
+def all_projections() -> dict[str, tuple[str, str]]:
+    """Every registered family's projections (PEFT's "all-linear" matches these)."""
+    out: dict[str, tuple[str, str]] = {}
+    for family in registered():
+        out.update(family.projections)
+    return out
+
+
+def permute_rows(
+    w: torch.Tensor, blocks: list[tuple[int, int]], head_dim: int, rot: int, *, to_meta: bool
+) -> torch.Tensor:
+    """``w`` with the rotary rows of every head of each ``(row offset, heads)`` block permuted
+    between HF's rotate-half order and Meta's adjacent pairs (the other rows unchanged)."""
+    if rot % 2 or rot > head_dim:
+        raise ConfigError(f"cannot permute {rot} rotary rows of {head_dim}-row heads")
+    pieces, row, rest = [], 0, w.shape[1:]
+    for offset, heads in blocks:
+        end = offset + heads * head_dim
+        if end > w.shape[0]:
+            raise ConfigError(
+                f"cannot split rows {offset}..{end} of a {w.shape[0]}-row tensor into {heads} "
+                f"heads of {head_dim}"
+            )
+        pieces.append(w[row:offset])
+        part = w[offset:end].reshape(heads, head_dim, *rest)
+        halves = (2, rot // 2) if to_meta else (rot // 2, 2)
+        r = part[:, :rot].reshape(heads, *halves, *rest).transpose(1, 2)
+        pieces.append(torch.cat([r.reshape(heads, rot, *rest), part[:, rot:]], 1).flatten(0, 1))
+        row = end
+    pieces.append(w[row:])
+    return torch.cat(pieces)
 
 
 # The types of the config.json fields the readers below use (null is always allowed: "unset").

@@ -6,14 +6,40 @@ from typing import Any
 
 from edgelora.errors import ConfigError
 from edgelora.weights.families.base import Family, register, rope_fields
-from edgelora.weights.hf_names import DEEPSEEK_NORMS
 
 
 @register("DeepseekV3ForCausalLM")
 class DeepseekV3(Family):
     label = "DeepSeek-V3 (dense)"
     model_type = "deepseek_v3"
-    norms = DEEPSEEK_NORMS
+    # ``q_proj`` when the config has no query latent (``q_lora_rank`` null), else
+    # ``q_a_proj``/``q_b_proj`` (:meth:`layer_projections`)
+    projections = {
+        "q_proj": ("self_attn", "attention.wq"),
+        "q_a_proj": ("self_attn", "attention.wq_a"),
+        "q_b_proj": ("self_attn", "attention.wq_b"),
+        "kv_a_proj_with_mqa": ("self_attn", "attention.wkv_a"),
+        "kv_b_proj": ("self_attn", "attention.wkv_b"),
+        "o_proj": ("self_attn", "attention.wo"),
+        "gate_proj": ("mlp", "feed_forward.w1"),
+        "up_proj": ("mlp", "feed_forward.w3"),
+        "down_proj": ("mlp", "feed_forward.w2"),
+    }
+    norms = {
+        "input_layernorm": "attention_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_a_layernorm": "attention.q_norm",
+        "self_attn.kv_a_layernorm": "attention.kv_norm",
+    }
+
+    @classmethod
+    def layer_projections(cls, args) -> dict[str, tuple[str, str]]:
+        skip = ("q_a_proj", "q_b_proj") if not args.q_lora_rank else ("q_proj",)
+        return {k: v for k, v in cls.projections.items() if k not in skip}
+
+    @classmethod
+    def rope_blocks(cls, name: str, args) -> list[tuple[int, int]]:
+        return []  # DeepSeek keeps adjacent rotary pairs: our layout
 
     @classmethod
     def read_config(cls, cfg: dict[str, Any], source: str) -> dict[str, Any]:

@@ -8,14 +8,21 @@ from typing import Any
 
 from edgelora.errors import ConfigError
 from edgelora.weights.families.base import Family, decoder_fields, refuse, register
-from edgelora.weights.hf_names import GEMMA3_NORMS
 
 
 @register("Gemma3ForCausalLM")
 class Gemma3(Family):
     label = "Gemma 3"
     model_type = "gemma3_text"
-    norms = GEMMA3_NORMS
+    # norms around both branches: its post_attention_layernorm is *after* attention
+    norms = {
+        "input_layernorm": "attention_norm",
+        "post_attention_layernorm": "post_attention_norm",
+        "pre_feedforward_layernorm": "ffn_norm",
+        "post_feedforward_layernorm": "post_ffn_norm",
+        "self_attn.q_norm": "attention.q_norm",
+        "self_attn.k_norm": "attention.k_norm",
+    }
 
     @classmethod
     def read_config(cls, cfg: dict[str, Any], source: str) -> dict[str, Any]:
