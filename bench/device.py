@@ -113,6 +113,7 @@ def _export(config: str, work: Path, log) -> tuple[Path, dict]:
     from edgelora.lora.slots import adapter_tensors
     from edgelora.models.args import ModelArgs
     from edgelora.models.llama import build_model
+    from edgelora.quant.recipe import preset
     from edgelora.weights.synthetic import random_peft_adapter
 
     args = ModelArgs.from_dict(CONFIGS[config])
@@ -127,9 +128,7 @@ def _export(config: str, work: Path, log) -> tuple[Path, dict]:
     cfg = ExportConfig(
         model_args=args,
         output_dir=out,
-        qmode="8da4w",
-        group_size=32,
-        fuse="all",
+        foundation=FoundationSpec.resolve(qmode="8da4w", group_size=32, fuse="all"),
         switchable=True,
         overwrite=True,
     )
@@ -138,7 +137,7 @@ def _export(config: str, work: Path, log) -> tuple[Path, dict]:
     # fit all four adapters (same targets and rank), so a1..a3 only need their input files.
     result = run_export(cfg, adapters[:1], log=log)
     export_s = time.perf_counter() - t
-    spec = FoundationSpec(seed=cfg.seed, qmode="none", fuse="all")
+    spec = FoundationSpec(recipe=preset("f32"), seed=cfg.foundation.seed, fuse="all")
     foundation, _, _ = build_foundation(args, spec)
     switch = result.manifest.switchable
     files = dict(switch.adapters)

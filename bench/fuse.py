@@ -26,7 +26,7 @@ def compare(config: str, variants: dict[str, dict], rounds: int) -> dict:
     from edgelora._quiet import quiet_third_party
 
     quiet_third_party()
-    from edgelora.export.config import ExportConfig
+    from edgelora.export.config import ExportConfig, FoundationSpec
     from edgelora.export.pipeline import run_export
     from edgelora.models.args import ModelArgs
     from edgelora.models.llama import build_model
@@ -38,7 +38,8 @@ def compare(config: str, variants: dict[str, dict], rounds: int) -> dict:
     adapter = random_adapter(build_model(args), "lora", rank=16, alpha=32, seed=10)
     exports = {}
     for variant, overrides in variants.items():
-        cfg = ExportConfig(args, work / variant, qmode="8da4w", group_size=32, **overrides)
+        spec = FoundationSpec.resolve(qmode="8da4w", group_size=32, **overrides)
+        cfg = ExportConfig(args, work / variant, foundation=spec)
         t0 = time.perf_counter()
         run_export(cfg, [adapter], log=lambda s: None)
         exports[variant] = time.perf_counter() - t0

@@ -44,6 +44,7 @@ def profile_model(shape: str, layers: int, adapter: bool):
     from edgelora.export.config import FoundationSpec
     from edgelora.export.foundation import build_foundation
     from edgelora.models.args import ModelArgs
+    from edgelora.quant.recipe import Recipe
     from edgelora.weights.synthetic import random_adapter
 
     s = SHAPES[shape]
@@ -54,7 +55,8 @@ def profile_model(shape: str, layers: int, adapter: bool):
         "rope_theta": s["rope_theta"], "max_seq_len": 512, "qk_norm": s["family"] == "qwen3",
     }  # fmt: skip
     args = ModelArgs.from_dict(params)
-    spec = FoundationSpec(qmode="8da4w", group_size=32, sdpa="custom", logits="last")
+    recipe = Recipe("8da4w g32")  # uncalibrated 8da4w, HQQ scales, float embedding
+    spec = FoundationSpec(recipe=recipe, sdpa="custom", logits="last")
     model, _, _ = build_foundation(args, spec)
     ad = random_adapter(model, "a0", rank=16, alpha=32, seed=1) if adapter else None
     return model, args, ad

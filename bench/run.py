@@ -58,10 +58,12 @@ def _child_eager(work: str, config: str, qmode: str) -> dict:
     from edgelora.export.config import FoundationSpec
     from edgelora.export.foundation import build_foundation
     from edgelora.models.args import ModelArgs
+    from edgelora.quant.recipe import Recipe
 
     args = ModelArgs.from_dict(CONFIGS[config])
     # logits "last", as the programs compared with it
-    spec = FoundationSpec(checkpoint=Path(work) / "model.pth", qmode=qmode, logits="last")
+    recipe = Recipe(qmode, qmode=qmode, output_qmode=qmode)
+    spec = FoundationSpec(recipe=recipe, checkpoint=Path(work) / "model.pth", logits="last")
     model, _, _ = build_foundation(args, spec)
     model.eval()
 

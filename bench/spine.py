@@ -85,7 +85,7 @@ def main() -> None:
     ns = p.parse_args()
 
     from edgelora.ci.output_match import match_export
-    from edgelora.export.config import ExportConfig
+    from edgelora.export.config import ExportConfig, FoundationSpec
     from edgelora.export.pipeline import run_export
     from edgelora.models.args import ModelArgs
     from edgelora.models.llama import build_model
@@ -105,9 +105,9 @@ def main() -> None:
     config = ExportConfig(
         model_args=args,
         output_dir=work / "out",
-        qmode="8da4w",
-        group_size=32,
-        embedding_bits=ns.embedding_bits,
+        foundation=FoundationSpec.resolve(
+            qmode="8da4w", group_size=32, embedding_bits=ns.embedding_bits
+        ),
         overwrite=True,
     )
     t0 = time.perf_counter()

@@ -118,7 +118,7 @@ def _run_export(
         calibrated=spec.calibrated,
     )
     log(f"  estimated peak memory {estimate.summary()}")
-    log(f"  recipe {config.resolved_recipe.name}: {config.resolved_recipe.describe()}")
+    log(f"  recipe {spec.recipe.name}: {spec.recipe.describe()}")
     for adapter in [a for a in (merged, *adapters) if a is not None]:
         for note in adapter.notes:
             log(f"  adapter {adapter.name}: {note}")
@@ -177,11 +177,11 @@ def _run_export(
                 quantization=_quantization_entry(config, qreport),
                 programs=programs,
                 files={p.name: FileEntry.of(p) for p in sorted(stage.iterdir())},
-                seed=config.seed,
-                dtype=config.dtype,
-                fuse=config.fuse,
-                sdpa=config.sdpa,
-                logits=config.logits,
+                seed=spec.seed,
+                dtype=spec.dtype,
+                fuse=spec.fuse,
+                sdpa=spec.sdpa,
+                logits=spec.logits,
                 checkpoint=None
                 if config.checkpoint is None
                 else os.path.realpath(config.checkpoint),
@@ -206,20 +206,8 @@ def _run_export(
 def _quantization_entry(config: ExportConfig, qreport: QuantReport) -> QuantizationEntry:
     """What the manifest records of the foundation's quantization: the recipe, and each
     linear's qmode and relative weight error (and its measured sensitivity, if calibrated)."""
-    spec, calibration = config.foundation, qreport.calibration
-    return QuantizationEntry(
-        qmode=spec.qmode,
-        group_size=spec.group_size,
-        embedding_bits=spec.embedding_bits,
-        embedding_group_size=spec.embedding_group_size,
-        qparams=spec.qparams,
-        output_bits=spec.output_bits,
-        output_qmode=spec.output,
-        recipe=spec.recipe,
-        gptq=spec.gptq,
-        upgrade=spec.upgrade,
-        upgrade_qmode=spec.upgrade_qmode,
-        calibration=spec.calibration,
+    calibration = qreport.calibration
+    return config.foundation.quantization_entry(
         calibration_sha256=None if calibration is None else calibration.sha256,
         tensors={f: [m, round(e, 6)] for f, (m, e) in qreport.tensors.items()},
         sensitivity={f: round(v, 6) for f, v in qreport.sensitivity.items()},

@@ -67,19 +67,8 @@ class ModelSource:
 
 def export_settings(manifest: Manifest) -> dict[str, object]:
     """The export's settings under the names of ``export_llama``'s flags (``--qmode`` ...)."""
-    q = manifest.quantization
     return {
-        "recipe": q.recipe,
-        "qmode": q.qmode,
-        "group_size": q.group_size,
-        "qparams": q.qparams,
-        "output_bits": q.output_bits,
-        "embedding_bits": q.embedding_bits,
-        "embedding_group_size": q.embedding_group_size,
-        "dtype": manifest.dtype,
-        "fuse": manifest.fuse,
-        "sdpa": manifest.sdpa,
-        "logits": manifest.logits,
+        **FoundationSpec.of_export(manifest).flags(),
         "max_seq_len": manifest.model.get("max_seq_len"),
         "bos_id": manifest.bos_id,
         "eos_id": list(manifest.eos_ids),

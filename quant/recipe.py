@@ -32,7 +32,7 @@ measured to matter", as llama.cpp's K-quant mixes do):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from edgelora.errors import ConfigError
 
@@ -55,7 +55,7 @@ class Recipe:
     output_qmode: str = "8da4w"  # the output layer
     embedding_bits: int = 0  # 0: float (the checkpoint's dtype)
     embedding_group_size: int = 32  # 0: one scale per row
-    summary: str = ""
+    summary: str = field(default="", compare=False)  # for --help; not part of the recipe
 
     def __post_init__(self) -> None:
         for name in ("qmode", "upgrade_qmode", "output_qmode"):

@@ -19,7 +19,7 @@ from edgelora.weights.adapter_files import load_adapter
 
 
 def test_tagging_splits_by_module_tree(tiny_args, adapter_dirs):
-    model, _, _ = build_foundation(tiny_args, FoundationSpec())
+    model, _, _ = build_foundation(tiny_args, FoundationSpec.by_hand())
     adapter = load_adapter(adapter_dirs["code"], tiny_args, "code")
     attach_adapter(model, adapter)
     is_adapter_fqn = adapter_fqns(model).__contains__
@@ -120,7 +120,7 @@ def test_lean_lowering_is_byte_identical(tiny_args, adapter_dirs, sdpa, monkeypa
         return run(self, *args, **kwargs)
 
     model, _, _ = build_foundation(
-        tiny_args, FoundationSpec(qmode="8da4w", group_size=32, sdpa=sdpa)
+        tiny_args, FoundationSpec.by_hand(qmode="8da4w", group_size=32, sdpa=sdpa)
     )
     attach_adapter(model, load_adapter(adapter_dirs["code"], tiny_args, "code"))
     weights = _state_bytes(model)

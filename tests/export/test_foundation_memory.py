@@ -118,7 +118,7 @@ def test_memory_path_is_bit_identical(bf16_llama, name, monkeypatch):
 
     monkeypatch.setattr(rows, "BLOCK_VALUES", 64 * 5)  # dim 64: 5 rows per block
     path = bf16_llama / "llama"
-    spec = FoundationSpec(checkpoint=path, **SPECS[name])
+    spec = FoundationSpec.by_hand(checkpoint=path, **SPECS[name])
     ckpt = open_checkpoint(path)
     assert ckpt.dtype == torch.bfloat16
     args = ModelArgs.from_dict({**ckpt.params, "max_seq_len": 32})
@@ -136,7 +136,7 @@ def test_memory_path_phi3_natively_fused(tmp_path):
     hf.to(torch.bfloat16).save_pretrained(tmp_path / "phi3")
     path = tmp_path / "phi3"
     for fuse in ("none", "all"):
-        spec = FoundationSpec(
+        spec = FoundationSpec.by_hand(
             checkpoint=path, qmode="8da4w", group_size=32, qparams="affine", fuse=fuse
         )
         args = ModelArgs.from_dict({**open_checkpoint(path).params, "max_seq_len": 32})
@@ -147,7 +147,7 @@ def test_memory_path_phi3_natively_fused(tmp_path):
 def test_memory_path_programs_are_byte_identical(bf16_llama, tmp_path):
     """One lowering of each: the .pte and foundation.ptd bytes agree."""
     path = bf16_llama / "llama"
-    spec = FoundationSpec(
+    spec = FoundationSpec.by_hand(
         checkpoint=path, qmode="8da4w", group_size=32, qparams="affine", sdpa="custom"
     )
     args = ModelArgs.from_dict({**open_checkpoint(path).params, "max_seq_len": 32})
@@ -167,7 +167,9 @@ def test_float_embedding_keeps_the_checkpoint_dtype(bf16_llama):
     of the table upcast to fp32 exactly: the cast after the lookup loses nothing."""
     path = bf16_llama / "llama"
     args = ModelArgs.from_dict({**open_checkpoint(path).params, "max_seq_len": 32})
-    narrow, report, _ = build_foundation(args, FoundationSpec(checkpoint=path, qmode="8da4w"))
+    narrow, report, _ = build_foundation(
+        args, FoundationSpec.by_hand(checkpoint=path, qmode="8da4w")
+    )
     emb = narrow.tok_embeddings
     assert emb.weight.dtype == torch.bfloat16 and emb.out_dtype == torch.float32
     assert any("tok_embeddings: kept bfloat16" in n for n in report.notes)
@@ -180,7 +182,7 @@ def test_float_embedding_keeps_the_checkpoint_dtype(bf16_llama):
         want = narrow(tokens, torch.tensor([0]))
     assert torch.equal(got, want)
     # a quantized embedding or an fp16 model is built from the fp32 upcast, as before
-    spec = FoundationSpec(checkpoint=path, qmode="8da4w", dtype="fp16")
+    spec = FoundationSpec.by_hand(checkpoint=path, qmode="8da4w", dtype="fp16")
     assert build_foundation(args, spec)[0].tok_embeddings.weight.dtype == torch.float16
 
 

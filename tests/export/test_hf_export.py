@@ -111,8 +111,7 @@ def test_fp16_export_and_bf16_refusal(export_hf_fp16, refs, tmp_path):
     """fp16 compute: within 1e-2 of the logits' scale of transformers fp32 (fp16 eps is 9.8e-4
     per rounding; a 1-layer model accumulates a few). bf16 compute is refused up front."""
     from edgelora.errors import ConfigError
-    from edgelora.export.config import ExportConfig
-    from edgelora.models.args import ModelArgs
+    from edgelora.export.config import FoundationSpec
 
     out = export_hf_fp16
     assert json.loads((out / "manifest.json").read_text())["dtype"] == "fp16"
@@ -120,4 +119,4 @@ def test_fp16_export_and_bf16_refusal(export_hf_fp16, refs, tmp_path):
     assert (got - refs["base"]).abs().max() < 1e-2 * refs["base"].abs().max()
     assert all(r.ok for r in match_export(out))
     with pytest.raises(ConfigError, match="bf16 is not supported"):
-        ExportConfig(model_args=ModelArgs(), output_dir=tmp_path / "x", dtype="bf16")
+        FoundationSpec.resolve(dtype="bf16")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from edgelora.errors import OutputError
-from edgelora.export.config import ExportConfig
+from edgelora.export.config import ExportConfig, FoundationSpec
 from edgelora.export.output import commit_output
 from edgelora.export.pipeline import run_export
 from edgelora.format.manifest import Manifest
@@ -41,7 +41,8 @@ def test_adapter_tensors_equal_to_foundation_tensors_live_in_one_file(tmp_path, 
             "layers.0.attention.wo": LoRAWeights(wv.clone(), torch.randn(64, rank) * 0.01, 32.0),
         },
     )
-    cfg = ExportConfig(model_args=tiny_args, output_dir=tmp_path / "out", qmode="none")
+    spec = FoundationSpec.resolve(qmode="none")
+    cfg = ExportConfig(model_args=tiny_args, output_dir=tmp_path / "out", foundation=spec)
     result = run_export(cfg, [twin], log=lambda _: None)  # checks base/twin foundations equal
     out = tmp_path / "out"
     entry = result.manifest.programs["twin"]

@@ -40,7 +40,8 @@ def test_calibration_is_deterministic(trained_tiny):
     """Same model, text and recipe: bit-identical quantized weights (GPTQ and the plan)."""
     checkpoint = open_checkpoint(trained_tiny / "model")
     args = resolve_model_args(None, checkpoint, None)
-    spec = FoundationSpec(
+    spec = FoundationSpec.by_hand(
+        "q4_k_m",
         checkpoint=trained_tiny / "model",
         qmode="8da4w",
         group_size=32,
@@ -49,7 +50,6 @@ def test_calibration_is_deterministic(trained_tiny):
         upgrade=1 / 3,
         embedding_bits=8,
         tokenizer=str(trained_tiny / "model" / "tokenizer.json"),
-        recipe="q4_k_m",
     )
     runs = []
     for _ in range(2):

@@ -113,7 +113,7 @@ def test_output_bits_8_quantizes_the_output_layer_per_channel(tiny_args):
     from edgelora.export.config import FoundationSpec
     from edgelora.export.foundation import build_foundation
 
-    spec = FoundationSpec(qmode="8da4w", group_size=32, output_bits=8)
+    spec = FoundationSpec.by_hand(qmode="8da4w", group_size=32, output_bits=8)
     model, report, _ = build_foundation(tiny_args, spec)
     out_w, layer_w = model.output.weight, model.layers[0].attention.wq.weight
     assert tuple(out_w.block_size) == (1, tiny_args.dim)  # one scale per output channel

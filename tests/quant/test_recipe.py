@@ -8,7 +8,7 @@ import torch
 
 from edgelora.errors import ConfigError
 from edgelora.export.cli import build_parser, config_from_args
-from edgelora.export.config import ExportConfig
+from edgelora.export.config import ExportConfig, FoundationSpec
 from edgelora.models.llama import build_model
 from edgelora.quant.calibrate import Calibration, random_calibration, sensitivity, upgrade_plan
 from edgelora.quant.recipe import DEFAULT_RECIPE, PRESETS, preset
@@ -18,24 +18,19 @@ def test_cli_and_python_api_share_the_default_recipe(tiny_args, tmp_path):
     api = ExportConfig(model_args=tiny_args, output_dir=tmp_path / "o")
     ns = build_parser().parse_args(["--output-dir", str(tmp_path / "o")])
     cli = config_from_args(ns, tiny_args)
-    assert api.resolved_recipe == cli.resolved_recipe == PRESETS[DEFAULT_RECIPE]
-    want = PRESETS[DEFAULT_RECIPE]
-    for name in ("qmode", "group_size", "qparams", "embedding_bits", "embedding_group_size"):
-        assert getattr(api, name) == getattr(cli, name) == getattr(want, name), name
+    assert api.foundation.recipe == cli.foundation.recipe == PRESETS[DEFAULT_RECIPE]
     assert api.foundation == cli.foundation
 
 
 def test_flags_beside_a_recipe_override_it(tiny_args, tmp_path):
-    c = ExportConfig(model_args=tiny_args, output_dir=tmp_path, recipe="q4_k_m", group_size=64)
-    assert (
-        c.group_size == 64 and c.resolved_recipe.gptq and "group_size=64" in c.resolved_recipe.name
-    )
-    c = ExportConfig(model_args=tiny_args, output_dir=tmp_path, recipe="q4_k_m", qmode="none")
-    assert c.foundation.output == "none" and not c.foundation.calibrated
+    c = FoundationSpec.resolve("q4_k_m", group_size=64)
+    assert c.group_size == 64 and c.recipe.gptq and "group_size=64" in c.recipe.name
+    c = FoundationSpec.resolve("q4_k_m", qmode="none")
+    assert c.output == "none" and not c.calibrated
     with pytest.raises(ConfigError, match="unknown recipe 'q5'"):
         preset("q5")
     with pytest.raises(ConfigError, match="does not calibrate"):
-        ExportConfig(model_args=tiny_args, output_dir=tmp_path, recipe="q8_0", calibration=tmp_path)
+        FoundationSpec.resolve("q8_0", calibration=str(tmp_path))
 
 
 def test_upgrade_plan_takes_divergence_per_byte_up_to_the_share():
