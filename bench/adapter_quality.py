@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-from edgelora.bench.quality import export  # noqa: E402
+from edgelora.bench.common import export  # noqa: E402
 from edgelora.realmodels import MODELS, cache_dir, hf_dir  # noqa: E402
 
 ADAPTER = ROOT / "examples" / "smollm2" / "adapters" / "isodate"

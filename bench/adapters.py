@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--limit", type=int, default=None, help="score the first N lines per task")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--config", default=None, help="a random model of bench/spine.py's CONFIGS")
+    p.add_argument("--config", default=None, help="a random model of bench/common.py's CONFIGS")
     p.add_argument(
         "--threads", type=lambda s: [int(t) for t in s.split(",")], default=[2, 1],
         help="XNNPACK threadpool sizes to measure decode with (default 2,1)",
@@ -186,7 +186,7 @@ def _task(out: Path, scorer, s, ref: list | None) -> tuple[dict, list]:
 def _random_inputs(config: str, work: Path) -> tuple[Path, list, dict]:
     """A random ``config``-shaped checkpoint and two random adapters in ``work``; the export
     arguments; each adapter dtype's ``.lora.safetensors`` bytes for the first adapter."""
-    from edgelora.bench.spine import CONFIGS
+    from edgelora.bench.common import CONFIGS
     from edgelora.export.programs import write_adapter_inputs
     from edgelora.format.adapter_inputs import ADAPTER_DTYPES
     from edgelora.lora.slots import adapter_slots

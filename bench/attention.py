@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from edgelora.bench.common import CONFIGS  # noqa: E402
 from edgelora.bench.fuse import compare, write  # noqa: E402
-from edgelora.bench.spine import CONFIGS  # noqa: E402
 
 
 def main() -> None:

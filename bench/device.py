@@ -30,32 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgelora.bench.spine import CONFIGS  # noqa: E402
+from edgelora.bench.common import CONFIGS, measure
 
-PROMPT_LEN = 128
-DECODE_STEPS = 64
 ADAPTERS = ("a0", "a1", "a2", "a3")
-
-
-def _prompt(vocab: int) -> list[int]:
-    return [(7 * i) % (vocab - 3) + 3 for i in range(PROMPT_LEN)]
-
-
-def measure(program, vocab: int) -> dict:
-    """Prefill (median of 3), TTFT and decode on a loaded LlamaProgram."""
-    prompt = _prompt(vocab)
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        logits = program.forward(prompt, 0)
-        int(logits[-1].argmax())
-        times.append(time.perf_counter() - t)
-    gen = program.generate(prompt[:8], DECODE_STEPS + 1)
-    return {
-        "prefill_tokens_per_s": PROMPT_LEN / statistics.median(times),
-        "time_to_first_token_ms": 1e3 * statistics.median(times),
-        "decode_ms_per_token": gen.decode_ms_per_token,
-    }
 
 
 def _child(kind: str, out: Path, vocab: int) -> dict:

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgelora.bench.spine import CONFIGS  # noqa: E402
+from edgelora.bench.common import CONFIGS  # noqa: E402
 
 
 def compare(config: str, variants: dict[str, dict], rounds: int) -> dict:

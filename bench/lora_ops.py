@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _modules(config: str, rank: int) -> tuple[dict[str, nn.Module], tuple[int, int]]:
     """The reference and the fp32 and int8 adapters (seeded weights) in the split and the
     stacked layout, and ``(dim, hidden)``."""
-    from edgelora.bench.spine import CONFIGS
+    from edgelora.bench.common import CONFIGS
     from edgelora.lora.modules import LoRAWrapper
     from edgelora.models.args import ModelArgs
     from edgelora.quant.linear import quantize_adapter_weights

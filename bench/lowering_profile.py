@@ -22,7 +22,7 @@ import pstats
 import time
 from pathlib import Path
 
-from edgelora.bench.scale import SHAPES  # noqa: E402
+from edgelora.bench.common import SHAPES  # noqa: E402
 
 # Functions whose cumulative time is reported (substring of pstats' "file:line(function)").
 PHASES = {

@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from edgelora.bench.common import export  # noqa: E402
 from edgelora.realmodels import MODELS, gguf_file, hf_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,17 +64,6 @@ RECIPES: dict[str, list[str]] = {
 }
 LLAMA_CPP = {"Q4_0": 2, "Q4_K_M": 15, "Q8_0": 7}  # llama_ftype values
 HELD_OUT = 40
-
-
-def export(flags: list[str], checkpoint: Path, out: Path) -> float:
-    argv = [sys.executable, "-m", "edgelora.export.cli", "--checkpoint", str(checkpoint)]
-    argv += [*flags, "--max-seq-len", "512", "--output-dir", str(out), "--overwrite"]
-    t = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True)
-    (out.parent / f"{out.name}.log").write_text(done.stdout + done.stderr)
-    if done.returncode:
-        raise SystemExit(f"export {flags} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return time.perf_counter() - t
 
 
 def compare(ref: list[torch.Tensor], got: list[torch.Tensor], ids: list[list[int]]) -> dict:

@@ -39,9 +39,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-from edgelora.bench.device import measure  # noqa: E402
+from edgelora.bench.common import CONFIGS, measure  # noqa: E402
 from edgelora.bench.report import ADAPTER, VARIANTS, bound, figures_of, markdown, plots  # noqa: E402
-from edgelora.bench.spine import CONFIGS  # noqa: E402
 
 
 # --------------------------------------------------------------------------- child processes

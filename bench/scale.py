@@ -26,43 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edgelora.bench.common import SHAPES  # noqa: E402
 from edgelora.bench.et_baseline import et_export_command, run_et_export, write_et_inputs  # noqa: E402
 
-SHAPES = {
-    "llama-3.2-1b": dict(
-        family="llama",
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        vocab_size=128256,
-        rope_theta=500000.0,
-    ),
-    "llama-3.2-3b": dict(
-        family="llama",
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=128256,
-        rope_theta=500000.0,
-    ),
-    "qwen3-4b": dict(
-        family="qwen3",
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        rope_theta=1000000.0,
-    ),
-}
 ADAPTER = "a0"
 MAX_SEQ_LEN = 512
 _STAGE = re.compile(

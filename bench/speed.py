@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from edgelora.bench.quality import export, llama_cpp_files  # noqa: E402
+from edgelora.bench.common import export  # noqa: E402
+from edgelora.bench.quality import llama_cpp_files  # noqa: E402
 from edgelora.realmodels import MODELS, cache_dir, gguf_file, hf_dir  # noqa: E402
 
 ADAPTER = ROOT / "examples" / "smollm2" / "adapters" / "isodate"

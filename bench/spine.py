@@ -16,62 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = {
-    "stories15m": {
-        "dim": 288,
-        "n_layers": 6,
-        "n_heads": 6,
-        "vocab_size": 32000,
-        "multiple_of": 32,
-        "max_seq_len": 256,
-    },
-    "stories110m": {
-        "dim": 768,
-        "n_layers": 12,
-        "n_heads": 12,
-        "vocab_size": 32000,
-        "multiple_of": 32,
-        "max_seq_len": 256,
-    },
-    "mla-small": {
-        "dim": 512,
-        "n_layers": 8,
-        "n_heads": 8,
-        "vocab_size": 32000,
-        "multiple_of": 32,
-        "max_seq_len": 256,
-        "attention_type": "mla",
-        "q_lora_rank": 192,
-        "kv_lora_rank": 128,
-        "qk_rope_head_dim": 32,
-        "qk_nope_head_dim": 64,
-        "v_head_dim": 64,
-    },
-    # Qwen3-0.6B's shapes (head_dim 128 > dim / heads, q/k norms, vocabulary 151936) with 4 of
-    # its 28 layers: the family's per-layer cost and its large output layer, in benchmark time.
-    "qwen3-0.6b-4l": {
-        "dim": 1024,
-        "n_layers": 4,
-        "n_heads": 16,
-        "n_kv_heads": 8,
-        "head_dim_override": 128,
-        "qk_norm": True,
-        "hidden_dim": 3072,
-        "vocab_size": 151936,
-        "norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "max_seq_len": 256,
-    },
-    "tiny": {
-        "dim": 64,
-        "n_layers": 1,
-        "n_heads": 4,
-        "n_kv_heads": 2,
-        "vocab_size": 256,
-        "multiple_of": 32,
-        "max_seq_len": 160,
-    },
-}
+from edgelora.bench.common import CONFIGS
 
 
 def main() -> None:

@@ -7,7 +7,9 @@ differ only in float summation order and in computing rope tables in fp64 vs fp3
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -214,3 +216,58 @@ def make_family(name: str, seed: int = 0, **overrides):
     config_cls, model_cls = (getattr(transformers, c) for c in fam.classes)
     config = config_cls(**{**_BASE, **fam.config, **overrides})
     return _random_model(model_cls, config, seed)
+
+
+# --- A family's directory: model, adapter, reference logits -------------------------
+
+
+def make_family_dir(root: Path, name: str) -> None:
+    """``root/model`` (a tiny HF model of family ``name``), ``root/lora`` (a PEFT adapter on
+    its usual targets) and ``root/refs.pt``: transformers (+ PEFT) logits of base, lora and
+    the merged adapter. The qwen3 model also ships a tokenizer.json (with ChatML's special
+    tokens) and a chat_template.jinja, and says bos 3 and eos [7, t], t being the third token
+    its greedy decode of PROMPT_TEXT generates."""
+
+    # One layer unless the family's point needs two (a sliding and a full layer; a NoPE one).
+    hf = make_family(name, seed=1, num_hidden_layers=2 if name in ("gemma3", "smollm3") else 1)
+    lora = peft_adapter(hf, root / "lora", seed=2, r=4, lora_alpha=8, **FAMILIES[name].lora)
+    refs = {"base": hf_logits(hf), "lora": hf_logits(lora)}
+    refs["merged"] = hf_logits(copy.deepcopy(lora).merge_and_unload())
+    if name == "qwen3":
+        from tokenizers import Tokenizer
+
+        from edgelora.runtime.tokenizer import write_char_tokenizer
+
+        tok = write_char_tokenizer(root / "tokenizer.json", hf.config.vocab_size)
+        chat_tokens(tok)
+        ids = Tokenizer.from_file(str(tok)).encode(PROMPT_TEXT).ids
+        seq = list(ids)
+        with torch.no_grad():
+            for _ in range(3):
+                seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+        stop = seq[-1]
+        hf.config.bos_token_id, hf.config.eos_token_id = 3, [7, stop]
+        hf.generation_config.bos_token_id, hf.generation_config.eos_token_id = 3, [7, stop]
+        refs["greedy"] = seq[len(ids) :]
+    hf.save_pretrained(root / "model")
+    if name == "qwen3":
+        import shutil
+
+        from .chat_templates import QWEN3
+
+        shutil.move(str(root / "tokenizer.json"), root / "model" / "tokenizer.json")
+        (root / "model" / "chat_template.jinja").write_text(QWEN3)
+    torch.save(refs, root / "refs.pt")
+
+
+PROMPT_TEXT = "the lazy fox"
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # the last two ids of the qwen3 fixture's vocab
+
+
+def chat_tokens(path: Path) -> None:
+    """Make the last two filler tokens of a :func:`write_char_tokenizer` file ChatML's special
+    tokens (the vocabulary's size stays the model's)."""
+    tok = json.loads(path.read_text())
+    for entry, content in zip(tok["added_tokens"][-2:], CHAT_TOKENS, strict=True):
+        entry.update(content=content, special=True)
+    path.write_text(json.dumps(tok))

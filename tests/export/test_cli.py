@@ -218,7 +218,7 @@ def test_chat_template_found_overridden_and_checked(tmp_path, tiny_args, capsys)
     from edgelora.weights.checkpoint import Checkpoint
 
     from ..chat_templates import CHATML, GEMMA3
-    from ..conftest import chat_tokens
+    from ..hf_fixtures import chat_tokens
     from ..tiny import TINY
 
     tokenizer = write_char_tokenizer(tmp_path / "tokenizer.json", tiny_args.vocab_size)

@@ -2,7 +2,7 @@
 made with transformers, each with a PEFT adapter on its usual targets): the fp32 programs, base
 and adapter, on the ExecuTorch runtime reproduce transformers + PEFT within
 ``RUNTIME_ATOL``, and so does the merged program (PEFT's merge_and_unload; of the families in
-``MERGED_FAMILIES``, tests/conftest.py says why those); the 8da4w base
+``MERGED_FAMILIES``, tests/shared_exports.py says why those); the 8da4w base
 program matches its eager quantized model (``ci/output_match``). (8da4w adapter programs: the
 Llama exports of tests/runtime; the families change the base model, not the adapter path.)
 The special tokens and the tokenizer travel with the export (qwen3)."""
@@ -21,8 +21,8 @@ from edgelora.runtime.program import LlamaProgram
 from edgelora.runtime.text import generate_text, shipped_tokenizer
 
 from ..chat_templates import QWEN3
-from ..conftest import FAMILY_NAMES, MERGED_FAMILIES, PROMPT_TEXT
-from ..hf_fixtures import RUNTIME_ATOL, program_logits
+from ..hf_fixtures import PROMPT_TEXT, RUNTIME_ATOL, program_logits
+from ..shared_exports import FAMILY_NAMES, MERGED_FAMILIES
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,7 @@ def test_prompt_ids_stop_at_eos_unless_ignored(export_fam_qwen3, hf_families, ca
     import torch
     from tokenizers import Tokenizer
 
-    from ..conftest import PROMPT_TEXT
+    from ..hf_fixtures import PROMPT_TEXT
 
     stop = torch.load(hf_families("qwen3") / "refs.pt")["greedy"]  # its last token is an EOS
     ids = Tokenizer.from_file(str(export_fam_qwen3 / "tokenizer.json")).encode(PROMPT_TEXT).ids
