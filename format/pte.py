@@ -17,6 +17,11 @@ import flatbuffers
 from edgelora.errors import ProgramError
 
 _XNN_BACKEND = "XnnpackBackend"
+# The flatbuffer file identifier of the programs ExecuTorch 1.5.1 writes and reads. Checked
+# first: its loader logs another identifier's raw bytes, and its Python log bridge cannot decode
+# them (a UnicodeDecodeError inside a C++ callback terminates the process; found by fuzzing).
+PTE_IDENTIFIER = b"ET12"
+PTD_IDENTIFIER = b"FT01"  # the same for data files
 
 
 @dataclass
@@ -63,6 +68,11 @@ def ptd_entries(path: str | Path) -> dict[str, DataEntry]:
     from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
 
     data = _read_bytes(path, ".ptd")
+    if data[4:8] != PTD_IDENTIFIER:
+        raise ProgramError(
+            f"{path}: not a valid .ptd data file (file identifier {data[4:8]!r}, expected "
+            f"{PTD_IDENTIFIER!r})"
+        )
     _check_ptd_extent(path, data)
     try:
         payload = FlatTensorSerializer().deserialize(Cord(data))
@@ -139,6 +149,11 @@ def read_pte(path: str | Path) -> ProgramInfo:
 
     path = Path(path)
     data = _read_bytes(path, ".pte")
+    if data[4:8] != PTE_IDENTIFIER:
+        raise ProgramError(
+            f"{path}: not a valid .pte program (file identifier {data[4:8]!r}, expected "
+            f"{PTE_IDENTIFIER!r})"
+        )
     try:
         pte = deserialize_pte_binary(data)
         program = pte.program

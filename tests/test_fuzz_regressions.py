@@ -132,6 +132,29 @@ def test_corrupt_plan_is_refused_before_the_loader(case, export_8da4w, tmp_path)
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
+def test_another_file_identifier_is_refused_before_the_loader(export_8da4w, tmp_path):
+    """Fuzzing: a program whose flatbuffer file identifier is not ``ET12`` passed our parser
+    (ExecuTorch's deserializer does not check it); its loader then logged the raw bytes, which
+    the Python log bridge could not decode, and the process terminated."""
+    src = export_8da4w / "chat.pte"
+    data = bytearray(src.read_bytes())
+    data[4:8] = b"\xff" * 4
+    own = read_pte(src).constants[PROGRAM_SHA_METHOD]
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(restamp(bytes(data), bytes(data).index(own)))  # only the parser stands
+    with pytest.raises(ProgramError, match=r"file identifier b'\\xff\\xff\\xff\\xff'"):
+        verify_program(bad, export_8da4w / "foundation.ptd")
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgelora.runtime.cli", str(bad), "--data"]
+        + [str(export_8da4w / "foundation.ptd"), "--prompt-ids", "1,2", "--max-new-tokens", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "file identifier" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize(
     "shard", [{"a": 1}, ["x"], 7, None, "..", "", "../model.safetensors", "/etc/passwd"]
 )
