@@ -4,6 +4,7 @@ int8 weights under fp32 activations (8w, F32-QC8W)?
 
     python bench/smoothquant.py [--model smollm2-135m] [--alphas 0.4,0.5,0.6] [--paragraphs 12]
                                 [--json bench/results/smoothquant-smollm2-135m.json]
+                                [--decode WORK [--rounds 5]]
 
 Eager, on our model: the same quantized tensors as a program, without lowering, so a sweep takes
 seconds. The scales are SmoothQuant's, ``s = max|x|^a / max|W|^(1-a)`` per input channel, with
@@ -13,6 +14,11 @@ exactly where the float model allows: into the RMSNorm before q/k/v and gate/up,
 (float KL divergence of the smoothed model against the original: ~1e-11). Scored: mean KL
 divergence and top-1 agreement against the fp32 model on held-out paragraphs (the quality
 bench's text, ``held_out_text``).
+
+``--decode WORK`` also exports ``base.pte`` with every linear ``8w`` (the ``q8_0`` preset) and
+with every linear ``8da8w``, beside the old 4-bit default and ``q4_k_m`` (reused when ``WORK``
+has them), and times decode in alternating rounds in this one process, at 1 and 2 threads:
+whether the faster kernel would buy back what the bytes cost. Run it on an idle machine.
 """
 
 from __future__ import annotations
@@ -95,12 +101,57 @@ def smooth(model, args, maxima, alpha: float):
     return model
 
 
+# --decode's exports: name -> export_llama flags
+DECODE = {
+    "old-default": ["--recipe", "q4_0", "--embedding-bits", "0", "--output-bits", "0"],
+    "q4_k_m": ["--recipe", "q4_k_m"],
+    "q8_0 (8w)": ["--recipe", "q8_0"],
+    "8da8w": ["--recipe", "q8_0", "--qmode", "8da8w", "--group-size", "0", "--output-bits", "8"],
+}
+
+
+def decode(hf: Path, work: Path, rounds: int) -> dict:
+    """Decode ms/token (median over ``rounds`` of a 64-step generation) of each --decode export,
+    alternating, at 1 and 2 threads."""
+    import statistics
+
+    from edgelora.bench.common import export
+    from edgelora.runtime.native import set_threads
+    from edgelora.runtime.program import LlamaProgram, register_kernels
+
+    out = {}
+    for name, flags in DECODE.items():
+        d = work / name.split()[0]
+        if not (d / "base.pte").is_file():
+            print(f"exporting {name} ...", flush=True)
+            export(flags, hf, d)
+        out[name] = d
+    register_kernels()
+    result = {}
+    prompt = [(7 * i) % 40000 + 3 for i in range(16)]
+    for threads in (1, 2):
+        set_threads(threads)
+        programs = {n: LlamaProgram(d / "base.pte", d / "foundation.ptd") for n, d in out.items()}
+        samples = {n: [] for n in programs}
+        for _ in range(rounds):
+            for n, prog in programs.items():
+                samples[n].append(prog.generate(prompt, 64).decode_ms_per_token)
+        for n, v in samples.items():
+            result.setdefault(n, {})[f"decode_ms_{threads}t"] = statistics.median(v)
+            print(f"{n}, {threads} thread(s): {statistics.median(v):.2f} ms/token", flush=True)
+    for n, d in out.items():
+        result[n]["foundation_bytes"] = (d / "foundation.ptd").stat().st_size
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="smollm2-135m")
     p.add_argument("--alphas", default="0.4,0.5,0.6")
     p.add_argument("--paragraphs", type=int, default=12, help="held-out paragraphs scored")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--decode", type=Path, default=None, metavar="WORK", help="also time decode")
+    p.add_argument("--rounds", type=int, default=5, help="--decode's alternating rounds")
     ns = p.parse_args()
 
     from tokenizers import Tokenizer
@@ -141,6 +192,8 @@ def main() -> None:
         "calibration_tokens": len(cal),
         "rows": rows,
     }
+    if ns.decode is not None:
+        result["decode"] = decode(hf, ns.decode, ns.rounds)
     if ns.json is not None:
         ns.json.write_text(json.dumps(result, indent=1) + "\n")
 

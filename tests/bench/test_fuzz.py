@@ -1,5 +1,5 @@
 """The fuzzing smoke: ``bench/fuzz.py --combined`` -- every target in one libFuzzer process, an
-input's first byte picking the target -- for 40 seconds (the long campaign's results are
+input's first byte picking the target -- for 30 seconds (the long campaign's results are
 ``bench/results/fuzz.json``). Its seed is fixed (``--seed``), so every run tries the same
 sequence of inputs and a slower machine a shorter prefix of it: a failure here is a change in
 the code, not the luck of the draw (new findings come from the campaign, which draws a new
@@ -19,7 +19,7 @@ FUZZ = ROOT / "bench" / "fuzz.py"
 
 def test_fuzz_smoke_every_target(tmp_path):
     result = tmp_path / "fuzz.json"
-    cmd = [sys.executable, str(FUZZ), "--combined", "--seconds", "40", "--seed", "1"]
+    cmd = [sys.executable, str(FUZZ), "--combined", "--seconds", "30", "--seed", "1"]
     cmd += ["--work", str(tmp_path / "w"), "--json", str(result)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
