@@ -1,0 +1,148 @@
+"""AWQ on a real model, measured: activation-aware scales folded into the norms before 4-bit
+weights (8da4w g32), against the same quantization without them.
+
+    python bench/awq.py [--model smollm2-135m] [--paragraphs 12] [--qparams affine,hqq]
+                        [--json bench/results/awq-smollm2-135m.json]
+
+Eager, on our model, the same quantized tensors as a program (as ``bench/smoothquant.py``). Per
+layer, four groups of linears share an input whose scale can be folded exactly: the RMSNorm
+before q/k/v and before gate/up, ``wv``'s rows before ``wo`` (one scale per kv-head channel),
+``w3``'s rows before ``w2``. AWQ's search: for each group, ``s = mean|x|^a`` (normalised), ``a``
+in a grid, the one whose 4-bit weights ``Q(W s)`` give the least output error ``|| (x/s) Q(W s)^T
+- x W^T ||`` on the calibration text's activations (the recipes' own text; 512 tokens). Every
+linear is 8da4w g32, the output layer too or ``8w`` (as the default recipe has it); the
+embedding stays float. Scored: mean KL divergence
+and top-1 agreement against fp32 on held-out paragraphs (``held_out_text``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from edgelora.bench.smoothquant import _logits, divergence
+from edgelora.realmodels import MODELS, hf_dir
+
+GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def inputs_of(model, chunks, tokens: int) -> dict[str, torch.Tensor]:
+    """Every linear's inputs over the calibration chunks (the first ``tokens`` rows)."""
+    xs, hooks = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.startswith("layers."):
+
+            def hook(mod, inp, out, name=name):
+                x = inp[0].detach().reshape(-1, inp[0].shape[-1])
+                xs[name] = torch.cat([xs[name], x]) if name in xs else x
+
+            hooks.append(mod.register_forward_hook(hook))
+    _logits(model, chunks)
+    for h in hooks:
+        h.remove()
+    return {k: v[:tokens] for k, v in xs.items()}
+
+
+def search(x: torch.Tensor, weights: list[torch.Tensor], fake) -> tuple[torch.Tensor, float]:
+    """AWQ's grid search for one group: the scale with the least output error."""
+    mean = x.abs().mean(0).clamp(min=1e-6)
+    want = [x @ w.T for w in weights]
+    best = (None, float("inf"), None)
+    for a in GRID:
+        s = mean**a
+        s = s / (s.max() * s.min()).sqrt()
+        err = sum(
+            float(((x / s) @ fake(w * s).T - y).pow(2).mean())
+            for w, y in zip(weights, want, strict=True)
+        )
+        if err < best[1]:
+            best = (s, err, a)
+    return best[0], best[2]
+
+
+def awq(model, args, xs, fake) -> tuple[torch.nn.Module, dict]:
+    model = copy.deepcopy(model)
+    rep = args.n_heads // args.kv_heads
+    chosen = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            att, ff, p = layer.attention, layer.feed_forward, f"layers.{i}."
+            for norm, lins, key in (
+                (layer.attention_norm, (att.wq, att.wk, att.wv), "attention.wq"),
+                (layer.ffn_norm, (ff.w1, ff.w3), "feed_forward.w1"),
+            ):
+                s, a = search(xs[p + key], [lin.weight for lin in lins], fake)
+                norm.weight.div_(s)
+                for lin in lins:
+                    lin.weight.mul_(s)
+                chosen[p + key] = a
+            s, a = search(xs[p + "feed_forward.w2"], [ff.w2.weight], fake)
+            ff.w3.weight.div_(s[:, None])
+            ff.w2.weight.mul_(s)
+            chosen[p + "feed_forward.w2"] = a
+            x = xs[p + "attention.wo"]
+            s, a = search(x, [att.wo.weight], fake)
+            s = s.view(args.kv_heads, rep, args.head_dim).amax(1)  # query heads share a kv head
+            att.wv.weight.div_(s.reshape(-1)[:, None])
+            att.wo.weight.mul_(s[:, None, :].expand(-1, rep, -1).reshape(-1))
+            chosen[p + "attention.wo"] = a
+    return model, chosen
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="smollm2-135m")
+    p.add_argument("--paragraphs", type=int, default=12, help="held-out paragraphs scored")
+    p.add_argument("--qparams", default="affine,hqq")
+    p.add_argument("--json", type=Path, default=None)
+    ns = p.parse_args()
+
+    from tokenizers import Tokenizer
+
+    from edgelora.export.cli import resolve_model_args
+    from edgelora.models.llama import build_model
+    from edgelora.quant.calibrate import _fake_int4, default_calibration_text, held_out_text
+    from edgelora.quant.linear import quantize_linears
+    from edgelora.weights.checkpoint import open_checkpoint
+
+    hf = hf_dir(MODELS[ns.model])
+    ckpt = open_checkpoint(hf)
+    args = resolve_model_args(None, ckpt, 512)
+    model = build_model(args, sdpa="plain")
+    model.load_state_dict({k: v.float() for k, v in ckpt.take_state_dict().items()}, strict=False)
+    tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    ids = [tok.encode(t).ids[:256] for t in held_out_text()[: ns.paragraphs]]
+    cal = tok.encode(default_calibration_text()).ids[:512]
+    xs = inputs_of(model, [cal[i : i + 256] for i in range(0, len(cal), 256)], 512)
+    ref = _logits(model, ids)
+
+    rows = {}
+    for qparams, output in [(q, o) for q in ns.qparams.split(",") for o in ("8da4w", "8w")]:
+        for use_awq in (False, True):
+            t = time.perf_counter()
+            base, chosen = model, {}
+            if use_awq:
+                base, chosen = awq(model, args, xs, lambda w, q=qparams: _fake_int4(w, 32, q))
+                exact = divergence(ref, _logits(base, ids))[0]
+            quantized = copy.deepcopy(base)
+            quantize_linears(quantized, "8da4w", 32, qparams=qparams, plan={"output": output})
+            kld, top1 = divergence(ref, _logits(quantized, ids))
+            name = f"8da4w g32 {qparams}, output {output}" + (" + AWQ" if use_awq else "")
+            rows[name] = {"mean_kld": kld, "top1_agreement": top1}
+            if use_awq:
+                rows[name]["smoothed_float_kld"] = exact
+                rows[name]["alphas"] = {str(a): list(chosen.values()).count(a) for a in GRID}
+            print(f"{name}: KLD {kld:.4f}, top-1 {100 * top1:.1f}% "
+                  f"({time.perf_counter() - t:.0f} s)", flush=True)  # fmt: skip
+    result = {"model": ns.model, "tokens_scored": sum(map(len, ids)), "rows": rows}
+    if ns.json is not None:
+        ns.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
