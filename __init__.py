@@ -9,12 +9,13 @@ in ``pyproject.toml``):
 - ``edgelora.models``   ``ModelArgs`` and the modules (Llama, MLA, fused layers);
 - ``edgelora.lora``     adapters on a model: the record, the wrappers and their dispatcher,
   attach/detach/merge, fusion, switchable slots;
-- ``edgelora.weights``  checkpoints, Hugging Face architectures and tensor names, PEFT configs,
-  adapter files;
+- ``edgelora.weights``  checkpoints, the Hugging Face families (one class each: config reader,
+  per-tensor mapping, projection names), PEFT configs, adapter files;
 - ``edgelora.quant``    the recipes (presets defined once), quantization, calibration, GPTQ;
 - ``edgelora.backends`` lowering to XNNPACK and the foundation/adapter split of constants;
-- ``edgelora.export``   the pipeline, ``ExportConfig``, output staging, the ``export_llama``,
-  ``edgelora-add`` and ``edgelora-remove`` commands;
+- ``edgelora.export``   the pipeline, ``FoundationSpec`` (the foundation's settings, their only
+  defaults) inside ``ExportConfig``, output staging, the ``export_llama``, ``edgelora-add`` and
+  ``edgelora-remove`` commands;
 - ``edgelora.runtime``  programs on the ExecuTorch runtime, switching sessions, text and chat
   (``edgelora-run``, ``edgelora-chat``, ``edgelora-inspect``);
 - ``edgelora.quality``  ``edgelora-eval``: accuracy, perplexity and agreement for any scorer;
