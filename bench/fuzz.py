@@ -75,8 +75,13 @@ class Target:
     """``seed`` is the file a target mutates; ``run(data)`` feeds one mutant to the reader."""
 
     def __init__(self, name: str, seeds: Path, scratch: Path) -> None:
+        import json
+
         self.name, self.seeds, self.scratch = name, seeds, scratch
         self.export = seeds / "export"
+        # the export's first adapter: its program and switchable inputs are seeds
+        manifest = json.loads((self.export / "manifest.json").read_text())
+        self.adapter = sorted(manifest["switchable"]["adapters"])[0]
         getattr(self, "_setup_" + name.replace("-", "_"))()
 
     def _file(self, name: str, data: bytes) -> Path:
@@ -101,7 +106,7 @@ class Target:
         from edgelora.format.checksums import PROGRAM_SHA_METHOD
         from edgelora.format.pte import read_pte
 
-        self.seed = self.export / "a.pte"
+        self.seed = self.export / f"{self.adapter}.pte"
         self.seed_bytes = self.seed.read_bytes()
         self.own = read_pte(self.seed).constants[PROGRAM_SHA_METHOD]
         self.accepted = self.scratch.parent / "accepted"
@@ -141,7 +146,7 @@ class Target:
     def _setup_adapter_inputs(self):
         from edgelora.format.manifest import read_export
 
-        self.seed = self.export / "a.lora.safetensors"
+        self.seed = self.export / f"{self.adapter}.lora.safetensors"
         self.switchable = read_export(self.export).switchable
 
     def _run_adapter_inputs(self, data: bytes):
@@ -162,7 +167,7 @@ class Target:
         self.entry = manifest.switchable.template
         sw = manifest.switchable
         inputs = load_adapter_tensors(
-            self.export / "a.lora.safetensors", sw.slots, sw.input_dtypes[0]
+            self.export / f"{self.adapter}.lora.safetensors", sw.slots, sw.input_dtypes[0]
         )
         self.weights = [w.to(getattr(torch, self.entry.dtype)) for w in slot_weights(inputs)]
 
@@ -360,6 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         help="libFuzzer's random seed (and PYTHONHASHSEED=0): the same inputs in every run, "
         "as the CI smoke needs; default: a new seed each run, as a campaign wants",
     )
+    p.add_argument(
+        "--seeds-export",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="an export to take as the export seed (switchable, with template.pte and an "
+        "adapter program) instead of making one (the CI smoke passes the suite's)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     if ns.combined and ns.targets != ",".join(TARGETS):
@@ -374,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     (ns.work / "findings").mkdir(parents=True, exist_ok=True)
     shutil.rmtree(ns.work / "scratch", ignore_errors=True)
     (ns.work / "scratch").mkdir()
-    seeds = make_seeds(ns.work)
+    seeds = make_seeds(ns.work, export=ns.seeds_export)
     results = {}
     if ns.combined:
         print(f"fuzzing {', '.join(targets)} in one process for {ns.seconds} s ...", flush=True)

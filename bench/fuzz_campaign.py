@@ -27,8 +27,9 @@ FUZZ_SCRIPT = Path(__file__).with_name("fuzz.py")  # the children run it with --
 SEED_MODEL = {**TINY, "max_seq_len": 64}  # the test suite's exported model
 
 
-def make_seeds(work: Path, log=print) -> Path:
-    """The seed files (made once under ``work/seeds``)."""
+def make_seeds(work: Path, log=print, export: Path | None = None) -> Path:
+    """The seed files (made once under ``work/seeds``); ``export``: an existing export to copy
+    as the export seed instead of making one."""
     seeds = work / "seeds"
     if (seeds / "done").exists():
         return seeds
@@ -48,21 +49,24 @@ def make_seeds(work: Path, log=print) -> Path:
     from edgelora.weights.checkpoint import open_checkpoint
     from edgelora.weights.synthetic import random_adapter
 
-    small = ModelArgs.from_dict(SEED_MODEL)
-    (seeds / "small.json").write_text(json.dumps(SEED_MODEL))
-    model = build_model(small)
-    lora = []
-    for name, targets, seed in (("a", None, 1), ("b", ("q_proj", "v_proj"), 2)):
-        kw = {} if targets is None else {"targets": targets}
-        save_peft_adapter(random_adapter(model, name, rank=4, alpha=8, seed=seed, **kw),
-                          seeds / "small-adapters" / name, small)  # fmt: skip
-        lora.append(f"--lora={name}={seeds / 'small-adapters' / name}")
     out = seeds / "export"
-    cmd = [sys.executable, "-m", "edgelora.export.cli", "--params", str(seeds / "small.json")]
-    cmd += ["--recipe", "q4_0", "--switchable", "--adapter-template", "--output-dir", str(out)]
-    cmd += ["--tokenizer", str(hf / "tokenizer.json")] if _vocab(hf) <= 96 else []
-    log("  exporting the seed export ...")
-    subprocess.run(cmd + lora, check=True, capture_output=True)
+    if export is not None:
+        shutil.copytree(export, out)
+    else:
+        small = ModelArgs.from_dict(SEED_MODEL)
+        (seeds / "small.json").write_text(json.dumps(SEED_MODEL))
+        model = build_model(small)
+        lora = []
+        for name, targets, seed in (("a", None, 1), ("b", ("q_proj", "v_proj"), 2)):
+            kw = {} if targets is None else {"targets": targets}
+            save_peft_adapter(random_adapter(model, name, rank=4, alpha=8, seed=seed, **kw),
+                              seeds / "small-adapters" / name, small)  # fmt: skip
+            lora.append(f"--lora={name}={seeds / 'small-adapters' / name}")
+        cmd = [sys.executable, "-m", "edgelora.export.cli", "--params", str(seeds / "small.json")]
+        cmd += ["--recipe", "q4_0", "--switchable", "--adapter-template", "--output-dir", str(out)]
+        cmd += ["--tokenizer", str(hf / "tokenizer.json")] if _vocab(hf) <= 96 else []
+        log("  exporting the seed export ...")
+        subprocess.run(cmd + lora, check=True, capture_output=True)
     ckpt = open_checkpoint(hf)
     sd = {k: v.clone() for k, v in ckpt.take_state_dict().items()}
     torch.save(sd, seeds / "model.pth")
