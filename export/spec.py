@@ -97,11 +97,7 @@ class FoundationSpec:
         r = self.recipe
         return 8 if r.output_qmode == "8da8w" != r.qmode else 0
 
-    @property
-    def calibrated(self) -> bool:
-        """Whether building the foundation reads calibration text (GPTQ or measured upgrades)."""
-        r = self.recipe
-        return r.qmode != "none" and (r.gptq and r.qmode == "8da4w" or r.upgrade > 0)
+    calibrated = property(lambda self: self.recipe.calibrated, doc="Reads calibration text.")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -76,8 +76,9 @@ class Recipe:
 
     @property
     def calibrated(self) -> bool:
-        """Whether the recipe reads calibration text (GPTQ or measured upgrades)."""
-        return self.qmode != "none" and (self.gptq or self.upgrade > 0)
+        """Whether the recipe reads calibration text (GPTQ, which rounds 8da4w weights, or
+        measured upgrades)."""
+        return self.qmode != "none" and (self.gptq and self.qmode == "8da4w" or self.upgrade > 0)
 
     def with_overrides(self, **overrides) -> Recipe:
         """This recipe with some fields replaced (flags given beside ``--recipe``)."""
