@@ -23,7 +23,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -177,14 +176,7 @@ def _run_export(
                 quantization=_quantization_entry(config, qreport),
                 programs=programs,
                 files={p.name: FileEntry.of(p) for p in sorted(stage.iterdir())},
-                seed=spec.seed,
-                dtype=spec.dtype,
-                fuse=spec.fuse,
-                sdpa=spec.sdpa,
-                logits=spec.logits,
-                checkpoint=None
-                if config.checkpoint is None
-                else os.path.realpath(config.checkpoint),
+                **spec.manifest_settings(),
                 checkpoint_layout=None if checkpoint is None else checkpoint.layout,
                 checkpoint_sha256=None
                 if config.checkpoint is None

@@ -11,6 +11,7 @@ settings as the flags do (``edgelora-add`` refuses a flag that differs from the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,17 @@ class FoundationSpec:
             upgrade_qmode=r.upgrade_qmode,
             calibration=self.calibration,
             **measured,
+        )
+
+    def manifest_settings(self) -> dict[str, Any]:
+        """The manifest's fields that record this spec (what :meth:`of_export` reads back)."""
+        return dict(
+            seed=self.seed,
+            dtype=self.dtype,
+            fuse=self.fuse,
+            sdpa=self.sdpa,
+            logits=self.logits,
+            checkpoint=None if self.checkpoint is None else os.path.realpath(self.checkpoint),
         )
 
     def flags(self) -> dict[str, Any]:

@@ -73,11 +73,7 @@ def test_flags_map_onto_the_spec_and_the_manifest_maps_back(tmp_path):
         quantization=spec.quantization_entry(),
         programs={},
         files={},
-        seed=spec.seed,
-        dtype=spec.dtype,
-        fuse=spec.fuse,
-        sdpa=spec.sdpa,
-        logits=spec.logits,
+        **spec.manifest_settings(),
     )
     assert FoundationSpec.of_export(manifest) == spec
     flags = spec.flags()
