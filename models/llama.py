@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from edgelora.errors import ConfigError
 from edgelora.models.args import ModelArgs
@@ -298,21 +299,21 @@ class Transformer(nn.Module):
 
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Modules built inside have their parameters on the meta device (no memory, no random
-    init) and their buffers (rotary tables, masks, KV caches) real: the weights are to be
-    assigned from a checkpoint (``load_state_dict(assign=True)``)."""
-    register = nn.Module.register_parameter
+    """Modules built inside have their parameters on the meta device (no memory kept) and their
+    buffers (rotary tables, masks, KV caches) real: the weights are to be assigned from a
+    checkpoint (``load_state_dict(assign=True)``). Through PyTorch's own global parameter
+    registration hook, removed on exit (nothing of PyTorch is replaced)."""
 
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None):
         if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
+            return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        return None
 
-    nn.Module.register_parameter = on_meta
+    handle = register_module_parameter_registration_hook(on_meta)
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        handle.remove()
 
 
 def build_model(
