@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from edgelora.bench.smoothquant import _logits, divergence
-from edgelora.realmodels import MODELS, hf_dir
+from edgelora.bench.smoothquant import _logits, divergence, eager_study
+from edgelora.realmodels import MODELS
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -102,22 +102,10 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     ns = p.parse_args()
 
-    from tokenizers import Tokenizer
-
-    from edgelora.export.cli import resolve_model_args
-    from edgelora.models.llama import build_model
-    from edgelora.quant.calibrate import _fake_int4, default_calibration_text, held_out_text
+    from edgelora.quant.calibrate import _fake_int4
     from edgelora.quant.linear import quantize_linears
-    from edgelora.weights.checkpoint import open_checkpoint
 
-    hf = hf_dir(MODELS[ns.model])
-    ckpt = open_checkpoint(hf)
-    args = resolve_model_args(None, ckpt, 512)
-    model = build_model(args, sdpa="plain")
-    model.load_state_dict({k: v.float() for k, v in ckpt.take_state_dict().items()}, strict=False)
-    tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
-    ids = [tok.encode(t).ids[:256] for t in held_out_text()[: ns.paragraphs]]
-    cal = tok.encode(default_calibration_text()).ids[:512]
+    _, args, model, ids, cal = eager_study(ns.model, ns.paragraphs, 512)
     xs = inputs_of(model, [cal[i : i + 256] for i in range(0, len(cal), 256)], 512)
     ref = _logits(model, ids)
 

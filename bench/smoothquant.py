@@ -54,6 +54,28 @@ def divergence(ref, got) -> tuple[float, float]:
     return kl / n, same / n
 
 
+def eager_study(name: str, paragraphs: int, calibration_tokens: int):
+    """The real model ``name`` as our eager fp32 model, the ids of ``paragraphs`` held-out
+    paragraphs (256 tokens each at most) and of the calibration text: what the eager quantization
+    studies (this one, ``bench/awq.py``) score and calibrate on."""
+    from tokenizers import Tokenizer
+
+    from edgelora.export.cli import resolve_model_args
+    from edgelora.models.llama import build_model
+    from edgelora.quant.calibrate import default_calibration_text, held_out_text
+    from edgelora.weights.checkpoint import open_checkpoint
+
+    hf = hf_dir(MODELS[name])
+    ckpt = open_checkpoint(hf)
+    args = resolve_model_args(None, ckpt, 512)
+    model = build_model(args, sdpa="plain")
+    model.load_state_dict({k: v.float() for k, v in ckpt.take_state_dict().items()}, strict=False)
+    tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    ids = [tok.encode(t).ids[:256] for t in held_out_text()[:paragraphs]]
+    cal = tok.encode(default_calibration_text()).ids[:calibration_tokens]
+    return hf, args, model, ids, cal
+
+
 def input_maxima(model, chunks) -> dict[str, torch.Tensor]:
     """max |x| per input channel of every linear over the calibration chunks."""
     stats, hooks = {}, []
@@ -154,22 +176,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="--decode's alternating rounds")
     ns = p.parse_args()
 
-    from tokenizers import Tokenizer
-
-    from edgelora.export.cli import resolve_model_args
-    from edgelora.models.llama import build_model
-    from edgelora.quant.calibrate import default_calibration_text, held_out_text
     from edgelora.quant.linear import quantize_linears
-    from edgelora.weights.checkpoint import open_checkpoint
 
-    hf = hf_dir(MODELS[ns.model])
-    ckpt = open_checkpoint(hf)
-    args = resolve_model_args(None, ckpt, 512)
-    model = build_model(args, sdpa="plain")
-    model.load_state_dict({k: v.float() for k, v in ckpt.take_state_dict().items()}, strict=False)
-    tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
-    ids = [tok.encode(t).ids[:256] for t in held_out_text()[: ns.paragraphs]]
-    cal = tok.encode(default_calibration_text()).ids[:2048]
+    hf, args, model, ids, cal = eager_study(ns.model, ns.paragraphs, 2048)
     maxima = input_maxima(model, [cal[i : i + 256] for i in range(0, len(cal), 256)])
     ref = _logits(model, ids)
 
