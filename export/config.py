@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from edgelora.errors import ConfigError
-from edgelora.export.spec import DTYPES, FoundationSpec, spec_default
+from edgelora.export.spec import DTYPES, FoundationSpec
 from edgelora.format.adapter_inputs import ADAPTER_DTYPES
 from edgelora.models.args import ModelArgs
 
-__all__ = ["DTYPES", "AdapterSpec", "ExportConfig", "FoundationSpec", "config_default"]
+__all__ = ["DTYPES", "AdapterSpec", "ExportConfig", "FoundationSpec"]
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,6 @@ class AdapterSpec:
         if not path:
             raise ConfigError(f"--lora {text!r}: expected [NAME=]DIR[:scale=S]")
         return cls(name, Path(path), scale)
-
-
-def config_default(name: str):
-    """What ``export_llama``'s flag ``--NAME`` defaults to: the foundation setting's default
-    (:class:`FoundationSpec`), the one place it is written."""
-    return spec_default(name)
 
 
 def parse_switchable_slots(text: str) -> tuple[tuple[str, ...], int]:

@@ -1,13 +1,13 @@
 """``export_llama``'s flags: the parser, its help groups and epilog (``export/cli.py`` maps the
 parsed flags onto an :class:`~edgelora.export.config.ExportConfig`). Every default shown is
-the :class:`~edgelora.export.spec.FoundationSpec`'s (``config_default``)."""
+the :class:`~edgelora.export.spec.FoundationSpec`'s (``spec_default``)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from edgelora.export.config import config_default
+from edgelora.export.spec import spec_default
 from edgelora.quant.recipe import DEFAULT_RECIPE, PRESETS, QMODES, QPARAMS, preset
 
 HF_DEFAULT_MAX_SEQ_LEN = 2048
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--dtype",
         choices=["fp32", "fp16"],
-        default=config_default("dtype"),
+        default=spec_default("dtype"),
         help="compute dtype of the exported model; bf16/fp16 checkpoints are "
         "upcast to fp32 unless this says otherwise (default %(default)s). bf16 is not offered: "
         "XNNPACK does not delegate bf16 linears",
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--seed",
         type=int,
-        default=config_default("seed"),
+        default=spec_default("seed"),
         help="seed of the random weights when no --checkpoint is given (default %(default)s)",
     )
     model.add_argument(
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     progs.add_argument(
         "--fuse",
         choices=["none", "qkv", "gate_up", "mla", "all"],
-        default=config_default("fuse"),
+        default=spec_default("fuse"),
         help="run projections that share an input as one matmul: q/k/v (qkv), "
         "gate/up (gate_up), an MLA model's wq_a/wkv_a as wq_kv_a (mla), or every one "
         "the model has (all). Adapters on the pieces are packed onto the fused layer; "
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     progs.add_argument(
         "--sdpa",
         choices=["custom", "plain"],
-        default=config_default("sdpa"),
+        default=spec_default("sdpa"),
         help="attention kernels: ExecuTorch's custom ops (llama::update_cache writes the KV "
         "cache in place, llama::custom_sdpa; the runtime process must load "
         "executorch.extension.llm.custom_ops) or plain PyTorch ops (portable; every "
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     progs.add_argument(
         "--logits",
         choices=["all", "last"],
-        default=config_default("logits"),
+        default=spec_default("logits"),
         help="what forward returns: logits for every position of the input (all: what output "
         "matching and evaluation need) or for the last one only (last: what a generating app "
         "reads, as ExecuTorch's example exports by default; the output layer then runs on one "
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument(
         "--recipe",
         choices=sorted(PRESETS),
-        default=config_default("recipe"),
+        default=spec_default("recipe"),
         help="quantization preset (default %(default)s: the least KL divergence at "
         "llama.cpp Q4_K_M's bytes, measured)",
     )

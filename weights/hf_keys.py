@@ -38,12 +38,6 @@ def rotary_rows(w: torch.Tensor, proj: str, args, *, to_meta: bool = True) -> to
     return family_of(args).rotary_rows(w, proj, args, to_meta=to_meta)
 
 
-def hf_state_dict_to_ours(sd: dict[str, torch.Tensor], args, *, source: str):
-    """A Hugging Face checkpoint of a model of ``args`` in our names, one tensor at a time by
-    its family."""
-    return family_of(args).state_dict_to_ours(sd, args, source)
-
-
 _TT_KEY = re.compile(r"^layers\.(\d+)\.(attn|mlp)\.(\w+)\.weight$")
 _TT_NORM_KEY = re.compile(r"^layers\.(\d+)\.(sa_norm|mlp_norm)\.scale$")
 
