@@ -15,12 +15,23 @@ with and without a LoRA adapter, every candidate fed the same token ids.
   Q8_0 of the model's own GGUF (``llama_model_quantize``), each also with the adapter as a GGUF
   LoRA (``--lora``), converted from the PEFT directory by llama.cpp's own
   ``convert_lora_to_gguf.py`` (from the ``llama-cpp-python`` sdist pip downloads, f16).
+* **The app's form** (``--logits last``): the default recipe exported as a generating app
+  ships it (and as ExecuTorch's example exports by default), the output layer run on the last
+  prompt position only. llama.cpp computes the last position's logits only too
+  (``llama-cpp-python``'s ``eval`` without ``logits_all``); the default export's ``--logits
+  all`` runs the 49152-row output layer on all 128 prompt positions, which evaluation needs.
 * **Measured**: prefill tokens/s of a 128-token prompt (median of 3) and decode ms/token (the
   median of 64 steps, each fed the next id of the same text: teacher-forced, so every
   candidate runs exactly the same positions). Each candidate runs in its own process, the
   candidates alternate within each round, ``--rounds`` rounds; a figure is the median over
   rounds. The threadpool size is set before the program is loaded (ours:
   ``_unsafe_reset_threadpool``; llama.cpp: ``n_threads``/``n_threads_batch``).
+* **Adapter overhead** (``--paired``, written to ``...-overhead.json|md``): a base and its
+  adapter form are loaded into **one** process and alternate step by step (each with its own
+  KV cache; llama.cpp's two contexts map one GGUF), so both see the same machine at the same
+  moment. Run-to-run swings of a whole process (up to 20% here) cancel in the ratio, which
+  separate processes cannot give. The overhead is the median over rounds of each process's
+  ratio of medians.
 
 llama.cpp's threads spin at barriers and starve when another process holds a core, and so do
 ours: run it on an idle machine (the JSON records the load average at start and end).
@@ -98,6 +109,17 @@ def token_ids(hf: Path) -> tuple[list[int], list[int]]:
 # --- the worker: one candidate, one thread count, in its own process ----------------------
 def worker(spec: dict) -> dict:
     prompt, steps, threads = spec["prompt"], spec["steps"], spec["threads"]
+    if spec["kind"] == "pair":
+        kinds = {spec["a"]["kind"], spec["b"]["kind"]}
+        if kinds == {"et"}:
+            from edgelora.runtime.native import native_output, set_threads
+
+            with native_output(None):
+                set_threads(threads)
+                forwards = [_et_forward(spec["a"]), _et_forward(spec["b"])]
+                return _measure_pair(forwards, prompt, steps)
+        forwards = [_llama_forward(s, threads) for s in (spec["a"], spec["b"])]
+        return _measure_pair(forwards, prompt, steps)
     if spec["kind"] == "et":
         from edgelora.runtime.native import native_output, set_threads
 
@@ -105,6 +127,10 @@ def worker(spec: dict) -> dict:
             set_threads(threads)
             forward = _et_forward(spec)
             return _measure(forward, prompt, steps)
+    return _measure(_llama_forward(spec, threads), prompt, steps)
+
+
+def _llama_forward(spec: dict, threads: int):
     import llama_cpp
 
     kw = {"lora_path": spec["lora"]} if spec.get("lora") else {}
@@ -117,7 +143,7 @@ def worker(spec: dict) -> dict:
         llm.n_tokens = start  # rewind the KV cache to ``start``
         llm.eval(tokens)
 
-    return _measure(forward, prompt, steps)
+    return forward
 
 
 def _et_forward(spec: dict):
@@ -155,16 +181,44 @@ def _measure(forward, prompt: list[int], steps: list[int]) -> dict:
     }
 
 
+def _measure_pair(forwards: list, prompt: list[int], steps: list[int]) -> dict:
+    """Two forwards in one process, alternating: prefill, then step by step."""
+    for f in forwards:
+        f(prompt, 0)  # warm-up
+    prefill: list[list[float]] = [[], []]
+    for _ in range(3):
+        for i, f in enumerate(forwards):
+            t = time.perf_counter()
+            f(prompt, 0)
+            prefill[i].append(time.perf_counter() - t)
+    decode: list[list[float]] = [[], []]
+    for j, tok in enumerate(steps):
+        for i, f in enumerate(forwards):
+            t = time.perf_counter()
+            f([tok], len(prompt) + j)
+            decode[i].append(time.perf_counter() - t)
+    a, b = (1e3 * statistics.median(d) for d in decode)
+    pa, pb = (len(prompt) / statistics.median(p) for p in prefill)
+    return {
+        "decode_ms_a": a,
+        "decode_ms_b": b,
+        "decode_overhead": b / a - 1,
+        "prefill_tokens_per_s_a": pa,
+        "prefill_tokens_per_s_b": pb,
+    }
+
+
 # --- the driver ----------------------------------------------------------------------------
 def candidates(work: Path, hf: Path) -> dict[str, dict]:
     # (the exports bench/adapter_quality.py measures)
     default, q8 = work / "q4_k_m-isodate", work / "q8_0-isodate"
-    int8 = work / "q4_k_m-isodate-int8"
+    int8, last = work / "q4_k_m-isodate-int8", work / "q4_k_m-isodate-last"
     lora = ["--lora", f"isodate={ADAPTER}"]
     for out, flags in (
         (default, [*lora, "--switchable"]),
         (q8, ["--recipe", "q8_0", *lora]),
         (int8, [*lora, "--adapter-dtype", "int8"]),
+        (last, [*lora, "--logits", "last"]),
     ):
         if not (out / "manifest.json").is_file():
             export(flags, hf, out)
@@ -185,10 +239,26 @@ def candidates(work: Path, hf: Path) -> dict[str, dict]:
             "session": "switchable",
         },
         "ours q8_0": {"kind": "et", "path": str(q8)},
+        "ours q4_k_m --logits last": {"kind": "et", "path": str(last)},
+        "ours q4_k_m --logits last + isodate.pte": {
+            "kind": "et",
+            "path": str(last),
+            "adapter": "isodate",
+        },
     }
     for name, path in llama.items():
         out[f"llama.cpp {name}"] = {"kind": "llama", "path": str(path)}
         out[f"llama.cpp {name} + --lora"] = {"kind": "llama", "path": str(path), "lora": gguf_lora}
+    return out
+
+
+def pairs(cands: dict[str, dict]) -> dict[str, dict]:
+    """Each adapter form beside its own base, for ``--paired``."""
+    out = {}
+    for name, spec in cands.items():
+        if spec.get("adapter") or spec.get("lora"):
+            base = {k: v for k, v in spec.items() if k not in ("adapter", "session", "lora")}
+            out[name] = {"kind": "pair", "a": base, "b": spec}
     return out
 
 
@@ -226,6 +296,12 @@ def main() -> None:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--only", default=None, help="comma-separated substrings of candidate names")
     p.add_argument(
+        "--paired",
+        action="store_true",
+        help="measure each adapter form against its base in one process, alternating steps "
+        "(the adapter overhead); writes JSON's -overhead sibling",
+    )
+    p.add_argument(
         "--json", type=Path, default=ROOT / "bench" / "results" / "speed-smollm2-135m.json"
     )
     ns = p.parse_args()
@@ -240,6 +316,8 @@ def main() -> None:
     if ns.only:
         keys = ns.only.split(",")
         cands = {n: c for n, c in cands.items() if any(k in n for k in keys)}
+    if ns.paired:
+        return paired(pairs(cands), threads, prompt, steps, ns)
     load = [os.getloadavg()[0]]
     samples: dict[str, dict[str, list[dict]]] = {n: {str(t): [] for t in threads} for n in cands}
     for r in range(ns.rounds):
@@ -276,6 +354,66 @@ def main() -> None:
     ns.json.write_text(json.dumps(result, indent=2) + "\n")
     md = table(rows, threads)
     ns.json.with_suffix(".md").write_text(md + "\n")
+    print(md)
+
+
+def paired(cands: dict[str, dict], threads: list[int], prompt, steps, ns) -> None:
+    load = [os.getloadavg()[0]]
+    samples: dict[str, dict[str, list[dict]]] = {n: {str(t): [] for t in threads} for n in cands}
+    for r in range(ns.rounds):
+        for t in threads:
+            for name, spec in cands.items():
+                got = run_worker({**spec, "threads": t, "prompt": prompt, "steps": steps})
+                samples[name][str(t)].append(got)
+                print(
+                    f"round {r + 1}/{ns.rounds} {t}t {name}: decode {got['decode_ms_a']:.2f} -> "
+                    f"{got['decode_ms_b']:.2f} ms ({100 * got['decode_overhead']:+.1f}%)",
+                    flush=True,
+                )
+    load.append(os.getloadavg()[0])
+    rows = {
+        n: {
+            t: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for t, runs in by.items()
+        }
+        for n, by in samples.items()
+    }
+    path = ns.json.with_name(ns.json.stem + "-overhead.json")
+    path.write_text(
+        json.dumps(
+            {
+                "model": "smollm2-135m",
+                "adapter": "examples/smollm2/adapters/isodate",
+                "prompt_tokens": len(prompt),
+                "decode_steps": len(steps),
+                "rounds": ns.rounds,
+                "load_average_start_end": load,
+                "cpu_count": os.cpu_count(),
+                "rows": rows,
+                "samples": samples,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    lines = [
+        "adapter decode overhead, base and adapter form alternating step by step in one process: "
+        "median over rounds (range), and the base -> adapter decode ms/token",
+        "",
+        "| adapter form | " + " | ".join(f"{t} thread{'s' * (t > 1)}" for t in threads) + " |",
+        "|---|" + "---:|" * len(threads),
+    ]
+    for name, by in samples.items():
+        cells = []
+        for t in threads:
+            runs, row = by[str(t)], rows[name][str(t)]
+            lo, hi = (100 * f(s["decode_overhead"] for s in runs) for f in (min, max))
+            cells.append(
+                f"{100 * row['decode_overhead']:+.1f}% ({lo:+.0f}..{hi:+.0f}); "
+                f"{row['decode_ms_a']:.2f} -> {row['decode_ms_b']:.2f}"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines)
+    path.with_suffix(".md").write_text(md + "\n")
     print(md)
 
 
