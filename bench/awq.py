@@ -2,7 +2,7 @@
 weights (8da4w g32), against the same quantization without them.
 
     python bench/awq.py [--model smollm2-135m] [--paragraphs 12] [--qparams affine,hqq]
-                        [--json bench/results/awq-smollm2-135m.json]
+                        [--recipe] [--json bench/results/awq-smollm2-135m.json]
 
 Eager, on our model, the same quantized tensors as a program (as ``bench/smoothquant.py``). Per
 layer, four groups of linears share an input whose scale can be folded exactly: the RMSNorm
@@ -13,6 +13,11 @@ in a grid, the one whose 4-bit weights ``Q(W s)`` give the least output error ``
 linear is 8da4w g32, the output layer too or ``8w`` (as the default recipe has it); the
 embedding stays float. Scored: mean KL divergence
 and top-1 agreement against fp32 on held-out paragraphs (``held_out_text``).
+
+``--recipe``: instead, the default recipe's linears (``q4_k_m``: GPTQ, the most sensitive third
+of the weights ``8w``, the output layer ``8w``, HQQ scales; calibrated by
+:func:`~edgelora.quant.calibrate.calibrate_model` as an export does) without and with AWQ's
+scales folded first: does AWQ still win on top of GPTQ and the measured upgrades?
 """
 
 from __future__ import annotations
@@ -94,21 +99,61 @@ def awq(model, args, xs, fake) -> tuple[torch.nn.Module, dict]:
     return model, chosen
 
 
+def recipe_rows(model, args, xs, ids, ref, hf) -> dict:
+    """q4_k_m's linears (eager), without and with AWQ folded before calibrating."""
+    from edgelora.quant.calibrate import _fake_int4, calibrate_model, calibration_ids
+    from edgelora.quant.linear import quantize_linears
+    from edgelora.quant.recipe import preset
+
+    r = preset("q4_k_m")
+    cal = calibration_ids(None, hf / "tokenizer.json", args.vocab_size)
+    rows = {}
+    for use_awq in (False, True):
+        t = time.perf_counter()
+        base, chosen = model, {}
+        if use_awq:
+            base, chosen = awq(model, args, xs, lambda w: _fake_int4(w, r.group_size, r.qparams))
+        result = calibrate_model(
+            base, cal, group_size=r.group_size, gptq=r.gptq, upgrade=r.upgrade,
+            upgrade_qmode=r.upgrade_qmode, qparams=r.qparams, exclude=frozenset({"output"}),
+        )  # fmt: skip
+        quantized = copy.deepcopy(base)
+        plan = {**result.plan, "output": r.output_qmode}
+        quantize_linears(
+            quantized, r.qmode, r.group_size, qparams=r.qparams, plan=plan, custom=result.custom
+        )
+        kld, top1 = divergence(ref, _logits(quantized, ids))
+        name = "q4_k_m linears (GPTQ + 1/3 8w, output 8w)" + (" + AWQ" if use_awq else "")
+        rows[name] = {"mean_kld": kld, "top1_agreement": top1, "upgraded": len(result.plan)}
+        if use_awq:
+            rows[name]["alphas"] = {str(a): list(chosen.values()).count(a) for a in GRID}
+        print(f"{name}: KLD {kld:.4f}, top-1 {100 * top1:.1f}% "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)  # fmt: skip
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="smollm2-135m")
     p.add_argument("--paragraphs", type=int, default=12, help="held-out paragraphs scored")
     p.add_argument("--qparams", default="affine,hqq")
+    p.add_argument("--recipe", action="store_true", help="the default recipe's linears instead")
     p.add_argument("--json", type=Path, default=None)
     ns = p.parse_args()
 
     from edgelora.quant.calibrate import _fake_int4
     from edgelora.quant.linear import quantize_linears
 
-    _, args, model, ids, cal = eager_study(ns.model, ns.paragraphs, 512)
+    hf, args, model, ids, cal = eager_study(ns.model, ns.paragraphs, 512)
     xs = inputs_of(model, [cal[i : i + 256] for i in range(0, len(cal), 256)], 512)
     ref = _logits(model, ids)
 
+    if ns.recipe:
+        rows = recipe_rows(model, args, xs, ids, ref, hf)
+        result = {"model": ns.model, "tokens_scored": sum(map(len, ids)), "rows": rows}
+        if ns.json is not None:
+            ns.json.write_text(json.dumps(result, indent=1) + "\n")
+        return
     rows = {}
     for qparams, output in [(q, o) for q in ns.qparams.split(",") for o in ("8da4w", "8w")]:
         for use_awq in (False, True):
