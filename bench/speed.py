@@ -357,6 +357,27 @@ def main() -> None:
     print(md)
 
 
+def overhead_table(samples: dict, rows: dict, threads: list[int]) -> str:
+    lines = [
+        "adapter decode overhead, base and adapter form alternating step by step in one process: "
+        "median over rounds (range), and the base -> adapter decode ms/token",
+        "",
+        "| adapter form | " + " | ".join(f"{t} thread{'s' * (t > 1)}" for t in threads) + " |",
+        "|---|" + "---:|" * len(threads),
+    ]
+    for name, by in samples.items():
+        cells = []
+        for t in threads:
+            runs, row = by[str(t)], rows[name][str(t)]
+            lo, hi = (100 * f(s["decode_overhead"] for s in runs) for f in (min, max))
+            cells.append(
+                f"{100 * row['decode_overhead']:+.1f}% ({lo:+.1f}..{hi:+.1f}); "
+                f"{row['decode_ms_a']:.2f} -> {row['decode_ms_b']:.2f}"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def paired(cands: dict[str, dict], threads: list[int], prompt, steps, ns) -> None:
     load = [os.getloadavg()[0]]
     samples: dict[str, dict[str, list[dict]]] = {n: {str(t): [] for t in threads} for n in cands}
@@ -395,24 +416,7 @@ def paired(cands: dict[str, dict], threads: list[int], prompt, steps, ns) -> Non
         )
         + "\n"
     )
-    lines = [
-        "adapter decode overhead, base and adapter form alternating step by step in one process: "
-        "median over rounds (range), and the base -> adapter decode ms/token",
-        "",
-        "| adapter form | " + " | ".join(f"{t} thread{'s' * (t > 1)}" for t in threads) + " |",
-        "|---|" + "---:|" * len(threads),
-    ]
-    for name, by in samples.items():
-        cells = []
-        for t in threads:
-            runs, row = by[str(t)], rows[name][str(t)]
-            lo, hi = (100 * f(s["decode_overhead"] for s in runs) for f in (min, max))
-            cells.append(
-                f"{100 * row['decode_overhead']:+.1f}% ({lo:+.0f}..{hi:+.0f}); "
-                f"{row['decode_ms_a']:.2f} -> {row['decode_ms_b']:.2f}"
-            )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    md = "\n".join(lines)
+    md = overhead_table(samples, rows, threads)
     path.with_suffix(".md").write_text(md + "\n")
     print(md)
 
