@@ -109,25 +109,26 @@ def token_ids(hf: Path) -> tuple[list[int], list[int]]:
 # --- the worker: one candidate, one thread count, in its own process ----------------------
 def worker(spec: dict) -> dict:
     prompt, steps, threads = spec["prompt"], spec["steps"], spec["threads"]
-    if spec["kind"] == "pair":
-        kinds = {spec["a"]["kind"], spec["b"]["kind"]}
-        if kinds == {"et"}:
-            from edgelora.runtime.native import native_output, set_threads
-
-            with native_output(None):
-                set_threads(threads)
-                forwards = [_et_forward(spec["a"]), _et_forward(spec["b"])]
-                return _measure_pair(forwards, prompt, steps)
-        forwards = [_llama_forward(s, threads) for s in (spec["a"], spec["b"])]
-        return _measure_pair(forwards, prompt, steps)
-    if spec["kind"] == "et":
+    specs = [spec["a"], spec["b"]] if spec["kind"] == "pair" else [spec]
+    if specs[0]["kind"] == "et":
         from edgelora.runtime.native import native_output, set_threads
 
         with native_output(None):
             set_threads(threads)
-            forward = _et_forward(spec)
-            return _measure(forward, prompt, steps)
-    return _measure(_llama_forward(spec, threads), prompt, steps)
+            times = _measure([_et_forward(s) for s in specs], prompt, steps)
+    else:
+        times = _measure([_llama_forward(s, threads) for s in specs], prompt, steps)
+    prefill = [len(prompt) / statistics.median(t) for t in times["prefill"]]
+    decode = [1e3 * statistics.median(t) for t in times["decode"]]
+    if spec["kind"] != "pair":
+        return {"prefill_tokens_per_s": prefill[0], "decode_ms_per_token": decode[0]}
+    return {
+        "decode_ms_a": decode[0],
+        "decode_ms_b": decode[1],
+        "decode_overhead": decode[1] / decode[0] - 1,
+        "prefill_tokens_per_s_a": prefill[0],
+        "prefill_tokens_per_s_b": prefill[1],
+    }
 
 
 def _llama_forward(spec: dict, threads: int):
@@ -163,49 +164,24 @@ def _et_forward(spec: dict):
     return program.forward
 
 
-def _measure(forward, prompt: list[int], steps: list[int]) -> dict:
-    forward(prompt, 0)  # warm-up (XNNPACK packs, llama.cpp maps)
-    prefill = []
-    for _ in range(3):
-        t = time.perf_counter()
-        forward(prompt, 0)
-        prefill.append(time.perf_counter() - t)
-    decode = []
-    for i, tok in enumerate(steps):
-        t = time.perf_counter()
-        forward([tok], len(prompt) + i)
-        decode.append(time.perf_counter() - t)
-    return {
-        "prefill_tokens_per_s": len(prompt) / statistics.median(prefill),
-        "decode_ms_per_token": 1e3 * statistics.median(decode),
-    }
-
-
-def _measure_pair(forwards: list, prompt: list[int], steps: list[int]) -> dict:
-    """Two forwards in one process, alternating: prefill, then step by step."""
+def _measure(forwards: list, prompt: list[int], steps: list[int]) -> dict[str, list]:
+    """Seconds of each forward's prefills and decode steps; several forwards (in one process)
+    alternate: each prefill in turn, then step by step."""
     for f in forwards:
-        f(prompt, 0)  # warm-up
-    prefill: list[list[float]] = [[], []]
+        f(prompt, 0)  # warm-up (XNNPACK packs, llama.cpp maps)
+    prefill: list[list[float]] = [[] for _ in forwards]
     for _ in range(3):
         for i, f in enumerate(forwards):
             t = time.perf_counter()
             f(prompt, 0)
             prefill[i].append(time.perf_counter() - t)
-    decode: list[list[float]] = [[], []]
+    decode: list[list[float]] = [[] for _ in forwards]
     for j, tok in enumerate(steps):
         for i, f in enumerate(forwards):
             t = time.perf_counter()
             f([tok], len(prompt) + j)
             decode[i].append(time.perf_counter() - t)
-    a, b = (1e3 * statistics.median(d) for d in decode)
-    pa, pb = (len(prompt) / statistics.median(p) for p in prefill)
-    return {
-        "decode_ms_a": a,
-        "decode_ms_b": b,
-        "decode_overhead": b / a - 1,
-        "prefill_tokens_per_s_a": pa,
-        "prefill_tokens_per_s_b": pb,
-    }
+    return {"prefill": prefill, "decode": decode}
 
 
 # --- the driver ----------------------------------------------------------------------------
@@ -317,7 +293,9 @@ def main() -> None:
         keys = ns.only.split(",")
         cands = {n: c for n, c in cands.items() if any(k in n for k in keys)}
     if ns.paired:
-        return paired(pairs(cands), threads, prompt, steps, ns)
+        cands, path = pairs(cands), ns.json.with_name(ns.json.stem + "-overhead.json")
+    else:
+        path = ns.json
     load = [os.getloadavg()[0]]
     samples: dict[str, dict[str, list[dict]]] = {n: {str(t): [] for t in threads} for n in cands}
     for r in range(ns.rounds):
@@ -325,12 +303,13 @@ def main() -> None:
             for name, spec in cands.items():
                 got = run_worker({**spec, "threads": t, "prompt": prompt, "steps": steps})
                 samples[name][str(t)].append(got)
-                print(
-                    f"round {r + 1}/{ns.rounds} {t}t {name}: decode "
-                    f"{got['decode_ms_per_token']:.2f} ms, prefill "
-                    f"{got['prefill_tokens_per_s']:.0f} tok/s",
-                    flush=True,
-                )
+                if ns.paired:
+                    said = (f"decode {got['decode_ms_a']:.2f} -> {got['decode_ms_b']:.2f} ms "
+                            f"({100 * got['decode_overhead']:+.1f}%)")  # fmt: skip
+                else:
+                    said = (f"decode {got['decode_ms_per_token']:.2f} ms, prefill "
+                            f"{got['prefill_tokens_per_s']:.0f} tok/s")  # fmt: skip
+                print(f"round {r + 1}/{ns.rounds} {t}t {name}: {said}", flush=True)
     load.append(os.getloadavg()[0])
     rows = {
         n: {
@@ -350,10 +329,10 @@ def main() -> None:
         "rows": rows,
         "samples": samples,
     }
-    ns.json.parent.mkdir(parents=True, exist_ok=True)
-    ns.json.write_text(json.dumps(result, indent=2) + "\n")
-    md = table(rows, threads)
-    ns.json.with_suffix(".md").write_text(md + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    md = overhead_table(samples, rows, threads) if ns.paired else table(rows, threads)
+    path.with_suffix(".md").write_text(md + "\n")
     print(md)
 
 
@@ -376,49 +355,6 @@ def overhead_table(samples: dict, rows: dict, threads: list[int]) -> str:
             )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def paired(cands: dict[str, dict], threads: list[int], prompt, steps, ns) -> None:
-    load = [os.getloadavg()[0]]
-    samples: dict[str, dict[str, list[dict]]] = {n: {str(t): [] for t in threads} for n in cands}
-    for r in range(ns.rounds):
-        for t in threads:
-            for name, spec in cands.items():
-                got = run_worker({**spec, "threads": t, "prompt": prompt, "steps": steps})
-                samples[name][str(t)].append(got)
-                print(
-                    f"round {r + 1}/{ns.rounds} {t}t {name}: decode {got['decode_ms_a']:.2f} -> "
-                    f"{got['decode_ms_b']:.2f} ms ({100 * got['decode_overhead']:+.1f}%)",
-                    flush=True,
-                )
-    load.append(os.getloadavg()[0])
-    rows = {
-        n: {
-            t: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for t, runs in by.items()
-        }
-        for n, by in samples.items()
-    }
-    path = ns.json.with_name(ns.json.stem + "-overhead.json")
-    path.write_text(
-        json.dumps(
-            {
-                "model": "smollm2-135m",
-                "adapter": "examples/smollm2/adapters/isodate",
-                "prompt_tokens": len(prompt),
-                "decode_steps": len(steps),
-                "rounds": ns.rounds,
-                "load_average_start_end": load,
-                "cpu_count": os.cpu_count(),
-                "rows": rows,
-                "samples": samples,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    md = overhead_table(samples, rows, threads)
-    path.with_suffix(".md").write_text(md + "\n")
-    print(md)
 
 
 if __name__ == "__main__":
