@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from edgelora.bench.smoothquant import _logits, divergence, eager_study
+from edgelora.bench.smoothquant import _logits, divergence, eager_study, fold_scales
 from edgelora.realmodels import MODELS
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -71,32 +71,14 @@ def search(x: torch.Tensor, weights: list[torch.Tensor], fake) -> tuple[torch.Te
 
 
 def awq(model, args, xs, fake) -> tuple[torch.nn.Module, dict]:
-    model = copy.deepcopy(model)
-    rep = args.n_heads // args.kv_heads
+    """A copy of ``model`` with AWQ's scales folded in, and the ``a`` chosen per group."""
     chosen = {}
-    with torch.no_grad():
-        for i, layer in enumerate(model.layers):
-            att, ff, p = layer.attention, layer.feed_forward, f"layers.{i}."
-            for norm, lins, key in (
-                (layer.attention_norm, (att.wq, att.wk, att.wv), "attention.wq"),
-                (layer.ffn_norm, (ff.w1, ff.w3), "feed_forward.w1"),
-            ):
-                s, a = search(xs[p + key], [lin.weight for lin in lins], fake)
-                norm.weight.div_(s)
-                for lin in lins:
-                    lin.weight.mul_(s)
-                chosen[p + key] = a
-            s, a = search(xs[p + "feed_forward.w2"], [ff.w2.weight], fake)
-            ff.w3.weight.div_(s[:, None])
-            ff.w2.weight.mul_(s)
-            chosen[p + "feed_forward.w2"] = a
-            x = xs[p + "attention.wo"]
-            s, a = search(x, [att.wo.weight], fake)
-            s = s.view(args.kv_heads, rep, args.head_dim).amax(1)  # query heads share a kv head
-            att.wv.weight.div_(s.reshape(-1)[:, None])
-            att.wo.weight.mul_(s[:, None, :].expand(-1, rep, -1).reshape(-1))
-            chosen[p + "attention.wo"] = a
-    return model, chosen
+
+    def scale_of(key, weights):
+        s, chosen[key] = search(xs[key], weights, fake)
+        return s
+
+    return fold_scales(model, args, scale_of), chosen
 
 
 def recipe_rows(model, args, xs, ids, ref, hf) -> dict:

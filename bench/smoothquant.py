@@ -93,14 +93,13 @@ def input_maxima(model, chunks) -> dict[str, torch.Tensor]:
     return stats
 
 
-def smooth(model, args, maxima, alpha: float):
-    """A copy of ``model`` with SmoothQuant's scales folded in (float-equivalent)."""
+def fold_scales(model, args, scale_of):
+    """A copy of ``model`` with a per-input-channel scale folded in, float-equivalent, for each
+    group of linears sharing an input: ``scale_of(key, weights)`` gives it (``key``: the FQN of
+    the group's first linear, ``weights``: the group's weights). The norm before q/k/v and before
+    gate/up divides by it; ``wv``'s rows before ``wo`` (one scale per kv-head channel) and
+    ``w3``'s rows before ``w2`` do."""
     model = copy.deepcopy(model)
-
-    def scales(amax, weights):
-        wmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
-        return (amax.clamp(min=1e-5) ** alpha / wmax.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
-
     rep = args.n_heads // args.kv_heads
     with torch.no_grad():
         for i, layer in enumerate(model.layers):
@@ -109,18 +108,29 @@ def smooth(model, args, maxima, alpha: float):
                 (layer.attention_norm, (att.wq, att.wk, att.wv), "attention.wq"),
                 (layer.ffn_norm, (ff.w1, ff.w3), "feed_forward.w1"),
             ):
-                s = scales(maxima[p + key], [lin.weight for lin in lins])
+                s = scale_of(p + key, [lin.weight for lin in lins])
                 norm.weight.div_(s)
                 for lin in lins:
                     lin.weight.mul_(s)
-            s = scales(maxima[p + "feed_forward.w2"], [ff.w2.weight])
+            s = scale_of(p + "feed_forward.w2", [ff.w2.weight])
             ff.w3.weight.div_(s[:, None])
             ff.w2.weight.mul_(s)
-            s = scales(maxima[p + "attention.wo"], [att.wo.weight])
+            s = scale_of(p + "attention.wo", [att.wo.weight])
             s = s.view(args.kv_heads, rep, args.head_dim).amax(1)  # query heads share a kv head
             att.wv.weight.div_(s.reshape(-1)[:, None])
             att.wo.weight.mul_(s[:, None, :].expand(-1, rep, -1).reshape(-1))
     return model
+
+
+def smooth(model, args, maxima, alpha: float):
+    """A copy of ``model`` with SmoothQuant's scales folded in (float-equivalent)."""
+
+    def scales(key, weights):
+        wmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+        amax = maxima[key].clamp(min=1e-5)
+        return (amax**alpha / wmax.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+
+    return fold_scales(model, args, scales)
 
 
 # --decode's exports: name -> export_llama flags
