@@ -23,14 +23,19 @@ scales folded first: does AWQ still win on top of GPTQ and the measured upgrades
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from edgelora.bench.smoothquant import _logits, divergence, eager_study, fold_scales
+from edgelora.bench.smoothquant import (
+    _logits,
+    divergence,
+    eager_study,
+    fold_scales,
+    quantized_divergence,
+)
 from edgelora.realmodels import MODELS
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -84,7 +89,6 @@ def awq(model, args, xs, fake) -> tuple[torch.nn.Module, dict]:
 def recipe_rows(model, args, xs, ids, ref, hf) -> dict:
     """q4_k_m's linears (eager), without and with AWQ folded before calibrating."""
     from edgelora.quant.calibrate import _fake_int4, calibrate_model, calibration_ids
-    from edgelora.quant.linear import quantize_linears
     from edgelora.quant.recipe import preset
 
     r = preset("q4_k_m")
@@ -99,12 +103,11 @@ def recipe_rows(model, args, xs, ids, ref, hf) -> dict:
             base, cal, group_size=r.group_size, gptq=r.gptq, upgrade=r.upgrade,
             upgrade_qmode=r.upgrade_qmode, qparams=r.qparams, exclude=frozenset({"output"}),
         )  # fmt: skip
-        quantized = copy.deepcopy(base)
         plan = {**result.plan, "output": r.output_qmode}
-        quantize_linears(
-            quantized, r.qmode, r.group_size, qparams=r.qparams, plan=plan, custom=result.custom
-        )
-        kld, top1 = divergence(ref, _logits(quantized, ids))
+        kld, top1 = quantized_divergence(
+            base, ref, ids, r.qmode, r.group_size, qparams=r.qparams, plan=plan,
+            custom=result.custom,
+        )  # fmt: skip
         name = "q4_k_m linears (GPTQ + 1/3 8w, output 8w)" + (" + AWQ" if use_awq else "")
         rows[name] = {"mean_kld": kld, "top1_agreement": top1, "upgraded": len(result.plan)}
         if use_awq:
@@ -124,29 +127,23 @@ def main() -> None:
     ns = p.parse_args()
 
     from edgelora.quant.calibrate import _fake_int4
-    from edgelora.quant.linear import quantize_linears
 
     hf, args, model, ids, cal = eager_study(ns.model, ns.paragraphs, 512)
     xs = inputs_of(model, [cal[i : i + 256] for i in range(0, len(cal), 256)], 512)
     ref = _logits(model, ids)
 
-    if ns.recipe:
-        rows = recipe_rows(model, args, xs, ids, ref, hf)
-        result = {"model": ns.model, "tokens_scored": sum(map(len, ids)), "rows": rows}
-        if ns.json is not None:
-            ns.json.write_text(json.dumps(result, indent=1) + "\n")
-        return
-    rows = {}
-    for qparams, output in [(q, o) for q in ns.qparams.split(",") for o in ("8da4w", "8w")]:
+    rows = recipe_rows(model, args, xs, ids, ref, hf) if ns.recipe else {}
+    plain = [] if ns.recipe else [(q, o) for q in ns.qparams.split(",") for o in ("8da4w", "8w")]
+    for qparams, output in plain:
         for use_awq in (False, True):
             t = time.perf_counter()
             base, chosen = model, {}
             if use_awq:
                 base, chosen = awq(model, args, xs, lambda w, q=qparams: _fake_int4(w, 32, q))
                 exact = divergence(ref, _logits(base, ids))[0]
-            quantized = copy.deepcopy(base)
-            quantize_linears(quantized, "8da4w", 32, qparams=qparams, plan={"output": output})
-            kld, top1 = divergence(ref, _logits(quantized, ids))
+            kld, top1 = quantized_divergence(
+                base, ref, ids, "8da4w", 32, qparams=qparams, plan={"output": output}
+            )
             name = f"8da4w g32 {qparams}, output {output}" + (" + AWQ" if use_awq else "")
             rows[name] = {"mean_kld": kld, "top1_agreement": top1}
             if use_awq:

@@ -20,9 +20,7 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from edgelora.bench.smoothquant import _logits, divergence, eager_study
+from edgelora.bench.smoothquant import _logits, eager_study, quantized_divergence
 from edgelora.realmodels import MODELS
 
 
@@ -34,10 +32,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     ns = p.parse_args()
 
-    import copy
-
     from edgelora.quant.calibrate import calibrate_model, calibration_ids, upgrade_plan
-    from edgelora.quant.linear import quantize_linears
     from edgelora.quant.recipe import preset
 
     hf, args, model, ids, _ = eager_study(ns.model, ns.paragraphs, 0)
@@ -56,13 +51,10 @@ def main() -> None:
     for share in (float(s) for s in ns.shares.split(",")):
         chosen = upgrade_plan(result.sensitivity, sizes, share)
         custom = {f: v for f, v in result.custom.items() if f not in chosen}
-        quantized = copy.deepcopy(model)
         plan = {**{f: r.upgrade_qmode for f in chosen}, "output": r.output_qmode}
-        quantize_linears(
-            quantized, r.qmode, r.group_size, qparams=r.qparams, plan=plan, custom=custom
+        kld, top1 = quantized_divergence(
+            model, ref, ids, r.qmode, r.group_size, qparams=r.qparams, plan=plan, custom=custom
         )
-        with torch.no_grad():
-            kld, top1 = divergence(ref, _logits(quantized, ids))
         covered = sum(sizes[f] for f in chosen) / sum(sizes.values())
         rows[f"{share:g}"] = {
             "upgraded_linears": len(chosen),

@@ -43,6 +43,16 @@ def _logits(model, ids):
     return out
 
 
+def quantized_divergence(model, ref, ids, qmode: str, group_size: int, **kw) -> tuple[float, float]:
+    """:func:`divergence` of a copy of ``model`` quantized by
+    :func:`~edgelora.quant.linear.quantize_linears` (``kw``: its qparams, plan, custom)."""
+    from edgelora.quant.linear import quantize_linears
+
+    quantized = copy.deepcopy(model)
+    quantize_linears(quantized, qmode, group_size, **kw)
+    return divergence(ref, _logits(quantized, ids))
+
+
 def divergence(ref, got) -> tuple[float, float]:
     """Mean KL(ref || got) per position and top-1 agreement."""
     kl, same, n = 0.0, 0, 0
@@ -186,8 +196,6 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="--decode's alternating rounds")
     ns = p.parse_args()
 
-    from edgelora.quant.linear import quantize_linears
-
     hf, args, model, ids, cal = eager_study(ns.model, ns.paragraphs, 2048)
     maxima = input_maxima(model, [cal[i : i + 256] for i in range(0, len(cal), 256)])
     ref = _logits(model, ids)
@@ -199,9 +207,7 @@ def main() -> None:
         t = time.perf_counter()
         base = model if alpha is None else smooth(model, args, maxima, alpha)
         exact = 0.0 if alpha is None else divergence(ref, _logits(base, ids))[0]
-        quantized = copy.deepcopy(base)
-        quantize_linears(quantized, qmode, 0, qparams="affine")
-        kld, top1 = divergence(ref, _logits(quantized, ids))
+        kld, top1 = quantized_divergence(base, ref, ids, qmode, 0, qparams="affine")
         name = qmode if alpha is None else f"{qmode} + SmoothQuant a={alpha}"
         rows[name] = {"mean_kld": kld, "top1_agreement": top1, "smoothed_float_kld": exact}
         print(f"{name}: KLD {kld:.5f}, top-1 {100 * top1:.1f}% ({time.perf_counter() - t:.0f} s)")
